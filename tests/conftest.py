@@ -1,0 +1,70 @@
+"""Shared fixtures: the real SmolLM2 tokenizer/model (loaded offline from the embedded package) and tiny random
+Llama / GPT-2 models that reuse that tokenizer, for fast math tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smol_folder() -> str:
+    from methods.models import model_folder
+    return model_folder("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_folder):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(smol_folder)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M (LoadedModel). Tests that edit it must restore the weights they change."""
+    from methods.models import load_model
+    return load_model("smollm2-135m")
+
+
+def _freeze(model):
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(smol_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=smol_tokenizer.pad_token_id, tie_word_embeddings=True)
+    return _freeze(LlamaForCausalLM(cfg))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(smol_tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(smol_tokenizer), n_embd=64, n_layer=4, n_head=4, n_positions=256,
+                     pad_token_id=smol_tokenizer.pad_token_id)
+    return _freeze(GPT2LMHeadModel(cfg))
