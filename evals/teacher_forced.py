@@ -1,0 +1,432 @@
+"""Teacher-forced evaluation of edits (ALGORITHMS.md §10, "Teacher-forced").
+
+``score_continuations`` is the one place that runs the model: one forward pass over ``prompt + continuation`` per
+pair, batched, returning per continuation token its log-probability and whether it is the argmax of the
+next-token distribution. ``evaluate_records`` turns those scores into the edit metrics of both protocols:
+
+* ``probability`` (CounterFact): a prompt counts as edited when the mean per-token NLL of the new target is below
+  that of the true target (specificity: the reverse, on neighbourhood prompts).
+* ``token_accuracy`` (zsRE, KnowEdit): share of answer tokens that are the argmax given the prompt and the
+  previous gold answer tokens.
+
+Locality (KnowEdit) compares the edited model's argmax tokens with the unedited model's, stored once per run in a
+``PreEditReference`` by ``compute_reference``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from evals.records import EditRecord, PromptCase
+
+METRIC_ORDER = ("efficacy", "generalization", "specificity", "locality", "portability")
+SCORE_PARTS = ("efficacy", "generalization", "specificity")
+GAP_METRICS = ("efficacy_prob_gap", "generalization_prob_gap", "specificity_prob_gap")
+PROTOCOLS = ("probability", "token_accuracy")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring continuations
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ContinuationScore:
+    """Teacher-forced scores of one continuation given its prompt (one entry per continuation token)."""
+
+    prompt: str
+    continuation: str
+    token_ids: tuple[int, ...]  # the continuation's tokens as tokenised in context
+    token_logprobs: tuple[float, ...]  # log P(token | prompt, previous continuation tokens)
+    argmax_ids: tuple[int, ...]  # argmax of the next-token distribution at each continuation position
+    is_argmax: tuple[bool, ...]
+    mean_nll: float  # mean over continuation tokens of -log P
+
+    @property
+    def token_accuracy(self) -> float:
+        return sum(self.is_argmax) / len(self.is_argmax)
+
+    @property
+    def mean_prob(self) -> float:
+        """exp(-mean NLL): the per-token geometric-mean probability (what CounterFact's probability gaps use)."""
+        return math.exp(-self.mean_nll)
+
+
+@dataclass(frozen=True)
+class _TokenisedPair:
+    input_ids: list[int]
+    continuation_start: int  # index in input_ids of the first continuation token
+
+
+def _tokenise_pair(tokenizer, prompt: str, continuation: str) -> _TokenisedPair:
+    """Tokenise ``prompt + continuation`` as one string and find where the continuation's tokens begin.
+
+    The continuation starts at the first token whose character span reaches past the end of the prompt, so a
+    token that straddles the boundary (prompt "is ", continuation "Paris" -> token " Paris") belongs to the
+    continuation. Tokenising the prompt alone would get such merges wrong.
+    """
+    if not isinstance(prompt, str) or not isinstance(continuation, str):
+        raise TypeError(f"prompt and continuation must be strings, got {type(prompt).__name__} and "
+                        f"{type(continuation).__name__}")
+    if not continuation:
+        raise ValueError(f"empty continuation for prompt {prompt!r}")
+    text = prompt + continuation
+    try:
+        encoding = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True,
+                             return_special_tokens_mask=True)
+    except NotImplementedError as err:
+        raise TypeError("score_continuations needs a fast tokenizer (offset mappings locate the continuation)") from err
+    ids = list(encoding["input_ids"])
+    offsets = encoding["offset_mapping"]
+    special = encoding["special_tokens_mask"]
+    content = [i for i, flag in enumerate(special) if not flag]
+    if not content:
+        raise ValueError(f"{text!r} tokenises to special tokens only")
+    end = content[-1] + 1  # drop special tokens a tokenizer appends (e.g. EOS): they are not the continuation
+    boundary = len(prompt)
+    start = next((i for i in content if offsets[i][1] > boundary), None)
+    if start is None:
+        raise ValueError(f"no token of continuation {continuation!r} found after prompt {prompt!r}")
+    if start == 0:
+        raise ValueError(f"continuation {continuation!r} starts the sequence (prompt {prompt!r}): no token "
+                         "precedes it to predict it from")
+    return _TokenisedPair(input_ids=ids[:end], continuation_start=start)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+@torch.inference_mode()
+def score_continuations(model: torch.nn.Module, tokenizer, prompts: list[str], continuations: list[str],
+                        batch_size: int = 32) -> list[ContinuationScore]:
+    """Teacher-forced log-probs of each ``continuation`` after its ``prompt`` (same order as the inputs).
+
+    ``continuation`` carries its own separating space (e.g. ``" Paris"``). Each pair is one forward pass over the
+    tokenised ``prompt + continuation``. Batches are padded here, always on the left with explicit position ids,
+    so the tokenizer's ``padding_side`` does not change the numbers; left padding puts every continuation at the
+    end of its row, so only the last few positions go through the LM head (``logits_to_keep`` where the model
+    supports it). Pairs are sorted by length to keep padding small.
+    """
+    if len(prompts) != len(continuations):
+        raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not prompts:
+        return []
+    pairs = [_tokenise_pair(tokenizer, p, c) for p, c in zip(prompts, continuations)]
+    device = _model_device(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out; any id works
+    use_logits_to_keep = _accepts_logits_to_keep(model)
+
+    # Longest first, so running out of memory shows up on the first batch.
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].input_ids), reverse=True)
+    results: list[ContinuationScore | None] = [None] * len(pairs)
+    for batch_start in range(0, len(order), batch_size):
+        batch = order[batch_start:batch_start + batch_size]
+        width = max(len(pairs[i].input_ids) for i in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, index in enumerate(batch):
+            ids = pairs[index].input_ids
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids):] = 1
+        position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+        # The last `kept` positions hold every prediction of a continuation token (plus the final, unused one).
+        kept = 1 + max(len(pairs[i].input_ids) - pairs[i].continuation_start for i in batch)
+        extra = {"logits_to_keep": kept} if use_logits_to_keep else {}
+        output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                       position_ids=position_ids.to(device), use_cache=False, **extra)
+        logits = output.logits[:, -kept:, :].float()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        argmax = logits.argmax(dim=-1).cpu()
+        for row, index in enumerate(batch):
+            pair = pairs[index]
+            targets = pair.input_ids[pair.continuation_start:]
+            n_targets = len(targets)
+            # Token at padded position p is predicted at p - 1; kept index = position - (width - kept).
+            first = kept - 1 - n_targets
+            target_tensor = torch.tensor(targets, dtype=torch.long, device=log_probs.device)
+            token_log_probs = log_probs[row, first:first + n_targets].gather(-1, target_tensor[:, None])[:, 0]
+            token_log_probs = token_log_probs.cpu().tolist()
+            argmax_ids = argmax[row, first:first + n_targets].tolist()
+            results[index] = ContinuationScore(
+                prompt=prompts[index], continuation=continuations[index], token_ids=tuple(targets),
+                token_logprobs=tuple(token_log_probs), argmax_ids=tuple(argmax_ids),
+                is_argmax=tuple(a == t for a, t in zip(argmax_ids, targets)),
+                mean_nll=-sum(token_log_probs) / n_targets)
+    return results  # type: ignore[return-value]
+
+
+def answer_continuation(prompt: str, answer: str) -> str:
+    """The continuation that scores ``answer`` after ``prompt``: answers are stored without their separating
+    space, so one is added unless the prompt already ends in whitespace."""
+    if not answer:
+        raise ValueError(f"empty answer for prompt {prompt!r}")
+    return answer if prompt[-1:].isspace() else " " + answer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pre-edit reference (locality)
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class PreEditReference:
+    """The unedited model's argmax tokens on every locality case, from ``compute_reference``.
+
+    Plain nested dicts and lists (case_id -> sub-key -> one list per locality case), so it pickles and
+    round-trips through JSON (``to_dict`` / ``from_dict``) for a trial to cache. ``answer_token_ids`` records
+    the scored tokens, to catch a reference computed with another tokenizer or other records.
+    """
+
+    argmax_ids: dict[str, dict[str, list[list[int]]]] = field(default_factory=dict)
+    answer_token_ids: dict[str, dict[str, list[list[int]]]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"argmax_ids": self.argmax_ids, "answer_token_ids": self.answer_token_ids}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PreEditReference:
+        missing = {"argmax_ids", "answer_token_ids"} - set(data)
+        if missing:
+            raise ValueError(f"pre-edit reference lacks {sorted(missing)}")
+        return cls(argmax_ids=data["argmax_ids"], answer_token_ids=data["answer_token_ids"])
+
+
+def _locality_query(case: PromptCase, case_id: str, sub_key: str) -> tuple[str, str]:
+    if not case.answers:
+        raise ValueError(f"record {case_id}: locality case {case.prompt!r} ({sub_key}) has no answer")
+    return case.prompt, answer_continuation(case.prompt, case.answers[0])
+
+
+def compute_reference(model: torch.nn.Module, tokenizer, records: list[EditRecord],
+                      batch_size: int = 32) -> PreEditReference:
+    """Run the *unedited* model once over every locality case of ``records`` and keep its argmax tokens."""
+    seen: set[str] = set()
+    queries: list[tuple[str, str]] = []
+    layout: list[tuple[str, str, int]] = []  # (case_id, sub_key, number of cases) in query order
+    for record in records:
+        if record.case_id in seen:
+            raise ValueError(f"duplicate case_id {record.case_id!r}: the reference is keyed by case_id")
+        seen.add(record.case_id)
+        for sub_key, cases in record.locality.items():
+            queries.extend(_locality_query(case, record.case_id, sub_key) for case in cases)
+            layout.append((record.case_id, sub_key, len(cases)))
+    scores = score_continuations(model, tokenizer, [q[0] for q in queries], [q[1] for q in queries], batch_size)
+    reference = PreEditReference()
+    cursor = 0
+    for case_id, sub_key, count in layout:
+        chunk = scores[cursor:cursor + count]
+        cursor += count
+        reference.argmax_ids.setdefault(case_id, {})[sub_key] = [list(s.argmax_ids) for s in chunk]
+        reference.answer_token_ids.setdefault(case_id, {})[sub_key] = [list(s.token_ids) for s in chunk]
+    return reference
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluating records
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class EvalResult:
+    """``metrics``: flat MLflow names (``edit/...``, ``eval/num_records``); ``per_record``: one row per record."""
+
+    metrics: dict[str, float]
+    per_record: list[dict]
+
+
+class _QueryBook:
+    """Collects (prompt, continuation) pairs from all records, once each, for one batched scoring call."""
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[str, str]] = []
+        self._index: dict[tuple[str, str], int] = {}
+
+    def add(self, prompt: str, continuation: str) -> int:
+        key = (prompt, continuation)
+        if key not in self._index:
+            self._index[key] = len(self.pairs)
+            self.pairs.append(key)
+        return self._index[key]
+
+
+@dataclass
+class _RecordPlan:
+    """Query indices of one record, grouped by what they measure."""
+
+    record: EditRecord
+    # probability protocol: (index of new target, index of true target) per prompt
+    rewrite_pairs: list[tuple[int, int]] = field(default_factory=list)
+    paraphrase_pairs: list[tuple[int, int]] = field(default_factory=list)
+    neighborhood_pairs: list[tuple[int, int]] = field(default_factory=list)
+    # token_accuracy protocol: one index per prompt
+    rewrite: list[int] = field(default_factory=list)
+    paraphrase: list[int] = field(default_factory=list)
+    neighborhood: list[int] = field(default_factory=list)
+    # both protocols: sub-key -> per case, one index per accepted answer (portability) / the first (locality)
+    portability: dict[str, list[list[int]]] = field(default_factory=dict)
+    locality: dict[str, list[int]] = field(default_factory=dict)
+
+
+def _plan_record(record: EditRecord, book: _QueryBook, with_locality: bool) -> _RecordPlan:
+    plan = _RecordPlan(record=record)
+    if record.protocol not in PROTOCOLS:
+        raise ValueError(f"record {record.case_id}: unknown protocol {record.protocol!r} (expected one of {PROTOCOLS})")
+    if not record.target_new:
+        raise ValueError(f"record {record.case_id}: empty target_new")
+    if record.protocol == "probability":
+        if not record.target_true:
+            raise ValueError(f"record {record.case_id}: protocol 'probability' needs target_true")
+
+        def both(prompt: str) -> tuple[int, int]:
+            return (book.add(prompt, answer_continuation(prompt, record.target_new)),
+                    book.add(prompt, answer_continuation(prompt, record.target_true)))
+
+        plan.rewrite_pairs = [both(record.prompt)]
+        plan.paraphrase_pairs = [both(p) for p in record.paraphrase_prompts]
+        # CounterFact scores neighbourhood prompts with the record's own targets (the true one should win).
+        plan.neighborhood_pairs = [both(case.prompt) for case in record.neighborhood]
+    else:
+        plan.rewrite = [book.add(record.prompt, answer_continuation(record.prompt, record.target_new))]
+        plan.paraphrase = [book.add(p, answer_continuation(p, record.target_new)) for p in record.paraphrase_prompts]
+        for case in record.neighborhood:
+            if not case.answers:
+                raise ValueError(f"record {record.case_id}: neighbourhood case {case.prompt!r} has no answer")
+            plan.neighborhood.append(book.add(case.prompt, answer_continuation(case.prompt, case.answers[0])))
+    for sub_key, cases in record.portability.items():
+        per_case = []
+        for case in cases:
+            if not case.answers:
+                raise ValueError(f"record {record.case_id}: portability case {case.prompt!r} ({sub_key}) has no answer")
+            per_case.append([book.add(case.prompt, answer_continuation(case.prompt, a)) for a in case.answers])
+        if per_case:
+            plan.portability[sub_key] = per_case
+    if with_locality:
+        for sub_key, cases in record.locality.items():
+            if cases:
+                plan.locality[sub_key] = [book.add(*_locality_query(c, record.case_id, sub_key)) for c in cases]
+    return plan
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def _reference_for(reference: PreEditReference, case_id: str, sub_key: str, count: int) -> tuple[list, list]:
+    try:
+        argmax_ids = reference.argmax_ids[case_id][sub_key]
+        token_ids = reference.answer_token_ids[case_id][sub_key]
+    except KeyError:
+        raise ValueError(f"pre-edit reference has no locality entry for record {case_id!r}, sub-key {sub_key!r}; "
+                         "compute it with compute_reference on the same records") from None
+    if len(argmax_ids) != count:
+        raise ValueError(f"pre-edit reference for record {case_id!r}, sub-key {sub_key!r} has {len(argmax_ids)} "
+                         f"cases, the record {count}")
+    return argmax_ids, token_ids
+
+
+def _record_row(plan: _RecordPlan, scores: list[ContinuationScore],
+                reference: PreEditReference | None) -> dict:
+    record = plan.record
+    row: dict = {"case_id": record.case_id, "source": record.source, "protocol": record.protocol}
+    if record.protocol == "probability":
+        def prefers_new(pair: tuple[int, int]) -> float:
+            return float(scores[pair[0]].mean_nll < scores[pair[1]].mean_nll)
+
+        def new_minus_true(pair: tuple[int, int]) -> float:
+            return scores[pair[0]].mean_prob - scores[pair[1]].mean_prob
+
+        new_index, true_index = plan.rewrite_pairs[0]
+        row["p_new"] = scores[new_index].mean_prob
+        row["p_true"] = scores[true_index].mean_prob
+        row["efficacy"] = _mean(map(prefers_new, plan.rewrite_pairs))
+        row["efficacy_prob_gap"] = _mean(map(new_minus_true, plan.rewrite_pairs))
+        if plan.paraphrase_pairs:
+            row["generalization"] = _mean(map(prefers_new, plan.paraphrase_pairs))
+            row["generalization_prob_gap"] = _mean(map(new_minus_true, plan.paraphrase_pairs))
+        if plan.neighborhood_pairs:
+            row["specificity"] = _mean(1.0 - prefers_new(p) for p in plan.neighborhood_pairs)
+            row["specificity_prob_gap"] = _mean(-new_minus_true(p) for p in plan.neighborhood_pairs)
+    else:
+        row["efficacy"] = _mean(scores[i].token_accuracy for i in plan.rewrite)
+        if plan.paraphrase:
+            row["generalization"] = _mean(scores[i].token_accuracy for i in plan.paraphrase)
+        if plan.neighborhood:
+            row["specificity"] = _mean(scores[i].token_accuracy for i in plan.neighborhood)
+    if plan.portability:
+        # A case counts its best-matching alias; cases are averaged within a sub-key, then sub-keys.
+        row["portability"] = _mean(
+            _mean(max(scores[i].token_accuracy for i in aliases) for aliases in per_case)
+            for per_case in plan.portability.values())
+    if plan.locality and reference is not None:
+        per_sub_key = []
+        for sub_key, indices in plan.locality.items():
+            ref_argmax, ref_tokens = _reference_for(reference, record.case_id, sub_key, len(indices))
+            agreement = []
+            for index, before, tokens in zip(indices, ref_argmax, ref_tokens):
+                score = scores[index]
+                if list(score.token_ids) != list(tokens):
+                    raise ValueError(f"record {record.case_id!r}, locality {sub_key!r}: the reference scored other "
+                                     f"tokens ({tokens} vs {list(score.token_ids)}); recompute it")
+                agreement.append(_mean(a == b for a, b in zip(score.argmax_ids, before)))
+            per_sub_key.append(_mean(agreement))
+        row["locality"] = _mean(per_sub_key)
+    return row
+
+
+def _harmonic_mean(values: list[float]) -> float:
+    if any(v <= 0.0 for v in values):
+        return 0.0
+    return len(values) / sum(1.0 / v for v in values)
+
+
+def evaluate_records(model: torch.nn.Module, tokenizer, records: list[EditRecord],
+                     reference: PreEditReference | None = None, batch_size: int = 32) -> EvalResult:
+    """Teacher-forced edit metrics of ``records`` on ``model`` (ALGORITHMS.md §10).
+
+    Per record, each metric is the mean over that record's prompts; a reported metric is the mean over the
+    records that support it (records without paraphrases do not enter generalization, and so on; a metric no
+    record supports is omitted, not reported as 0). With records of both protocols in one list each record
+    contributes its own protocol's value, so the result is each protocol's mean weighted by its record count.
+
+    Metrics (MLflow names): ``edit/efficacy``, ``edit/generalization``, ``edit/specificity``,
+    ``edit/locality`` (only with a ``reference`` from ``compute_reference`` on the unedited model; without one,
+    locality is not reported), ``edit/portability``, ``edit/score`` (harmonic mean of efficacy, generalization
+    and specificity when all three exist), the probability protocol's ``edit/efficacy_prob_gap``,
+    ``edit/generalization_prob_gap`` (mean of p_new - p_true) and ``edit/specificity_prob_gap``
+    (p_true - p_new), with p = exp(-mean NLL); and ``eval/num_records``.
+
+    All prompts of all records are scored in one batched ``score_continuations`` call.
+    """
+    plans: list[_RecordPlan] = []
+    book = _QueryBook()
+    for record in records:
+        if not isinstance(record, EditRecord):
+            raise TypeError(f"evaluate_records expects EditRecord items, got {type(record).__name__}")
+        plans.append(_plan_record(record, book, with_locality=reference is not None))
+    scores = score_continuations(model, tokenizer, [p for p, _ in book.pairs], [c for _, c in book.pairs],
+                                 batch_size)
+    rows = [_record_row(plan, scores, reference) for plan in plans]
+
+    metrics: dict[str, float] = {}
+    for name in METRIC_ORDER:
+        values = [row[name] for row in rows if name in row]
+        if values:
+            metrics[f"edit/{name}"] = _mean(values)
+    if all(f"edit/{name}" in metrics for name in SCORE_PARTS):
+        metrics["edit/score"] = _harmonic_mean([metrics[f"edit/{name}"] for name in SCORE_PARTS])
+    for name in GAP_METRICS:
+        values = [row[name] for row in rows if name in row]
+        if values:
+            metrics[f"edit/{name}"] = _mean(values)
+    metrics["eval/num_records"] = float(len(rows))
+    return EvalResult(metrics=metrics, per_record=rows)
