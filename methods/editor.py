@@ -1,0 +1,88 @@
+"""Sequential locate-then-edit: one batch of requests → v* at the last edited layer → spread over the layers.
+
+The stages are pluggable (DEVELOPERS.md "a method is a composition of small stages"):
+  target site   where v* lives: "block" (MEMIT/AlphaEdit: block output) or "mlp" (AdaEdit's FFN-only target)
+  solver        how Δ is solved from keys and residuals (methods/solvers)
+  transforms    what is done to Δ before it is added (e.g. RECT, SRFusion) — callables Δ, W → Δ'
+
+Spreading (ALGORITHMS.md §1): for the i-th of L edited layers (ascending),
+``R = (V* − h_L(current model)) / (L − i)``, with h_L re-read after the earlier layers were updated, and W_ℓ is
+updated immediately so the next layer's keys see it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+
+from methods.arch import EditableModel
+from methods.keys import compute_keys, compute_site_outputs
+from methods.requests import EditRequest
+from methods.solvers.base import Solver
+from methods.targets import TargetHParams, compute_target_values
+
+UpdateTransform = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (layer, Δ, W) → Δ'
+
+
+@dataclass
+class BatchReport:
+    num_requests: int
+    seconds: float
+    target_seconds: float
+    solve_seconds: float
+    target_prob: list[float]
+    target_steps: int
+    residual_norm: dict[int, float] = field(default_factory=dict)  # ‖R‖ per layer, mean over requests
+    update_norm: dict[int, float] = field(default_factory=dict)  # ‖Δ‖_F per layer
+
+
+class LocateThenEditEditor:
+    def __init__(self, editable: EditableModel, tokenizer, layers: list[int], solver: Solver,
+                 second_moments: dict[int, torch.Tensor], context_groups: list[list[str]],
+                 target_hparams: TargetHParams, target_site: Literal["block", "mlp"] = "block",
+                 transforms: list[UpdateTransform] | None = None):
+        self.editable = editable
+        self.tokenizer = tokenizer
+        self.layers = sorted(layers)
+        self.solver = solver
+        self.context_groups = context_groups
+        self.target_hparams = target_hparams
+        self.target_site = target_site
+        self.transforms = transforms or []
+        solver.prepare(self.layers, second_moments)
+
+    def _site(self) -> torch.nn.Module:
+        last = self.layers[-1]
+        return self.editable.block(last) if self.target_site == "block" else self.editable.mlp(last)
+
+    def apply(self, requests: list[EditRequest]) -> BatchReport:
+        start = time.perf_counter()
+        site = self._site()
+        target = compute_target_values(self.editable.model, self.tokenizer, site, requests, self.context_groups,
+                                       self.target_hparams)
+        target_seconds = time.perf_counter() - start
+        solve_start = time.perf_counter()
+        values = target.values.t().double()  # [d, n]
+        residual_norm, update_norm = {}, {}
+        for i, layer in enumerate(self.layers):
+            keys = compute_keys(self.editable, self.tokenizer, requests, [layer], self.context_groups)[layer]
+            current = compute_site_outputs(self.editable, self.tokenizer, requests, site).double()
+            residuals = (values.to(current.device) - current) / (len(self.layers) - i)
+            weight = self.editable.weight(layer)
+            delta = self.solver.solve(layer, keys, residuals, weight)
+            for transform in self.transforms:
+                delta = transform(layer, delta, weight)
+            weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+            residual_norm[layer] = float(residuals.norm(dim=0).mean())
+            update_norm[layer] = float(delta.norm())
+        if self.solver.wants_keys_after_batch:
+            self.solver.after_batch(compute_keys(self.editable, self.tokenizer, requests, self.layers,
+                                                 self.context_groups))
+        solve_seconds = time.perf_counter() - solve_start
+        return BatchReport(num_requests=len(requests), seconds=time.perf_counter() - start,
+                           target_seconds=target_seconds, solve_seconds=solve_seconds,
+                           target_prob=[float(p) for p in target.target_prob], target_steps=target.steps,
+                           residual_norm=residual_norm, update_norm=update_norm)

@@ -1,0 +1,93 @@
+"""AlphaEdit (ALGORITHMS.md §3): MEMIT's update projected onto the null space of the preserved keys.
+
+Projector, once per layer from C's eigendecomposition: keep the eigenvectors U_null of the "small" eigenvalues,
+P = U_null U_nullᵀ. Two ways to call an eigenvalue small:
+
+* ``absolute`` (the paper): eigenvalue < ``nullspace_threshold`` (2e-2 on the per-token mean). Does not transfer
+  between models or corpora.
+* ``energy``: the largest null space whose share of tr(C) stays ≤ ``nullspace_energy`` — says directly how much
+  of the preserved keys' energy the edit may touch.
+
+Update: X = solve(P(KKᵀ + K_p K_pᵀ) + α I, P K Rᵀ), Δ = Xᵀ, so Δ P = Δ. After every batch the batch's keys,
+re-read on the edited model, are added to K_p K_pᵀ (the past-edit memory). λ does not enter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from methods.linalg import general_solve
+
+
+def nullspace_projector(second_moment: torch.Tensor, mode: str, threshold: float, energy: float):
+    """(P, number of null directions, tr(PC)/tr(C)) for one layer's C."""
+    c = second_moment.double()
+    eigvals, eigvecs = torch.linalg.eigh(c)  # ascending
+    eigvals = eigvals.clamp(min=0)
+    if mode == "absolute":
+        null = eigvals < threshold
+    elif mode == "energy":
+        share = torch.cumsum(eigvals, 0) / eigvals.sum().clamp(min=1e-300)
+        null = share <= energy
+    else:
+        raise ValueError(f"unknown null-space mode {mode!r} (absolute | energy)")
+    basis = eigvecs[:, null]
+    projector = basis @ basis.T
+    energy_share = float(eigvals[null].sum() / eigvals.sum().clamp(min=1e-300))
+    return projector, int(null.sum()), energy_share
+
+
+@dataclass
+class AlphaEditSolver:
+    l2: float = 10.0
+    nullspace_mode: str = "absolute"
+    nullspace_threshold: float = 2e-2
+    nullspace_energy: float = 0.02
+    name: str = "alphaedit"
+    wants_keys_after_batch: bool = True
+    _projector: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _past_kk: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _null_dims: dict[int, int] = field(default_factory=dict, repr=False)
+    _null_energy: dict[int, float] = field(default_factory=dict, repr=False)
+
+    def prepare(self, layers, second_moments):
+        for layer in layers:
+            projector, dims, share = nullspace_projector(second_moments[layer], self.nullspace_mode,
+                                                         self.nullspace_threshold, self.nullspace_energy)
+            self._projector[layer] = projector
+            self._null_dims[layer] = dims
+            self._null_energy[layer] = share
+            self._past_kk.setdefault(layer, torch.zeros_like(projector))
+
+    def solve(self, layer, keys, residuals, weight):
+        p = self._projector[layer]
+        k = keys.double().to(p.device)
+        r = residuals.double().to(p.device)
+        eye = torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
+        system = p @ (k @ k.T + self._past_kk[layer]) + self.l2 * eye
+        x = general_solve(system, p @ k @ r.T, f"AlphaEdit layer {layer}")
+        return x.T
+
+    def after_batch(self, keys_after):
+        for layer, k in keys_after.items():
+            k = k.double().to(self._past_kk[layer].device)
+            self._past_kk[layer] += k @ k.T
+
+    def projector(self, layer: int) -> torch.Tensor:
+        return self._projector[layer]
+
+    def metrics(self):
+        out = {}
+        for layer in self._projector:
+            out[f"alphaedit/L{layer}/null_dims"] = float(self._null_dims[layer])
+            out[f"alphaedit/L{layer}/null_energy_share"] = self._null_energy[layer]
+        return out
+
+    def state_dict(self):
+        return {"past_kk": {layer: t.cpu() for layer, t in self._past_kk.items()}}
+
+    def load_state_dict(self, state):
+        for layer, t in state["past_kk"].items():
+            self._past_kk[int(layer)] = t.to(self._projector[int(layer)].device)

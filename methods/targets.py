@@ -1,0 +1,235 @@
+"""Target values v* (ALGORITHMS.md §1): the representation at the edit site that makes the model say the target.
+
+For each request j a vector δ_j (start 0) is added to the output of the *site* module (the last edited block for
+MEMIT-style methods; the MLP of that layer for AdaEdit's FFN-only targets) at the subject's last token, in every
+rewriting prompt ``context_template(prompt) + target[:-1]`` and in the KL prompt "{subject} is a". Loss per request:
+
+    mean over its rewriting prompts of the mean target-token NLL
+    + kl_factor · KL(p_initial ‖ p_now) on the KL prompt at the subject's last token
+    + v_weight_decay · ‖δ_j‖ / ‖h_j‖²                  (‖δ‖ not squared, as in the reference code)
+
+Adam on all δ_j together (one padded forward/backward per step for the whole batch; requests are independent
+because each loss only depends on its own δ_j). After each step ‖δ_j‖ ≤ clamp_norm_factor · ‖h_j‖. A request whose
+loss falls below ``early_stop_loss`` keeps its δ from then on. v*_j = h_j + δ_j, where h_j is the site output at
+the subject's last token of the plain prompt.
+
+The KL direction follows the reference implementation (``kl_div(log p_now, log p_init, log_target=True)``), i.e.
+KL(p_initial ‖ p_now).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from methods.context import flatten_templates
+from methods.hooks import add_at_positions
+from methods.requests import EditRequest
+from methods.tokens import TextSpan, encode_spans
+
+KL_PROMPT = "{} is a"
+
+
+@dataclass(frozen=True)
+class TargetHParams:
+    v_lr: float = 0.5
+    v_num_grad_steps: int = 25
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    v_weight_decay: float = 0.5
+    early_stop_loss: float = 5e-2
+
+
+@dataclass
+class TargetResult:
+    values: torch.Tensor  # [n, d] v* = h + δ
+    initial: torch.Tensor  # [n, d] h
+    target_prob: torch.Tensor  # [n] mean over rewriting prompts of exp(−mean target NLL), at the final δ
+    final_loss: torch.Tensor  # [n]
+    steps: int
+
+
+def _final_hidden_to_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:  # e.g. Gemma-2 caps its logits; keep the distribution identical to the model's own forward
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def build_target_batch(tokenizer, requests: list[EditRequest], context_groups: list[list[str]]):
+    """Rows: every (request, context template) rewriting prompt with the target appended, then one KL prompt per
+    request. Returns the batch, the owning request of each row, and the number of rewriting rows."""
+    templates, _ = flatten_templates(context_groups)
+    spans, owners = [], []
+    for j, req in enumerate(requests):
+        for template in templates:
+            prompt_template = template.replace("{}", req.prompt, 1)
+            at = prompt_template.find("{}")
+            filled = prompt_template.replace("{}", req.subject, 1)
+            spans.append(TextSpan(text=filled + req.target_with_space, start=at, end=at + len(req.subject),
+                                  answer_start=len(filled)))
+            owners.append(j)
+    num_rewrite = len(spans)
+    at = KL_PROMPT.find("{}")
+    for j, req in enumerate(requests):
+        spans.append(TextSpan(text=KL_PROMPT.replace("{}", req.subject, 1), start=at, end=at + len(req.subject)))
+        owners.append(j)
+    # The last answer token is kept as input: its output is never read, and causal attention keeps the earlier
+    # positions unaffected, so this equals feeding ``target[:-1]``.
+    return encode_spans(tokenizer, spans), torch.tensor(owners), num_rewrite
+
+
+@dataclass
+class _SplitBatch:
+    """Rows split at the subject's last token: a left-padded prefix (run once, cached) and a right-padded suffix
+    (re-run every optimisation step). Nothing before the subject's last token depends on δ, so only the suffix
+    needs recomputing — typically 3–6 of ~20 tokens."""
+
+    prefix_ids: torch.Tensor  # [B, S]
+    suffix_ids: torch.Tensor  # [B, U]
+    attention_mask: torch.Tensor  # [B, S+U]
+    position_ids: torch.Tensor  # [B, S+U]
+    label_rows: torch.Tensor  # answer tokens: row, suffix column predicting it, token id
+    label_cols: torch.Tensor
+    label_tokens: torch.Tensor
+
+    @property
+    def prefix_len(self) -> int:
+        return self.prefix_ids.shape[1]
+
+
+def _split_batch(batch, num_rewrite: int, pad_id: int) -> _SplitBatch:
+    rows = []
+    for r in range(batch.input_ids.shape[0]):
+        real = batch.input_ids[r][batch.attention_mask[r].bool()]
+        start = int(batch.attention_mask[r].argmax()) if batch.attention_mask[r, 0] == 0 else 0
+        subject = int(batch.span_last[r]) - start
+        answer = int(batch.answer_first[r]) - start if r < num_rewrite else -1
+        rows.append((real[:subject], real[subject:], answer - subject))
+    width_prefix = max(len(p) for p, _, _ in rows)
+    width_suffix = max(len(s) for _, s, _ in rows)
+    n = len(rows)
+    prefix_ids = torch.full((n, width_prefix), pad_id, dtype=torch.long)
+    suffix_ids = torch.full((n, width_suffix), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width_prefix + width_suffix), dtype=torch.long)
+    label_rows, label_cols, label_tokens = [], [], []
+    for r, (prefix, suffix, answer_col) in enumerate(rows):
+        if len(prefix):
+            prefix_ids[r, width_prefix - len(prefix):] = prefix
+            mask[r, width_prefix - len(prefix):width_prefix] = 1
+        suffix_ids[r, :len(suffix)] = suffix
+        mask[r, width_prefix:width_prefix + len(suffix)] = 1
+        if r < num_rewrite:
+            for col in range(answer_col, len(suffix)):
+                label_rows.append(r)
+                label_cols.append(col - 1)
+                label_tokens.append(int(suffix[col]))
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return _SplitBatch(prefix_ids, suffix_ids, mask, positions, torch.tensor(label_rows),
+                       torch.tensor(label_cols), torch.tensor(label_tokens))
+
+
+def compute_target_values(model, tokenizer, site_module: torch.nn.Module, requests: list[EditRequest],
+                          context_groups: list[list[str]], hp: TargetHParams) -> TargetResult:
+    """Optimise δ for all ``requests`` together; ``site_module``'s output is where δ is added."""
+    device = next(model.parameters()).device
+    full, owners, num_rewrite = build_target_batch(tokenizer, requests, context_groups)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    split = _split_batch(full, num_rewrite, pad_id)
+    owners = owners.to(device)
+    label_rows, label_cols, label_tok = (t.to(device) for t in (split.label_rows, split.label_cols,
+                                                                split.label_tokens))
+    n, num_rows = len(requests), split.suffix_ids.shape[0]
+    all_rows = torch.arange(num_rows, device=device)
+    subject_col = torch.zeros(num_rows, dtype=torch.long, device=device)  # suffixes start at the subject token
+    kl_rows = torch.arange(num_rewrite, num_rows, device=device)
+    tokens_per_row = torch.bincount(label_rows, minlength=num_rewrite).clamp(min=1).to(torch.float32)
+    rows_per_request = torch.bincount(owners[:num_rewrite], minlength=n).to(torch.float32)
+    # The first rewriting row of each request uses the plain "{}" template: its subject position gives h_j.
+    plain_rows = torch.tensor([int((owners[:num_rewrite] == j).nonzero()[0]) for j in range(n)], device=device)
+
+    base = model.base_model  # final hidden states only; logits are computed just where they are needed
+    mask = split.attention_mask.to(device)
+    positions = split.position_ids.to(device)
+    prefix_len = split.prefix_len
+    cache = None
+    if prefix_len:
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        with torch.no_grad():
+            base(input_ids=split.prefix_ids.to(device), attention_mask=mask[:, :prefix_len],
+                 position_ids=positions[:, :prefix_len], past_key_values=cache, use_cache=True)
+    suffix_ids = split.suffix_ids.to(device)
+
+    def run_suffix() -> torch.Tensor:
+        # A fresh copy of the prefix cache each step: the forward appends the suffix's keys/values (which carry
+        # δ's autograd graph) to whatever cache it is given. The copy is small (prefix keys/values only).
+        step_cache = copy.deepcopy(cache) if cache is not None else None
+        return base(input_ids=suffix_ids, attention_mask=mask, position_ids=positions[:, prefix_len:],
+                    past_key_values=step_cache, use_cache=step_cache is not None).last_hidden_state
+
+    captured = {}
+
+    def capture_h(module, inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        captured["h"] = hidden[plain_rows, 0].detach().clone()
+
+    handle = site_module.register_forward_hook(capture_h)
+    try:
+        with torch.no_grad():
+            hidden = run_suffix()
+    finally:
+        handle.remove()
+    initial = captured["h"].float()
+    kl_initial = F.log_softmax(_final_hidden_to_logits(model, hidden[kl_rows, 0]).float(), dim=-1)
+    del hidden
+
+    delta = torch.zeros_like(initial, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
+    max_norm = hp.clamp_norm_factor * initial.norm(dim=1)
+    init_norm_sq = initial.norm(dim=1) ** 2
+    frozen = torch.zeros(n, dtype=torch.bool, device=device)
+    frozen_delta = torch.zeros_like(initial)
+    final_loss = torch.full((n,), float("nan"), device=device)
+    final_prob = torch.zeros(n, device=device)
+    steps = 0
+    with add_at_positions(site_module, all_rows, subject_col, lambda: delta[owners]):
+        for step in range(hp.v_num_grad_steps):
+            steps = step + 1
+            hidden = run_suffix()
+            log_probs = F.log_softmax(_final_hidden_to_logits(model, hidden[label_rows, label_cols]).float(), dim=-1)
+            token_logp = log_probs.gather(1, label_tok[:, None]).squeeze(1)
+            row_nll = -torch.zeros(num_rewrite, device=device).index_add(0, label_rows, token_logp) / tokens_per_row
+            nll = torch.zeros(n, device=device).index_add(0, owners[:num_rewrite], row_nll) / rows_per_request
+            kl_now = F.log_softmax(_final_hidden_to_logits(model, hidden[kl_rows, 0]).float(), dim=-1)
+            kl = (kl_initial.exp() * (kl_initial - kl_now)).sum(dim=-1)
+            decay = hp.v_weight_decay * delta.norm(dim=1) / init_norm_sq
+            loss = nll + hp.kl_factor * kl + decay
+            with torch.no_grad():
+                prob = torch.zeros(n, device=device).index_add(0, owners[:num_rewrite], torch.exp(-row_nll))
+                prob /= rows_per_request
+                live = ~frozen
+                final_loss[live] = loss[live]
+                final_prob[live] = prob[live]
+                newly_done = live & (loss < hp.early_stop_loss)
+                frozen_delta[newly_done] = delta[newly_done]
+                frozen |= newly_done
+            if bool(frozen.all()) or step == hp.v_num_grad_steps - 1:
+                break
+            optimizer.zero_grad()
+            loss.sum().backward()
+            optimizer.step()
+            with torch.no_grad():
+                norms = delta.norm(dim=1)
+                scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
+                delta.mul_(scale[:, None])
+                delta[frozen] = frozen_delta[frozen]
+    with torch.no_grad():
+        values = initial + torch.where(frozen[:, None], frozen_delta, delta)
+    return TargetResult(values=values.detach(), initial=initial, target_prob=final_prob.detach().cpu(),
+                        final_loss=final_loss.detach().cpu(), steps=steps)
