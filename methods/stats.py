@@ -1,0 +1,308 @@
+"""Second-moment statistics C = E[k kᵀ] of the MLP keys (ALGORITHMS.md §1), cached on disk per layer.
+
+k is the input of a layer's MLP output projection; the mean runs over every non-pad token of the corpus text.
+All requested layers are measured in one pass over the corpus, and each forward pass stops right after the
+deepest requested layer's keys were read (the layers above it are never run).
+
+Cache: one entry per layer, ``<cache_dir>/stats/<key>.pt`` (``torch.save`` of {"moment", "tokens",
+"description"}) plus ``<key>.json`` describing it for humans. The key hashes everything the numbers depend on: the
+caller's model key (id + weights fingerprint), the weights' dtype, layer, module path, corpus identity, token
+count, truncation length and accumulation dtype. Batch size and padding side are left out: they do not change
+the result. Missing layers are computed while holding every missing entry's lock (taken in a fixed order), so
+two processes asking for the same statistics never compute them twice: the second waits, then reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from filelock import FileLock
+from tqdm.auto import tqdm
+
+from methods.arch import EditableModel
+from methods.cache import content_key, default_cache_dir
+from methods.corpus import CorpusSpec, corpus_identity, iter_corpus_texts
+
+STATS_VERSION = 1  # bump when the computation changes in a way that changes the numbers
+ACCUMULATE_DTYPES = {torch.float64: "float64", torch.float32: "float32"}
+TOKENIZE_GROUP = 64  # texts tokenized per tokenizer call (fast tokenizers are much quicker on lists)
+
+
+class StatsError(ValueError):
+    """Bad arguments for the statistics, or a cache entry that does not match its key."""
+
+
+class _DeepestLayerDone(Exception):
+    """Raised from the deepest requested layer's hook: the rest of the forward pass is not needed."""
+
+
+@dataclass
+class StatsResult:
+    """Per-layer C (m×m, on CPU, in the accumulation dtype: float64 by default; callers cast as they need).
+
+    ``tokens``: non-pad tokens averaged over. ``seconds``: time spent computing in this call (reading or sampling
+    the corpus included; ~0 when every layer came from the cache), of which ``corpus_seconds`` went to the corpus.
+    ``corpus``: the corpus identity that entered the cache keys. ``paths``: the cache file of each layer.
+    """
+
+    moments: dict[int, torch.Tensor]
+    tokens: int
+    seconds: float
+    from_cache: dict[int, bool]
+    corpus: dict
+    corpus_seconds: float = 0.0
+    paths: dict[int, Path] = field(default_factory=dict)
+
+
+def stats_description(editable: EditableModel, layer: int, corpus: dict, model_key: str, num_tokens: int,
+                      max_length: int, accumulate_dtype: torch.dtype) -> dict:
+    """Everything one layer's C depends on; its hash is the cache key."""
+    return {"what": "second moment E[k k^T] at the MLP output projection's input", "version": STATS_VERSION,
+            "model": model_key, "weights_dtype": str(next(editable.model.parameters()).dtype).replace("torch.", ""),
+            "layer": int(layer), "module": editable.mlp_out_name(layer), "corpus": corpus,
+            "num_tokens": int(num_tokens), "max_length": int(max_length),
+            "accumulate_dtype": ACCUMULATE_DTYPES[accumulate_dtype]}
+
+
+def second_moments(editable: EditableModel, tokenizer, layers: Iterable[int], corpus: CorpusSpec, num_tokens: int,
+                   model_key: str, cache_dir: Path | None = None, batch_tokens: int = 4096, max_length: int = 256,
+                   accumulate_dtype: torch.dtype = torch.float64, progress: bool = True, corpus_seed: int = 0,
+                   padding_side: str = "right") -> StatsResult:
+    """C = E[k kᵀ] per requested layer, from the cache where present, the rest computed in one corpus pass.
+
+    ``num_tokens`` non-pad tokens are read from the start of the corpus (documents truncated to ``max_length``
+    tokens, the last one cut so the count is exact; fewer, with a warning, if the corpus is shorter). Batches hold
+    documents of similar length, at most ``batch_tokens`` padded tokens each (a single longer document still
+    gets a batch of its own).
+    """
+    layers = sorted({int(layer) for layer in layers})
+    _check_arguments(editable, layers, num_tokens, batch_tokens, max_length, accumulate_dtype, padding_side,
+                     model_key)
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    stats_dir = cache_root / "stats"
+    identity = corpus_identity(corpus, model_fingerprint=model_key, seed=corpus_seed)
+    descriptions = {layer: stats_description(editable, layer, identity, model_key, num_tokens, max_length,
+                                             accumulate_dtype) for layer in layers}
+    paths = {layer: stats_dir / f"{content_key(descriptions[layer])}.pt" for layer in layers}
+
+    moments, tokens_by_layer, from_cache = {}, {}, {}
+    seconds = corpus_seconds = 0.0
+
+    def load_present(candidates):
+        for layer in candidates:
+            if paths[layer].exists():
+                moments[layer], tokens_by_layer[layer] = _load_entry(paths[layer], descriptions[layer])
+                from_cache[layer] = True
+
+    load_present(layers)
+    missing = [layer for layer in layers if layer not in moments]
+    if missing:
+        stats_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as locks:
+            # A fixed global order (by path) keeps two processes with overlapping layer sets from deadlocking.
+            for layer in sorted(missing, key=lambda layer: str(paths[layer])):
+                locks.enter_context(FileLock(str(paths[layer]) + ".lock"))
+            load_present(missing)  # another process may have built some while we waited
+            missing = [layer for layer in missing if layer not in moments]
+            if missing:
+                started = time.perf_counter()
+                computed, tokens, corpus_seconds = _compute(
+                    editable, tokenizer, missing, corpus, num_tokens, model_key, cache_root, corpus_seed,
+                    batch_tokens, max_length, accumulate_dtype, padding_side, progress)
+                seconds = time.perf_counter() - started
+                for layer in missing:
+                    _save_entry(paths[layer], computed[layer], tokens, descriptions[layer], corpus.source, seconds)
+                    moments[layer], tokens_by_layer[layer] = computed[layer], tokens
+                    from_cache[layer] = False
+
+    token_counts = set(tokens_by_layer.values())
+    if len(token_counts) > 1:
+        warnings.warn(f"second-moment cache entries for layers {layers} were averaged over different token counts "
+                      f"{tokens_by_layer}; the corpus changed between runs")
+    return StatsResult(moments={layer: moments[layer] for layer in layers}, tokens=max(token_counts),
+                       seconds=seconds, from_cache={layer: from_cache[layer] for layer in layers}, corpus=identity,
+                       corpus_seconds=corpus_seconds, paths=paths)
+
+
+def _check_arguments(editable, layers, num_tokens, batch_tokens, max_length, accumulate_dtype, padding_side,
+                     model_key):
+    if not layers:
+        raise StatsError("second_moments needs at least one layer")
+    bad = [layer for layer in layers if not 0 <= layer < editable.num_layers]
+    if bad:
+        raise StatsError(f"layers {bad} are out of range: the model has {editable.num_layers} layers")
+    for name, value in (("num_tokens", num_tokens), ("batch_tokens", batch_tokens), ("max_length", max_length)):
+        if not isinstance(value, int) or value < 1:
+            raise StatsError(f"{name} must be a positive integer, got {value!r}")
+    if accumulate_dtype not in ACCUMULATE_DTYPES:
+        raise StatsError(f"accumulate_dtype must be one of {list(ACCUMULATE_DTYPES.values())}, got {accumulate_dtype}")
+    if padding_side not in ("left", "right"):
+        raise StatsError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if not model_key:
+        raise StatsError("model_key (model id + weights fingerprint) must be non-empty: it keys the cache")
+
+
+def _load_entry(path: Path, description: dict) -> tuple[torch.Tensor, int]:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("description") != json.loads(json.dumps(description, default=str)):
+        raise StatsError(f"statistics cache entry {path} was written for another description; delete it")
+    return payload["moment"], int(payload["tokens"])
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _save_entry(path: Path, moment: torch.Tensor, tokens: int, description: dict, corpus_source: str,
+                seconds: float) -> None:
+    portable = json.loads(json.dumps(description, default=str))
+    sidecar = {"description": portable, "tokens": tokens, "corpus_source": corpus_source,
+               "compute_seconds": round(seconds, 3), "built_by_pid": os.getpid(),
+               "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "trace": float(moment.trace())}
+    # Sidecar first: whenever the .pt exists (the readers' signal), its description is there too.
+    _atomic_write(path.with_suffix(".json"),
+                  lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2, sort_keys=True), encoding="utf-8"))
+    _atomic_write(path, lambda tmp: torch.save({"moment": moment, "tokens": tokens, "description": portable}, tmp))
+
+
+# --- the computation -------------------------------------------------------------------------------------------
+
+
+def collect_token_sequences(texts: Iterator[str], tokenizer, num_tokens: int, max_length: int,
+                            progress: bool = True) -> list[list[int]]:
+    """Token ids of the corpus' first documents, each truncated to ``max_length``, ``num_tokens`` in total."""
+    sequences, total = [], 0
+    bar = tqdm(total=num_tokens, desc="reading statistics corpus", unit="tok", disable=not progress, leave=False)
+    try:
+        group: list[str] = []
+        for text in texts:
+            group.append(text)
+            if len(group) < TOKENIZE_GROUP:
+                continue
+            total = _add_tokenized(group, tokenizer, max_length, num_tokens, sequences, total, bar)
+            group = []
+            if total >= num_tokens:
+                break
+        if group and total < num_tokens:
+            total = _add_tokenized(group, tokenizer, max_length, num_tokens, sequences, total, bar)
+    finally:
+        bar.close()
+    return sequences
+
+
+def _add_tokenized(group, tokenizer, max_length, num_tokens, sequences, total, bar) -> int:
+    for ids in tokenizer(group, truncation=True, max_length=max_length)["input_ids"]:
+        ids = list(ids[:num_tokens - total])  # the last document is cut so that the count is exact
+        if ids:
+            sequences.append(ids)
+            total += len(ids)
+            bar.update(len(ids))
+        if total >= num_tokens:
+            break
+    return total
+
+
+def pack_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, each at most ``batch_tokens`` once padded."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, current = [], []
+    for index in order:
+        longest = lengths[current[0]] if current else lengths[index]  # descending: the first is the longest
+        if current and (len(current) + 1) * longest > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _pad_batch(sequences: list[list[int]], pad_id: int, padding_side: str, device) -> tuple[torch.Tensor, ...]:
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        span = slice(width - len(ids), width) if padding_side == "left" else slice(0, len(ids))
+        input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
+        mask[row, span] = 1
+    # Explicit positions: with left padding, positions must count real tokens only, as with right padding.
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return input_ids.to(device), mask.to(device), positions.to(device)
+
+
+def _first_tensor(args, kwargs) -> torch.Tensor:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    for value in kwargs.values():
+        if isinstance(value, torch.Tensor):
+            return value
+    raise StatsError("the MLP output projection was called without a tensor input")
+
+
+def _compute(editable, tokenizer, layers, corpus, num_tokens, model_key, cache_root, corpus_seed, batch_tokens,
+             max_length, accumulate_dtype, padding_side, progress):
+    model = editable.model
+    device = editable.parameter_device()
+    corpus_started = time.perf_counter()
+    texts = iter_corpus_texts(corpus, model=model, tokenizer=tokenizer, seed=corpus_seed,
+                              model_fingerprint=model_key, cache_dir=cache_root, progress=progress)
+    sequences = collect_token_sequences(texts, tokenizer, num_tokens, max_length, progress)
+    corpus_seconds = time.perf_counter() - corpus_started
+    tokens = sum(len(ids) for ids in sequences)
+    if tokens == 0:
+        raise StatsError(f"corpus {corpus.source!r} yielded no tokens")
+    if tokens < num_tokens:
+        warnings.warn(f"corpus {corpus.source!r} holds only {tokens} tokens (at max_length {max_length}); "
+                      f"the statistics average over those instead of the {num_tokens} asked for")
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = 0 if pad_id is None else pad_id  # any valid id: padded positions are masked and never read
+    # Each sum lives beside its layer's weights (a model split over devices keeps its keys where they are).
+    sums = {layer: torch.zeros(editable.key_dim(layer), editable.key_dim(layer), dtype=accumulate_dtype,
+                               device=editable.mlp_out(layer).weight.device) for layer in layers}
+    deepest = max(layers)
+    current = {}  # the batch's token mask, read by the hooks
+
+    def make_hook(layer):
+        def hook(module, args, kwargs):
+            keys = _first_tensor(args, kwargs)
+            real = keys[current["mask"].to(keys.device)].to(sums[layer].device, accumulate_dtype)  # [tokens, m]
+            sums[layer].addmm_(real.T, real)
+            if layer == deepest:
+                raise _DeepestLayerDone
+        return hook
+
+    handles = [editable.mlp_out(layer).register_forward_pre_hook(make_hook(layer), with_kwargs=True)
+               for layer in layers]
+    was_training = model.training
+    model.eval()  # dropout (GPT-2) would otherwise perturb the keys
+    bar = tqdm(total=tokens, desc=f"second moments, layers {layers}", unit="tok", disable=not progress)
+    try:
+        with torch.no_grad():
+            for batch in pack_batches([len(ids) for ids in sequences], batch_tokens):
+                input_ids, mask, positions = _pad_batch([sequences[i] for i in batch], pad_id, padding_side, device)
+                current["mask"] = mask.bool()
+                try:
+                    model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False)
+                except _DeepestLayerDone:
+                    pass
+                else:
+                    raise StatsError(f"the forward pass never reached {editable.mlp_out_name(deepest)}")
+                bar.update(int(mask.sum()))
+    finally:
+        bar.close()
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    moments = {layer: (sums[layer] / tokens).cpu() for layer in layers}
+    return moments, tokens, corpus_seconds
