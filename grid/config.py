@@ -1,0 +1,274 @@
+"""Grid configuration: YAML files, ``--set`` overrides, validation before any model loads, expansion to trials.
+
+A grid file holds one trial's settings plus an optional ``grid:`` mapping from dotted keys to lists of values;
+each combination is one trial. ``--set key=value`` pins a key (and removes it from the axes). The method is a
+preset name from ``configs/presets/<name>.yaml``; ``hparams:`` in the grid file overrides the preset's values.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.resources
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evals.datasets import BUILTIN_NAME, DATASET_FORMATS, HUB_PREFIX
+from methods.corpus import CorpusError, parse_corpus
+from methods.models import DTYPES, EMBEDDED_MODELS
+from methods.stages import hparam_problems
+
+DEFAULTS: dict[str, Any] = {
+    "experiment": "editgrid",
+    "model": "smollm2-135m",
+    "model_args": {"dtype": "auto", "device": "auto", "blocks": None, "mlp": None, "mlp_out": None},
+    "data": {"path": BUILTIN_NAME, "format": "auto", "limit": None, "offset": 0},
+    "method": "memit",
+    "hparams": {},
+    "edits": {"batch_size": 1, "checkpoints": [10]},
+    "stats": {"corpus": "model-samples", "num_tokens": 100_000, "max_length": 256},
+    "eval": {"batch_size": 32},
+    "seed": 0,
+    "cache_dir": None,
+    "grid": {},
+}
+
+
+class ConfigError(ValueError):
+    """One message listing every problem found in a configuration."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"invalid configuration {source}:\n  - " + "\n  - ".join(problems))
+
+
+def configs_dir() -> Path:
+    return Path(str(importlib.resources.files("configs")))
+
+
+def default_config_path() -> Path:
+    return configs_dir() / "default.yaml"
+
+
+def preset_path(name: str) -> Path:
+    return configs_dir() / "presets" / f"{name}.yaml"
+
+
+def known_methods() -> list[str]:
+    return sorted(p.stem for p in (configs_dir() / "presets").glob("*.yaml"))
+
+
+def load_yaml(path: Path) -> dict:
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise ConfigError(str(path), [f"file not found: {path}"]) from None
+    except yaml.YAMLError as err:
+        raise ConfigError(str(path), [f"not valid YAML: {err}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), [f"top level must be a mapping, got {type(data).__name__}"])
+    return data
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("grid", "hparams"):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def get_dotted(cfg: dict, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def set_dotted(cfg: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = cfg
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as YAML (so ``[10,30]`` is a list and ``5`` an int)."""
+    if "=" not in text:
+        raise ConfigError("--set", [f"{text!r} is not key=value"])
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> tuple[dict, str]:
+    """The merged (defaults ← file ← overrides) grid configuration and a description of its source."""
+    source = str(path) if path else f"{default_config_path()} (default grid)"
+    cfg = deep_merge(DEFAULTS, load_yaml(Path(path) if path else default_config_path()))
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(cfg, key, value)
+        cfg.get("grid", {}).pop(key, None)  # a pinned key is no longer an axis
+    return cfg, source
+
+
+def _check_keys(cfg: dict, reference: dict, prefix: str, problems: list[str]) -> None:
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if key not in reference:
+            problems.append(f"{name}: unknown key (known: {', '.join(sorted(reference))})")
+        elif isinstance(reference[key], dict) and key not in ("grid", "hparams"):
+            if not isinstance(value, dict):
+                problems.append(f"{name}: must be a mapping, got {value!r}")
+            else:
+                _check_keys(value, reference[key], name + ".", problems)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def method_settings(method: str, hparam_overrides: dict) -> tuple[str, dict]:
+    """(solver name, merged hyper-parameters) of a method preset with the config's overrides applied."""
+    preset = load_yaml(preset_path(method))
+    return preset.get("solver", method), {**preset.get("hparams", {}), **(hparam_overrides or {})}
+
+
+def trial_problems(cfg: dict) -> list[str]:
+    """Everything wrong with one expanded trial configuration (no model is loaded)."""
+    problems: list[str] = []
+    _check_keys(cfg, DEFAULTS, "", problems)
+    if not isinstance(cfg.get("model"), str) or not cfg["model"]:
+        problems.append(f"model: must be a hub id, a local folder or one of {sorted(EMBEDDED_MODELS)}")
+    margs = cfg.get("model_args", {})
+    if margs.get("dtype") not in ("auto", *DTYPES):
+        problems.append(f"model_args.dtype: {margs.get('dtype')!r} is not auto or one of {sorted(DTYPES)}")
+
+    data = cfg.get("data", {})
+    path = data.get("path")
+    if not isinstance(path, str) or not path:
+        problems.append("data.path: must be a file path, 'builtin' or 'hf:<dataset>'")
+    elif path != BUILTIN_NAME and not path.startswith(HUB_PREFIX) and not Path(path).is_file():
+        problems.append(f"data.path: file not found: {path}")
+    if data.get("format") not in ("auto", *DATASET_FORMATS):
+        problems.append(f"data.format: {data.get('format')!r} is not auto or one of {list(DATASET_FORMATS)}")
+    limit = data.get("limit")
+    if limit is not None and (not _is_int(limit) or limit < 1):
+        problems.append(f"data.limit: {limit!r} must be a positive integer or null")
+    if not _is_int(data.get("offset")) or data["offset"] < 0:
+        problems.append(f"data.offset: {data.get('offset')!r} must be an integer >= 0")
+
+    edits = cfg.get("edits", {})
+    batch = edits.get("batch_size")
+    if not _is_int(batch) or batch < 1:
+        problems.append(f"edits.batch_size: {batch!r} must be an integer >= 1")
+        batch = None
+    checkpoints = edits.get("checkpoints")
+    if not isinstance(checkpoints, list) or not checkpoints or not all(_is_int(c) and c > 0 for c in checkpoints):
+        problems.append(f"edits.checkpoints: {checkpoints!r} must be a non-empty list of positive integers")
+    else:
+        if sorted(set(checkpoints)) != checkpoints:
+            problems.append(f"edits.checkpoints: {checkpoints} must be strictly increasing")
+        if batch:
+            bad = [c for c in checkpoints if c % batch]
+            if bad:
+                problems.append(f"edits.checkpoints: {bad} are not multiples of edits.batch_size {batch} "
+                                "(a checkpoint must fall between two batches)")
+        if _is_int(limit) and checkpoints[-1] > limit:
+            problems.append(f"edits.checkpoints: the last checkpoint {checkpoints[-1]} exceeds data.limit {limit}")
+
+    method = cfg.get("method")
+    if not isinstance(method, str) or method not in known_methods():
+        problems.append(f"method: {method!r} is unknown (known: {', '.join(known_methods())})")
+    else:
+        solver, hparams = method_settings(method, cfg.get("hparams") or {})
+        problems += hparam_problems(solver, hparams)
+
+    stats = cfg.get("stats", {})
+    try:
+        parse_corpus(str(stats.get("corpus")))
+    except CorpusError as err:
+        problems.append(f"stats.corpus: {err}")
+    if not _is_int(stats.get("num_tokens")) or stats["num_tokens"] < 1000:
+        problems.append(f"stats.num_tokens: {stats.get('num_tokens')!r} must be an integer >= 1000")
+    if not _is_int(stats.get("max_length")) or stats["max_length"] < 8:
+        problems.append(f"stats.max_length: {stats.get('max_length')!r} must be an integer >= 8")
+    if not _is_int(cfg.get("eval", {}).get("batch_size")) or cfg["eval"]["batch_size"] < 1:
+        problems.append(f"eval.batch_size: {cfg.get('eval', {}).get('batch_size')!r} must be an integer >= 1")
+    if not _is_int(cfg.get("seed")):
+        problems.append(f"seed: {cfg.get('seed')!r} must be an integer")
+    return problems
+
+
+@dataclass(frozen=True)
+class Trial:
+    index: int
+    config: dict  # fully expanded, no ``grid`` key
+    axes: dict  # the axis values that distinguish this trial
+
+    @property
+    def trial_id(self) -> str:
+        """Content hash of the configuration: the same settings give the same id (used to name and resume)."""
+        blob = json.dumps(self.config, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    @property
+    def name(self) -> str:
+        cfg = self.config
+        parts = [cfg["method"], Path(str(cfg["model"])).name, f"b{cfg['edits']['batch_size']}"]
+        parts += [f"{k.split('.')[-1]}={v}" for k, v in self.axes.items()
+                  if k not in ("method", "model", "edits.batch_size")]
+        return "-".join(str(p) for p in parts)
+
+
+def _absolutize_paths(cfg: dict) -> None:
+    """Trials may run in another working directory (Ray Tune changes it), so file paths become absolute."""
+    path = cfg["data"].get("path")
+    if isinstance(path, str) and path not in (BUILTIN_NAME,) and not path.startswith(HUB_PREFIX):
+        cfg["data"]["path"] = str(Path(path).expanduser().resolve())
+    corpus = cfg["stats"].get("corpus")
+    if isinstance(corpus, str) and not corpus.startswith(("model-samples", "hf:")):
+        cfg["stats"]["corpus"] = str(Path(corpus).expanduser().resolve())
+    if cfg.get("cache_dir"):
+        cfg["cache_dir"] = str(Path(cfg["cache_dir"]).expanduser().resolve())
+
+
+def expand_trials(cfg: dict, source: str = "config") -> list[Trial]:
+    """Validate and expand the grid into trials; raises ConfigError listing every problem of every trial."""
+    axes = cfg.get("grid") or {}
+    problems = []
+    if not isinstance(axes, dict):
+        raise ConfigError(source, [f"grid: must be a mapping of dotted keys to lists, got {axes!r}"])
+    for key, values in axes.items():
+        if not isinstance(values, list) or not values:
+            problems.append(f"grid.{key}: must be a non-empty list of values, got {values!r}")
+    if problems:
+        raise ConfigError(source, problems)
+    keys = list(axes)
+    trials = []
+    for index, combo in enumerate(itertools.product(*(axes[k] for k in keys))):
+        trial_cfg = copy.deepcopy({k: v for k, v in cfg.items() if k != "grid"})
+        for key, value in zip(keys, combo):
+            set_dotted(trial_cfg, key, copy.deepcopy(value))
+        label = ", ".join(f"{k}={v}" for k, v in zip(keys, combo))
+        problems += [f"trial {index} ({label}): {p}" if keys else p for p in trial_problems(trial_cfg)]
+        trials.append(Trial(index=index, config=trial_cfg, axes=dict(zip(keys, combo))))
+    if problems:
+        raise ConfigError(source, sorted(set(problems), key=problems.index))
+    for trial in trials:
+        _absolutize_paths(trial.config)
+    return trials

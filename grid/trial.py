@@ -1,0 +1,186 @@
+"""One trial: model × data slice × method (+ hyper-parameters) × batch size × checkpoints, end to end.
+
+Edits are applied in data order, ``edits.batch_size`` requests per step. At step 0 (before any edit) and at every
+checkpoint n the model is evaluated on *all n edits applied so far* (retention, not edit-time success), and every
+number goes to the trial's MLflow run with ``step = edits applied``:
+
+  edit/*        teacher-forced metrics (evals/teacher_forced.py); step 0 covers all records of the trial
+  diag/L<i>/*   per edited matrix: ‖W‖, ‖W−W₀‖/‖W₀‖, cond(W), σ_max(W−W₀)            (evals/diagnostics.py)
+  vstar/*       how well v* reached its target (mean target probability of the batch's rewriting prompts)
+  <solver>/*    solver diagnostics (λ, null-space size and energy share)                  (methods/solvers)
+  cost/*        seconds per edit (editing only; statistics and evaluation excluded), statistics seconds,
+                evaluation seconds, peak memory
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from evals.datasets import load_records
+from evals.diagnostics import layer_diagnostics
+from evals.records import EditRecord
+from evals.teacher_forced import compute_reference, evaluate_records
+from grid.config import Trial, method_settings
+from grid.tracking import TrialTracker
+from methods.arch import EditableModel
+from methods.context import generate_context_templates
+from methods.corpus import parse_corpus
+from methods.editor import LocateThenEditEditor
+from methods.models import load_model
+from methods.requests import EditRequest
+from methods.stages import build_solver, build_target_hparams
+from methods.stats import second_moments
+
+logger = logging.getLogger(__name__)
+
+
+class TrialError(RuntimeError):
+    """A trial that cannot run as configured (reported with the trial's name)."""
+
+
+@dataclass
+class TrialResult:
+    trial: Trial
+    run_id: str
+    checkpoints: list[dict] = field(default_factory=list)  # one row per evaluation: step + headline metrics
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20
+
+
+def to_request(record: EditRecord) -> EditRequest:
+    return EditRequest(prompt=record.prompt_template(), subject=record.subject, target=record.target_new)
+
+
+def batches(num_edits: int, batch_size: int):
+    for start in range(0, num_edits, batch_size):
+        yield start, min(start + batch_size, num_edits)
+
+
+def resolve_layers(editable: EditableModel, hparams: dict, trial_name: str) -> list[int]:
+    layers = hparams.get("layers") or list(editable.default_layers())
+    outside = [layer for layer in layers if layer >= editable.num_layers]
+    if outside:
+        raise TrialError(f"trial {trial_name}: hparams.layers {outside} are outside the model "
+                         f"({editable.num_layers} layers, 0–{editable.num_layers - 1})")
+    return sorted(layers)
+
+
+def run_trial(trial: Trial, tracking_uri: str, parent_run_id: str | None = None, progress: bool = True) -> TrialResult:
+    cfg = trial.config
+    solver_name, hparams = method_settings(cfg["method"], cfg.get("hparams") or {})
+    torch.manual_seed(cfg["seed"])
+    tags = {"editgrid.trial_id": trial.trial_id, "editgrid.method": cfg["method"], "editgrid.solver": solver_name,
+            "editgrid.model": str(cfg["model"]), "editgrid.data": str(cfg["data"]["path"]),
+            "editgrid.protocol": "teacher_forced"}
+    params = {**cfg, "method_hparams": hparams, "solver": solver_name}
+    with TrialTracker(tracking_uri, cfg["experiment"], trial.name, params=params, tags=tags,
+                      parent_run_id=parent_run_id) as tracker:
+        result = TrialResult(trial=trial, run_id=tracker.run_id)
+        _run(trial, cfg, solver_name, hparams, tracker, result, progress)
+        return result
+
+
+def _run(trial: Trial, cfg: dict, solver_name: str, hparams: dict, tracker: TrialTracker, result: TrialResult,
+         progress: bool) -> None:
+    cache_dir = Path(cfg["cache_dir"]) if cfg.get("cache_dir") else None
+    margs = cfg["model_args"]
+    loaded = load_model(cfg["model"], dtype=margs["dtype"], device=margs["device"], cache_dir=cache_dir)
+    editable = EditableModel.wrap(loaded.model, blocks=margs.get("blocks"), mlp=margs.get("mlp"),
+                                  mlp_out=margs.get("mlp_out"))
+    tokenizer = loaded.tokenizer
+    device = editable.parameter_device()
+    layers = resolve_layers(editable, hparams, trial.name)
+    tracker.set_tags({"editgrid.layers": ",".join(map(str, layers)), "editgrid.model_fingerprint": loaded.fingerprint})
+
+    data = cfg["data"]
+    checkpoints = cfg["edits"]["checkpoints"]
+    records = load_records(data["path"], format=data["format"], limit=data["limit"] or checkpoints[-1],
+                           offset=data["offset"])
+    if len(records) < checkpoints[-1]:
+        raise TrialError(f"trial {trial.name}: {data['path']} has {len(records)} usable records after offset "
+                         f"{data['offset']}, fewer than the last checkpoint {checkpoints[-1]}")
+    records = records[:checkpoints[-1]]
+    requests = [to_request(r) for r in records]
+
+    stats_cfg = cfg["stats"]
+    stats = second_moments(editable, tokenizer, layers, parse_corpus(stats_cfg["corpus"]), stats_cfg["num_tokens"],
+                           model_key=f"{loaded.model_id}@{loaded.fingerprint}", cache_dir=cache_dir,
+                           max_length=stats_cfg["max_length"], progress=progress, corpus_seed=cfg["seed"])
+    tracker.log_dict({"corpus": stats.corpus, "tokens": stats.tokens, "from_cache": stats.from_cache},
+                     "stats/second_moments.json")
+
+    context_groups = generate_context_templates(loaded.model, tokenizer, seed=cfg["seed"])
+    tracker.log_dict({"context_templates": context_groups}, "editing/context_templates.json")
+    solver = build_solver(solver_name, hparams)
+    editor = LocateThenEditEditor(editable, tokenizer, layers, solver,
+                                  {layer: stats.moments[layer].to(device) for layer in layers}, context_groups,
+                                  build_target_hparams(hparams), target_site=hparams.get("target_site", "block"))
+    originals = {layer: editable.weight(layer).detach().clone() for layer in layers}
+    eval_batch = cfg["eval"]["batch_size"]
+
+    def evaluate(step: int, edit_seconds: float, edits_done: int, vstar_probs: list[float]) -> dict:
+        started = time.perf_counter()
+        subset = records if step == 0 else records[:step]
+        evaluation = evaluate_records(loaded.model, tokenizer, subset, reference=reference, batch_size=eval_batch)
+        metrics = dict(evaluation.metrics)
+        metrics.update(layer_diagnostics({layer: editable.weight(layer) for layer in layers}, originals))
+        metrics.update(solver.metrics())
+        metrics["cost/stats_seconds"] = stats.seconds
+        metrics["cost/eval_seconds"] = time.perf_counter() - started
+        metrics["cost/peak_memory_mb"] = peak_memory_mb(device)
+        if edits_done:
+            metrics["cost/seconds_per_edit"] = edit_seconds / edits_done
+        if vstar_probs:
+            metrics["vstar/target_prob"] = sum(vstar_probs) / len(vstar_probs)
+            metrics["vstar/target_prob_min"] = min(vstar_probs)
+        tracker.log_metrics(metrics, step=step)
+        result.checkpoints.append({"step": step, **{k: v for k, v in metrics.items()
+                                                     if k.startswith(("edit/", "cost/seconds", "vstar/"))}})
+        return {row["case_id"]: row for row in evaluation.per_record}
+
+    reference = compute_reference(loaded.model, tokenizer, records, batch_size=eval_batch)
+    pre_rows = evaluate(0, 0.0, 0, [])
+
+    edit_seconds, vstar_probs, edits_done = 0.0, [], 0
+    post_rows: dict = {}
+    bar = tqdm(total=len(requests), desc=f"editing ({trial.name})", unit="edit", disable=not progress)
+    for start, end in batches(len(requests), cfg["edits"]["batch_size"]):
+        report = editor.apply(requests[start:end])
+        edit_seconds += report.seconds
+        vstar_probs.extend(report.target_prob)
+        edits_done = end
+        bar.update(end - start)
+        bar.set_postfix(s_per_edit=f"{edit_seconds / edits_done:.1f}", vstar_p=f"{min(report.target_prob):.2f}")
+        if any(not math.isfinite(float(editable.weight(layer).abs().max())) for layer in layers):
+            raise TrialError(f"trial {trial.name}: edited weights became NaN/Inf after {edits_done} edits")
+        if end in checkpoints:
+            bar.clear()
+            post_rows = evaluate(end, edit_seconds, edits_done, vstar_probs)
+            bar.refresh()
+    bar.close()
+
+    table = []
+    for record in records:
+        pre, post = pre_rows.get(record.case_id, {}), post_rows.get(record.case_id, {})
+        row = {"case_id": record.case_id, "subject": record.subject, "prompt": record.prompt,
+               "target_true": record.target_true, "target_new": record.target_new}
+        row.update({f"pre_{k}": v for k, v in pre.items() if k not in ("case_id", "source", "protocol")})
+        row.update({f"post_{k}": v for k, v in post.items() if k not in ("case_id", "source", "protocol")})
+        table.append(row)
+    tracker.log_table(table, "tables/per_edit_results.json")
+    tracker.log_curves("plots/metrics_vs_edits.png", prefixes=("edit/",))
+    tracker.log_curves("plots/diagnostics_vs_edits.png", prefixes=("diag/",))
