@@ -34,7 +34,7 @@ _LLAMA_LIKE = dict(blocks="model.layers", mlp="mlp", mlp_out="mlp.down_proj")
 # for SmolLM2-135M (llama, 30 layers) the window chosen by causal tracing, see README "How the SmolLM2 layers
 # were chosen".
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": ArchSpec(**_LLAMA_LIKE, default_layers={32: (4, 5, 6, 7, 8), 30: (4, 5, 6, 7, 8)}),
+    "llama": ArchSpec(**_LLAMA_LIKE, default_layers={32: (4, 5, 6, 7, 8), 30: (3, 4, 5, 6, 7)}),
     "mistral": ArchSpec(**_LLAMA_LIKE),
     "qwen2": ArchSpec(**_LLAMA_LIKE),
     "qwen3": ArchSpec(**_LLAMA_LIKE),

