@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from evals.records import EditRecord, PromptCase
 
@@ -107,7 +108,7 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
 
 @torch.inference_mode()
 def score_continuations(model: torch.nn.Module, tokenizer, prompts: list[str], continuations: list[str],
-                        batch_size: int = 32) -> list[ContinuationScore]:
+                        batch_size: int = 32, progress: str | None = None) -> list[ContinuationScore]:
     """Teacher-forced log-probs of each ``continuation`` after its ``prompt`` (same order as the inputs).
 
     ``continuation`` carries its own separating space (e.g. ``" Paris"``). Each pair is one forward pass over the
@@ -130,7 +131,8 @@ def score_continuations(model: torch.nn.Module, tokenizer, prompts: list[str], c
     # Longest first, so running out of memory shows up on the first batch.
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].input_ids), reverse=True)
     results: list[ContinuationScore | None] = [None] * len(pairs)
-    for batch_start in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    for batch_start in tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None):
         batch = order[batch_start:batch_start + batch_size]
         width = max(len(pairs[i].input_ids) for i in batch)
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -390,7 +392,8 @@ def _harmonic_mean(values: list[float]) -> float:
 
 
 def evaluate_records(model: torch.nn.Module, tokenizer, records: list[EditRecord],
-                     reference: PreEditReference | None = None, batch_size: int = 32) -> EvalResult:
+                     reference: PreEditReference | None = None, batch_size: int = 32,
+                     progress: str | None = None) -> EvalResult:
     """Teacher-forced edit metrics of ``records`` on ``model`` (ALGORITHMS.md §10).
 
     Per record, each metric is the mean over that record's prompts; a reported metric is the mean over the
@@ -414,7 +417,7 @@ def evaluate_records(model: torch.nn.Module, tokenizer, records: list[EditRecord
             raise TypeError(f"evaluate_records expects EditRecord items, got {type(record).__name__}")
         plans.append(_plan_record(record, book, with_locality=reference is not None))
     scores = score_continuations(model, tokenizer, [p for p, _ in book.pairs], [c for _, c in book.pairs],
-                                 batch_size)
+                                 batch_size, progress=progress)
     rows = [_record_row(plan, scores, reference) for plan in plans]
 
     metrics: dict[str, float] = {}

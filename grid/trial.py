@@ -135,7 +135,8 @@ def _run(trial: Trial, cfg: dict, solver_name: str, hparams: dict, tracker: Tria
     def evaluate(step: int, edit_seconds: float, edits_done: int, vstar_probs: list[float]) -> dict:
         started = time.perf_counter()
         subset = records if step == 0 else records[:step]
-        evaluation = evaluate_records(loaded.model, tokenizer, subset, reference=reference, batch_size=eval_batch)
+        evaluation = evaluate_records(loaded.model, tokenizer, subset, reference=reference, batch_size=eval_batch,
+                                      progress=f"evaluating {len(subset)} edits" if progress else None)
         metrics = dict(evaluation.metrics)
         metrics.update(layer_diagnostics({layer: editable.weight(layer) for layer in layers}, originals))
         metrics.update(solver.metrics())
