@@ -272,3 +272,34 @@ def expand_trials(cfg: dict, source: str = "config") -> list[Trial]:
     for trial in trials:
         _absolutize_paths(trial.config)
     return trials
+
+
+def layer_problems(trials: list[Trial]) -> list[str]:
+    """``hparams.layers`` outside a model's depth, read from each model's config (no weights are loaded).
+
+    Models whose config cannot be read here (a hub id while offline) are left to fail, with their own message,
+    when the trial loads them.
+    """
+    from transformers import AutoConfig
+
+    from methods.models import model_folder
+
+    depth: dict[str, int | None] = {}
+    problems = []
+    for trial in trials:
+        cfg = trial.config
+        _, hparams = method_settings(cfg["method"], cfg.get("hparams") or {})
+        layers = hparams.get("layers")
+        if not layers:
+            continue
+        model = str(cfg["model"])
+        if model not in depth:
+            try:
+                cache_dir = Path(cfg["cache_dir"]) if cfg.get("cache_dir") else None
+                depth[model] = AutoConfig.from_pretrained(model_folder(model, cache_dir)).num_hidden_layers
+            except Exception:  # noqa: BLE001 - unreadable here; the trial reports it when loading the model
+                depth[model] = None
+        if depth[model] is not None and max(layers) >= depth[model]:
+            problems.append(f"trial {trial.index} ({trial.name}): hparams.layers {layers} reach beyond the "
+                            f"{depth[model]} layers of {model} (valid: 0–{depth[model] - 1})")
+    return problems

@@ -50,12 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("alembic", "mlflow", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from grid.config import ConfigError, expand_trials, load_config
+    from grid.config import ConfigError, expand_trials, layer_problems, load_config
     from grid.tracking import TrackingConfigError, format_summary_table, prepare_store, resolve_tracking_uri
 
     try:
         cfg, source = load_config(args.config, args.overrides)
         trials = expand_trials(cfg, source)
+        depth_problems = layer_problems(trials)
+        if depth_problems:
+            raise ConfigError(source, depth_problems)
         tracking_uri = resolve_tracking_uri(args.tracking_uri)
     except (ConfigError, TrackingConfigError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -41,9 +41,6 @@ def capture(model: nn.Module, batch: EncodedBatch, sites: list[CaptureSite], row
             positions: torch.Tensor) -> list[torch.Tensor]:
     """For each site, the [len(rows), dim] activations at (rows[j], positions[j]) from one forward pass."""
     results: list[torch.Tensor | None] = [None] * len(sites)
-    remaining = {id(site.module): 0 for site in sites}
-    for site in sites:
-        remaining[id(site.module)] += 1
     pending = [len(sites)]
 
     def make_hook(index: int, site: CaptureSite) -> Callable:

@@ -81,3 +81,9 @@ def test_cli_reports_config_errors_without_a_traceback(capsys):
 def test_cli_list_prints_trials(capsys):
     assert main(["--list"]) == 0
     assert "2 trial(s)" in capsys.readouterr().out
+
+
+def test_layers_beyond_the_model_are_rejected_before_it_loads(capsys):
+    assert main(["--set", "method=memit", "--set", "hparams.layers=[3,30]", "--list"]) == 2
+    err = capsys.readouterr().err
+    assert "hparams.layers [3, 30] reach beyond the 30 layers of smollm2-135m (valid: 0–29)" in err
