@@ -164,8 +164,9 @@ def _run(trial: Trial, cfg: dict, solver_name: str, hparams: dict, tracker: Tria
         edit_seconds += report.seconds
         vstar_probs.extend(report.target_prob)
         edits_done = end
+        bar.set_postfix(s_per_edit=f"{edit_seconds / edits_done:.1f}", vstar_p=f"{min(report.target_prob):.2f}",
+                        refresh=False)
         bar.update(end - start)
-        bar.set_postfix(s_per_edit=f"{edit_seconds / edits_done:.1f}", vstar_p=f"{min(report.target_prob):.2f}")
         if any(not math.isfinite(float(editable.weight(layer).abs().max())) for layer in layers):
             raise TrialError(f"trial {trial.name}: edited weights became NaN/Inf after {edits_done} edits")
         if end in checkpoints:
