@@ -49,6 +49,8 @@ class AlphaEditSolver:
     wants_keys_after_batch: bool = True
     _projector: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _past_kk: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    # P·K_pK_pᵀ kept up to date incrementally ((P K')K'ᵀ per batch), so no m×m×m product is needed per solve.
+    _projected_past_kk: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _null_dims: dict[int, int] = field(default_factory=dict, repr=False)
     _null_energy: dict[int, float] = field(default_factory=dict, repr=False)
 
@@ -60,20 +62,23 @@ class AlphaEditSolver:
             self._null_dims[layer] = dims
             self._null_energy[layer] = share
             self._past_kk.setdefault(layer, torch.zeros_like(projector))
+            self._projected_past_kk[layer] = projector @ self._past_kk[layer]
 
     def solve(self, layer, keys, residuals, weight):
         p = self._projector[layer]
         k = keys.double().to(p.device)
         r = residuals.double().to(p.device)
-        eye = torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
-        system = p @ (k @ k.T + self._past_kk[layer]) + self.l2 * eye
-        x = general_solve(system, p @ k @ r.T, f"AlphaEdit layer {layer}")
+        projected_keys = p @ k
+        system = projected_keys @ k.T + self._projected_past_kk[layer]  # P(KKᵀ + K_pK_pᵀ)
+        system.diagonal().add_(self.l2)
+        x = general_solve(system, projected_keys @ r.T, f"AlphaEdit layer {layer}")
         return x.T
 
     def after_batch(self, keys_after):
         for layer, k in keys_after.items():
             k = k.double().to(self._past_kk[layer].device)
             self._past_kk[layer] += k @ k.T
+            self._projected_past_kk[layer] += (self._projector[layer] @ k) @ k.T
 
     def projector(self, layer: int) -> torch.Tensor:
         return self._projector[layer]
@@ -90,4 +95,6 @@ class AlphaEditSolver:
 
     def load_state_dict(self, state):
         for layer, t in state["past_kk"].items():
-            self._past_kk[int(layer)] = t.to(self._projector[int(layer)].device)
+            layer = int(layer)
+            self._past_kk[layer] = t.to(self._projector[layer].device)
+            self._projected_past_kk[layer] = self._projector[layer] @ self._past_kk[layer]
