@@ -31,7 +31,9 @@ DEFAULTS: dict[str, Any] = {
     "method": "memit",
     "hparams": {},
     "edits": {"batch_size": 1, "checkpoints": [10]},
-    "stats": {"corpus": "model-samples", "num_tokens": 100_000, "max_length": 256},
+    # stats.seed only seeds the model-samples corpus; it is separate from the trial seed so that a seed axis
+    # does not recompute the statistics for every seed.
+    "stats": {"corpus": "model-samples", "num_tokens": 100_000, "max_length": 256, "seed": 0},
     "eval": {"batch_size": 32},
     "seed": 0,
     "cache_dir": None,
@@ -207,6 +209,8 @@ def trial_problems(cfg: dict) -> list[str]:
         problems.append(f"stats.num_tokens: {stats.get('num_tokens')!r} must be an integer >= 1000")
     if not _is_int(stats.get("max_length")) or stats["max_length"] < 8:
         problems.append(f"stats.max_length: {stats.get('max_length')!r} must be an integer >= 8")
+    if not _is_int(stats.get("seed")):
+        problems.append(f"stats.seed: {stats.get('seed')!r} must be an integer")
     if not _is_int(cfg.get("eval", {}).get("batch_size")) or cfg["eval"]["batch_size"] < 1:
         problems.append(f"eval.batch_size: {cfg.get('eval', {}).get('batch_size')!r} must be an integer >= 1")
     if not _is_int(cfg.get("seed")):

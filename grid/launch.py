@@ -22,6 +22,7 @@ if sys.path and Path(sys.path[0]).resolve() == _HERE:
     sys.path[0] = str(_HERE.parent)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow's own handler ignores our logging config
 
 
 def build_parser() -> argparse.ArgumentParser:

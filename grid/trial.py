@@ -119,7 +119,7 @@ def _run(trial: Trial, cfg: dict, solver_name: str, hparams: dict, tracker: Tria
     stats_cfg = cfg["stats"]
     stats = second_moments(editable, tokenizer, layers, parse_corpus(stats_cfg["corpus"]), stats_cfg["num_tokens"],
                            model_key=f"{loaded.model_id}@{loaded.fingerprint}", cache_dir=cache_dir,
-                           max_length=stats_cfg["max_length"], progress=progress, corpus_seed=cfg["seed"])
+                           max_length=stats_cfg["max_length"], progress=progress, corpus_seed=stats_cfg["seed"])
     tracker.log_dict({"corpus": stats.corpus, "tokens": stats.tokens, "from_cache": stats.from_cache},
                      "stats/second_moments.json")
 
