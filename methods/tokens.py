@@ -35,7 +35,7 @@ class EncodedBatch:
     position_ids: torch.Tensor  # [B, T]
     span_last: torch.Tensor  # [B] index (padded coordinates) of the subject's last token
     answer_first: torch.Tensor  # [B] index (padded coordinates) of the first answer token, -1 when no answer
-    lengths: torch.Tensor  # [B] number of real tokens (after drop_last_token)
+    lengths: torch.Tensor  # [B] number of real tokens
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
@@ -61,13 +61,8 @@ def _first_token_after(offsets: Sequence[tuple[int, int]], start: int, text: str
     return candidates[0]
 
 
-def encode_spans(tokenizer, spans: Sequence[TextSpan], drop_last_token: bool = False,
-                 padding_side: str | None = None) -> EncodedBatch:
-    """Tokenise ``spans`` into one padded batch and locate each span's first/last token.
-
-    ``drop_last_token`` removes the final token of every sequence (teacher forcing: the last answer token is only
-    ever a label, never an input).
-    """
+def encode_spans(tokenizer, spans: Sequence[TextSpan], padding_side: str | None = None) -> EncodedBatch:
+    """Tokenise ``spans`` into one padded batch and locate each span's subject last token and answer start."""
     if not getattr(tokenizer, "is_fast", True):
         raise TokenizationError("EditGrid needs a fast tokenizer (character offsets) to locate subject tokens")
     encoded = tokenizer([s.text for s in spans], add_special_tokens=True, return_offsets_mapping=True)
@@ -77,8 +72,6 @@ def encode_spans(tokenizer, spans: Sequence[TextSpan], drop_last_token: bool = F
         first = -1 if span.answer_start is None else _first_token_after(offsets, span.answer_start, span.text)
         if first == 0:
             raise TokenizationError(f"the answer of {span.text!r} starts at its first token; nothing precedes it")
-        if drop_last_token:
-            ids = ids[:-1]
         rows.append(ids)
         firsts.append(first)
         lasts.append(last)
