@@ -391,6 +391,14 @@ def _harmonic_mean(values: list[float]) -> float:
     return len(values) / sum(1.0 / v for v in values)
 
 
+def count_scored_pairs(records: list[EditRecord], with_locality: bool = False) -> int:
+    """How many distinct (prompt, continuation) pairs ``evaluate_records`` scores for ``records`` (throughput)."""
+    book = _QueryBook()
+    for record in records:
+        _plan_record(record, book, with_locality=with_locality)
+    return len(book.pairs)
+
+
 def evaluate_records(model: torch.nn.Module, tokenizer, records: list[EditRecord],
                      reference: PreEditReference | None = None, batch_size: int = 32,
                      progress: str | None = None) -> EvalResult:

@@ -1,0 +1,350 @@
+"""Editing-cost benchmark: statistics, v*, solves and evaluation throughput per method × batch size.
+
+For one model it measures, separately:
+
+* second-moment statistics: seconds and tokens/s (and whether they came from the cache; ``--fresh-stats``
+  computes them in a temporary cache folder so that the figure is an honest compute time);
+* per method × batch size cell, repeated ``--repeats`` times on the restored unedited weights: seconds per edit
+  in total, of which v* (target values) and solves (keys, residuals, Δ), from ``BatchReport``; the mean v* target
+  probability; teacher-forced evaluation throughput on the edited records (scored prompt/continuation pairs per
+  second); peak memory (ru_maxrss on CPU, CUDA max allocated on GPU).
+
+Repeated figures are reported as median and min–max. The machine and library versions go into the JSON.
+
+    .venv/bin/python benchmarks/bench_editing.py                      # SmolLM2, memit + alphaedit, 10 edits
+    .venv/bin/python benchmarks/bench_editing.py --methods memit --batch-sizes 1,5 --repeats 3 --fresh-stats
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch
+
+from evals.datasets import load_records
+from evals.teacher_forced import count_scored_pairs, evaluate_records
+from grid.config import method_settings
+from grid.tracking import TrialTracker, format_summary_table, resolve_tracking_uri
+from grid.trial import batches, peak_memory_mb, to_request
+from methods.arch import EditableModel
+from methods.context import generate_context_templates
+from methods.corpus import parse_corpus
+from methods.editor import LocateThenEditEditor
+from methods.models import load_model
+from methods.stages import build_solver, build_target_hparams
+from methods.stats import second_moments
+
+DEFAULT_JSON = ROOT / "benchmarks" / "results" / "bench_editing.json"
+TABLE_COLUMNS = ["method", "batch", "edits", "s/edit", "s/edit min", "s/edit max", "v* s/edit", "solve s/edit",
+                 "v* p", "eval pairs/s", "peak MB"]
+
+
+def _comma_list(text: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return items
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(item) for item in _comma_list(text)]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
+    if any(value < 0 for value in values):
+        raise argparse.ArgumentTypeError(f"values must be >= 0, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="hub id, local folder or embedded name")
+    parser.add_argument("--methods", type=_comma_list, default=["memit", "alphaedit"],
+                        help="comma list of presets in configs/presets (default memit,alphaedit)")
+    parser.add_argument("--batch-sizes", type=_int_list, default=[1], help="comma list of edits per step")
+    parser.add_argument("--num-edits", type=int, default=10, help="edits per cell (default 10)")
+    parser.add_argument("--data", default="builtin", help="builtin, a JSON/JSONL file, or hf:<dataset>")
+    parser.add_argument("--offset", type=int, default=0, help="first record of --data to use")
+    parser.add_argument("--stats-corpus", default="model-samples", help="statistics corpus (as stats.corpus)")
+    parser.add_argument("--stats-tokens", type=int, default=20_000, help="tokens averaged into C")
+    parser.add_argument("--fresh-stats", action="store_true",
+                        help="compute the statistics in a temporary cache folder (measures compute, not the cache)")
+    parser.add_argument("--repeats", type=int, default=1, help="repeats of each method × batch-size cell")
+    parser.add_argument("--layers", type=_int_list, default=None,
+                        help="comma list of layers to edit (default: each preset's / the architecture's)")
+    parser.add_argument("--cache-dir", default=None, help="EditGrid cache folder (default the normal cache)")
+    parser.add_argument("--json-out", default=str(DEFAULT_JSON), help="where to write the results JSON")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="when given, log one MLflow run (params, metrics, the JSON as an artifact)")
+    parser.add_argument("--experiment", default="editgrid-bench", help="MLflow experiment (with --tracking-uri)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--eval-batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> list[str]:
+    problems = []
+    if args.num_edits < 1:
+        problems.append(f"--num-edits must be >= 1, got {args.num_edits}")
+    if args.repeats < 1:
+        problems.append(f"--repeats must be >= 1, got {args.repeats}")
+    if args.stats_tokens < 1000:
+        problems.append(f"--stats-tokens must be >= 1000, got {args.stats_tokens}")
+    if any(size < 1 for size in args.batch_sizes):
+        problems.append(f"--batch-sizes must all be >= 1, got {args.batch_sizes}")
+    if args.threads is not None and args.threads < 1:
+        problems.append(f"--threads must be >= 1, got {args.threads}")
+    return problems
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10,
+                             check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def machine_info(device: torch.device, dtype: torch.dtype) -> dict:
+    import transformers
+
+    info = {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
+            "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+            "git_commit": git_commit()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _summary(values: list[float]) -> dict:
+    if not values:
+        return {"median": None, "min": None, "max": None, "values": []}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    """Run the benchmark described by parsed ``args``; return the results dict (also what goes to the JSON)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    progress = not args.quiet
+    cache_dir = Path(args.cache_dir).expanduser().resolve() if args.cache_dir else None
+
+    started = time.perf_counter()
+    loaded = load_model(args.model, cache_dir=cache_dir)
+    load_seconds = time.perf_counter() - started
+    editable = EditableModel.wrap(loaded.model)
+    tokenizer = loaded.tokenizer
+    device = editable.parameter_device()
+    dtype = next(loaded.model.parameters()).dtype
+
+    settings, layers_of = {}, {}
+    for method in args.methods:
+        overrides = {"layers": list(args.layers)} if args.layers else {}
+        solver_name, hparams = method_settings(method, overrides)
+        layers = sorted(hparams.get("layers") or editable.default_layers())
+        outside = [layer for layer in layers if layer >= editable.num_layers]
+        if outside:
+            raise ValueError(f"layers {outside} are outside the model ({editable.num_layers} layers)")
+        settings[method], layers_of[method] = (solver_name, hparams), layers
+    all_layers = sorted({layer for layers in layers_of.values() for layer in layers})
+
+    records = load_records(args.data, limit=args.num_edits, offset=args.offset)
+    if len(records) < args.num_edits:
+        raise ValueError(f"{args.data} has {len(records)} usable records after offset {args.offset}, "
+                         f"fewer than --num-edits {args.num_edits}")
+    requests = [to_request(record) for record in records]
+
+    # Statistics: one pass for every layer any method edits.
+    with tempfile.TemporaryDirectory(prefix="editgrid-bench-stats-") as fresh:
+        stats_cache = Path(fresh) if args.fresh_stats else cache_dir
+        _reset_peak(device)
+        started = time.perf_counter()
+        stats = second_moments(editable, tokenizer, all_layers, parse_corpus(args.stats_corpus), args.stats_tokens,
+                               model_key=f"{loaded.model_id}@{loaded.fingerprint}", cache_dir=stats_cache,
+                               progress=progress)
+        stats_wall = time.perf_counter() - started
+    from_cache = all(stats.from_cache.values())
+    computed_layers = [layer for layer in all_layers if not stats.from_cache[layer]]
+    stats_info = {"layers": all_layers, "tokens": stats.tokens, "corpus": args.stats_corpus,
+                  "from_cache": from_cache, "computed_layers": computed_layers, "fresh_cache": bool(args.fresh_stats),
+                  "from_cache_by_layer": {str(k): v for k, v in stats.from_cache.items()},
+                  "seconds": stats.seconds, "corpus_seconds": stats.corpus_seconds, "wall_seconds": stats_wall,
+                  "tokens_per_s": None if from_cache or stats.seconds <= 0 else stats.tokens / stats.seconds,
+                  # the forward pass alone (corpus reading / model sampling excluded)
+                  "pass_tokens_per_s": (None if from_cache or stats.seconds - stats.corpus_seconds <= 0
+                                        else stats.tokens / (stats.seconds - stats.corpus_seconds)),
+                  "peak_memory_mb": peak_memory_mb(device)}
+
+    started = time.perf_counter()
+    context_groups = generate_context_templates(loaded.model, tokenizer, seed=args.seed)
+    context_seconds = time.perf_counter() - started
+
+    originals = {layer: editable.weight(layer).detach().clone() for layer in all_layers}
+
+    def restore() -> None:
+        with torch.no_grad():
+            for layer, weight in originals.items():
+                editable.weight(layer).copy_(weight)
+
+    num_pairs = count_scored_pairs(records)
+    cells = []
+    for method in args.methods:
+        solver_name, hparams = settings[method]
+        layers = layers_of[method]
+        moments = {layer: stats.moments[layer].to(device) for layer in layers}
+        for batch_size in args.batch_sizes:
+            runs = []
+            for repeat in range(args.repeats):
+                restore()
+                torch.manual_seed(args.seed)
+                _reset_peak(device)
+                editor = LocateThenEditEditor(editable, tokenizer, layers, build_solver(solver_name, hparams),
+                                              moments, context_groups, build_target_hparams(hparams),
+                                              target_site=hparams.get("target_site", "block"))
+                total = target = solve = 0.0
+                probs: list[float] = []
+                for start, end in batches(len(requests), batch_size):
+                    if progress:
+                        print(f"[{method} b={batch_size} r={repeat + 1}/{args.repeats}] edits {start + 1}–{end}",
+                              file=sys.stderr, flush=True)
+                    report = editor.apply(requests[start:end])
+                    total += report.seconds
+                    target += report.target_seconds
+                    solve += report.solve_seconds
+                    probs.extend(report.target_prob)
+                    if any(not torch.isfinite(editable.weight(layer)).all() for layer in layers):
+                        raise RuntimeError(f"{method} b={batch_size}: edited weights became NaN/Inf")
+                eval_started = time.perf_counter()
+                evaluation = evaluate_records(loaded.model, tokenizer, records, batch_size=args.eval_batch_size)
+                eval_seconds = time.perf_counter() - eval_started
+                n = len(requests)
+                runs.append({"seconds_per_edit": total / n, "target_seconds_per_edit": target / n,
+                             "solve_seconds_per_edit": solve / n, "vstar_target_prob": sum(probs) / len(probs),
+                             "vstar_target_prob_min": min(probs), "eval_seconds": eval_seconds,
+                             "eval_pairs_per_s": num_pairs / eval_seconds if eval_seconds > 0 else None,
+                             "peak_memory_mb": peak_memory_mb(device),
+                             "metrics": {k: v for k, v in evaluation.metrics.items() if k.startswith("edit/")}})
+            restore()
+            keys = ["seconds_per_edit", "target_seconds_per_edit", "solve_seconds_per_edit", "vstar_target_prob",
+                    "eval_seconds", "eval_pairs_per_s", "peak_memory_mb"]
+            cell = {"method": method, "solver": solver_name, "batch_size": batch_size, "edits": len(requests),
+                    "layers": layers, "repeats": args.repeats, "eval_pairs": num_pairs,
+                    **{key: _summary([run[key] for run in runs if run[key] is not None]) for key in keys},
+                    "runs": runs}
+            cells.append(cell)
+
+    return {"benchmark": "bench_editing", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "argv": list(getattr(args, "argv", [])),
+            "config": {"model": args.model, "model_id": loaded.model_id, "fingerprint": loaded.fingerprint,
+                       "methods": args.methods, "batch_sizes": args.batch_sizes, "num_edits": args.num_edits,
+                       "data": args.data, "offset": args.offset, "stats_corpus": args.stats_corpus,
+                       "stats_tokens": args.stats_tokens, "fresh_stats": bool(args.fresh_stats),
+                       "repeats": args.repeats, "layers": args.layers, "eval_batch_size": args.eval_batch_size,
+                       "seed": args.seed, "cache_dir": str(cache_dir) if cache_dir else None},
+            "machine": machine_info(device, dtype),
+            "model_load_seconds": load_seconds, "context_templates_seconds": context_seconds,
+            "stats": stats_info, "cells": cells}
+
+
+def table_rows(results: dict) -> list[dict]:
+    rows = []
+    for cell in results["cells"]:
+        rows.append({"method": cell["method"], "batch": cell["batch_size"], "edits": cell["edits"],
+                     "s/edit": cell["seconds_per_edit"]["median"], "s/edit min": cell["seconds_per_edit"]["min"],
+                     "s/edit max": cell["seconds_per_edit"]["max"],
+                     "v* s/edit": cell["target_seconds_per_edit"]["median"],
+                     "solve s/edit": cell["solve_seconds_per_edit"]["median"],
+                     "v* p": cell["vstar_target_prob"]["median"],
+                     "eval pairs/s": cell["eval_pairs_per_s"].get("median"),
+                     "peak MB": cell["peak_memory_mb"]["median"]})
+    return rows
+
+
+def format_results(results: dict) -> str:
+    stats, machine = results["stats"], results["machine"]
+    rate = "rate n/a"
+    if stats["tokens_per_s"]:
+        rate = (f"{stats['tokens_per_s']:.0f} tokens/s, {stats['pass_tokens_per_s'] or 0:.0f} tokens/s without "
+                f"the {stats['corpus_seconds']:.1f} s of corpus reading/sampling")
+    computed = stats.get("computed_layers", [])
+    if stats["from_cache"]:
+        source = "from the cache"
+    elif len(computed) < len(stats["layers"]):
+        source = f"computed for layers {computed} in one pass, the others from the cache"
+    else:
+        source = "computed in a fresh cache" if stats["fresh_cache"] else "computed"
+    head = (f"{results['config']['model']} on {machine['device']} ({machine['dtype']}, {machine['cpu_count']} CPUs, "
+            f"{machine['torch_threads']} torch threads), {results['config']['num_edits']} edits of "
+            f"{results['config']['data']}, repeats={results['config']['repeats']}\n"
+            f"statistics: {stats['tokens']} tokens, layers {stats['layers']}, {stats['seconds']:.1f} s ({source}, "
+            f"{rate})")
+    return head + "\n" + format_summary_table(table_rows(results), TABLE_COLUMNS)
+
+
+def _log_to_mlflow(results: dict, tracking_uri: str, experiment: str) -> str:
+    config = results["config"]
+    params = {**config, "machine": results["machine"]}
+    metrics = {"stats/seconds": results["stats"]["seconds"], "stats/tokens": results["stats"]["tokens"],
+               "stats/from_cache": float(results["stats"]["from_cache"])}
+    if results["stats"]["tokens_per_s"]:
+        metrics["stats/tokens_per_s"] = results["stats"]["tokens_per_s"]
+    for cell in results["cells"]:
+        prefix = f"{cell['method']}/b{cell['batch_size']}"
+        for key in ("seconds_per_edit", "target_seconds_per_edit", "solve_seconds_per_edit", "vstar_target_prob",
+                    "eval_pairs_per_s", "peak_memory_mb"):
+            if cell[key].get("values"):
+                metrics[f"{prefix}/{key}"] = cell[key]["median"]
+    tags = {"editgrid.benchmark": "bench_editing", "editgrid.model": str(config["model"])}
+    with TrialTracker(resolve_tracking_uri(tracking_uri), experiment, f"bench-{Path(str(config['model'])).name}",
+                      params=params, tags=tags) as tracker:
+        tracker.log_metrics(metrics, step=0)
+        tracker.log_dict(results, "bench/bench_editing.json")
+        return tracker.run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problems = _check_args(args)
+    if problems:
+        parser.error("; ".join(problems))
+    args.argv = argv
+    results = run_benchmark(args)
+    out = Path(args.json_out)
+    if args.tracking_uri:
+        results["mlflow_run_id"] = _log_to_mlflow(results, args.tracking_uri, args.experiment)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(format_results(results))
+    print(f"\nresults written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
