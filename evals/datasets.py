@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from evals.records import EditRecord, PromptCase, Protocol
+from methods.cache import hub_offline
 
 BUILTIN_NAME = "builtin"
 BUILTIN_EDITS_PATH = Path(__file__).resolve().parent / "data" / "builtin_edits.json"
@@ -404,11 +405,6 @@ def _read_file_rows(path: Path) -> list:
     return data
 
 
-def _hub_offline() -> bool:
-    return any(os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-               for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 def _open_hub_dataset(spec: str):
     """``hf:<name>[:<config>][:<split>]`` -> a ``datasets.Dataset`` (one split)."""
     parts = spec[len(HUB_PREFIX):].split(":")
@@ -424,7 +420,7 @@ def _open_hub_dataset(spec: str):
     try:
         loaded = datasets.load_dataset(name, config, split=split)
     except Exception as error:  # the hub client raises many types; all of them mean "not loadable"
-        if _hub_offline():
+        if hub_offline():
             raise DatasetError(
                 f"{spec}: hub dataset {name!r} cannot be downloaded while offline (HF_HUB_OFFLINE or "
                 f"HF_DATASETS_OFFLINE is set) and is not in the local cache; unset offline mode, or pass a local "

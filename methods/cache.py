@@ -45,3 +45,9 @@ def cached_path(cache_dir: Path, kind: str, key: str, build: Callable[[Path], No
         build(tmp)
         os.replace(tmp, target)
     return target
+
+
+def hub_offline() -> bool:
+    """True when the Hugging Face hub must not be contacted (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``)."""
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+               for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))

@@ -23,14 +23,13 @@ import glob
 import hashlib
 import itertools
 import json
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from methods.cache import cached_path, content_key, default_cache_dir
+from methods.cache import cached_path, content_key, default_cache_dir, hub_offline
 
 MODEL_SAMPLES = "model-samples"
 HF_PREFIX = "hf:"
@@ -233,13 +232,8 @@ def _jsonl_document(line: str, path: Path, line_number: int) -> str:
     return "\n".join(v.strip() for v in values if isinstance(v, str) and len(v.strip()) > JSONL_MIN_FIELD_CHARS)
 
 
-def _hub_offline() -> bool:
-    return any(os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
-               for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 def _read_hub_dataset(spec: CorpusSpec) -> Iterator[str]:
-    if _hub_offline():
+    if hub_offline():
         raise CorpusError(f"corpus {spec.source!r} streams a Hugging Face hub dataset, but the hub is switched off "
                           "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); use 'model-samples' or a local text file")
     import datasets
