@@ -132,7 +132,8 @@ def _run(trial: Trial, cfg: dict, solver_name: str, hparams: dict, tracker: Tria
     originals = {layer: editable.weight(layer).detach().clone() for layer in layers}
     eval_batch = cfg["eval"]["batch_size"]
 
-    def evaluate(step: int, edit_seconds: float, edits_done: int, vstar_probs: list[float]) -> dict:
+    def evaluate(step: int, edit_seconds: float, vstar_probs: list[float]) -> dict:
+        """Metrics after ``step`` edits (0 = before editing, over every record of the trial)."""
         started = time.perf_counter()
         subset = records if step == 0 else records[:step]
         evaluation = evaluate_records(loaded.model, tokenizer, subset, reference=reference, batch_size=eval_batch,
@@ -143,8 +144,8 @@ def _run(trial: Trial, cfg: dict, solver_name: str, hparams: dict, tracker: Tria
         metrics["cost/stats_seconds"] = stats.seconds
         metrics["cost/eval_seconds"] = time.perf_counter() - started
         metrics["cost/peak_memory_mb"] = peak_memory_mb(device)
-        if edits_done:
-            metrics["cost/seconds_per_edit"] = edit_seconds / edits_done
+        if step:
+            metrics["cost/seconds_per_edit"] = edit_seconds / step
         if vstar_probs:
             metrics["vstar/target_prob"] = sum(vstar_probs) / len(vstar_probs)
             metrics["vstar/target_prob_min"] = min(vstar_probs)
@@ -154,24 +155,23 @@ def _run(trial: Trial, cfg: dict, solver_name: str, hparams: dict, tracker: Tria
         return {row["case_id"]: row for row in evaluation.per_record}
 
     reference = compute_reference(loaded.model, tokenizer, records, batch_size=eval_batch)
-    pre_rows = evaluate(0, 0.0, 0, [])
+    pre_rows = evaluate(0, 0.0, [])
 
-    edit_seconds, vstar_probs, edits_done = 0.0, [], 0
+    edit_seconds, vstar_probs = 0.0, []
     post_rows: dict = {}
     bar = tqdm(total=len(requests), desc=f"editing ({trial.name})", unit="edit", disable=not progress)
     for start, end in batches(len(requests), cfg["edits"]["batch_size"]):
         report = editor.apply(requests[start:end])
         edit_seconds += report.seconds
         vstar_probs.extend(report.target_prob)
-        edits_done = end
-        bar.set_postfix(s_per_edit=f"{edit_seconds / edits_done:.1f}", vstar_p=f"{min(report.target_prob):.2f}",
+        bar.set_postfix(s_per_edit=f"{edit_seconds / end:.1f}", vstar_p=f"{min(report.target_prob):.2f}",
                         refresh=False)
         bar.update(end - start)
         if any(not math.isfinite(float(editable.weight(layer).abs().max())) for layer in layers):
-            raise TrialError(f"trial {trial.name}: edited weights became NaN/Inf after {edits_done} edits")
+            raise TrialError(f"trial {trial.name}: edited weights became NaN/Inf after {end} edits")
         if end in checkpoints:
             bar.clear()
-            post_rows = evaluate(end, edit_seconds, edits_done, vstar_probs)
+            post_rows = evaluate(end, edit_seconds, vstar_probs)
             bar.refresh()
     bar.close()
 
