@@ -42,9 +42,8 @@ from grid.trial import batches, peak_memory_mb, to_request
 from methods.arch import EditableModel
 from methods.context import generate_context_templates
 from methods.corpus import parse_corpus
-from methods.editor import LocateThenEditEditor
 from methods.models import load_model
-from methods.stages import build_solver, build_target_hparams
+from methods.stages import build_editor
 from methods.stats import second_moments
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "bench_editing.json"
@@ -165,12 +164,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     settings, layers_of = {}, {}
     for method in args.methods:
         overrides = {"layers": list(args.layers)} if args.layers else {}
-        solver_name, hparams = method_settings(method, overrides)
-        layers = sorted(hparams.get("layers") or editable.default_layers())
+        spec = method_settings(method, overrides)
+        layers = sorted(spec.hparams.get("layers") or list(editable.default_layers())[-(spec.max_layers or 0):])
         outside = [layer for layer in layers if layer >= editable.num_layers]
         if outside:
             raise ValueError(f"layers {outside} are outside the model ({editable.num_layers} layers)")
-        settings[method], layers_of[method] = (solver_name, hparams), layers
+        settings[method], layers_of[method] = spec, layers
     all_layers = sorted({layer for layers in layers_of.values() for layer in layers})
 
     records = load_records(args.data, limit=args.num_edits, offset=args.offset)
@@ -214,7 +213,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     num_pairs = count_scored_pairs(records)
     cells = []
     for method in args.methods:
-        solver_name, hparams = settings[method]
+        spec = settings[method]
         layers = layers_of[method]
         moments = {layer: stats.moments[layer].to(device) for layer in layers}
         for batch_size in args.batch_sizes:
@@ -223,9 +222,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 restore()
                 torch.manual_seed(args.seed)
                 _reset_peak(device)
-                editor = LocateThenEditEditor(editable, tokenizer, layers, build_solver(solver_name, hparams),
-                                              moments, context_groups, build_target_hparams(hparams),
-                                              target_site=hparams.get("target_site", "block"))
+                editor = build_editor(spec, editable, tokenizer, layers, moments, context_groups, seed=args.seed)
                 total = target = solve = 0.0
                 probs: list[float] = []
                 for start, end in batches(len(requests), batch_size):
@@ -252,7 +249,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             restore()
             keys = ["seconds_per_edit", "target_seconds_per_edit", "solve_seconds_per_edit", "vstar_target_prob",
                     "eval_seconds", "eval_pairs_per_s", "peak_memory_mb"]
-            cell = {"method": method, "solver": solver_name, "batch_size": batch_size, "edits": len(requests),
+            cell = {"method": method, "solver": spec.solver, "batch_size": batch_size, "edits": len(requests),
                     "layers": layers, "repeats": args.repeats, "eval_pairs": num_pairs,
                     **{key: _summary([run[key] for run in runs if run[key] is not None]) for key in keys},
                     "runs": runs}

@@ -15,6 +15,8 @@ import math
 import torch
 from torch import Tensor
 
+from methods.drift import preservation_drift
+
 DIAGNOSTIC_NAMES = ("weight_norm", "weight_change", "cond", "sigma_max_delta")
 
 
@@ -58,12 +60,17 @@ def weight_diagnostics(weight: Tensor, original: Tensor) -> dict[str, float]:
     }
 
 
-def layer_diagnostics(weights: dict[int, Tensor], originals: dict[int, Tensor]) -> dict[str, float]:
-    """``weight_diagnostics`` for every edited layer, as flat MLflow names ``diag/L<i>/<name>``."""
+def layer_diagnostics(weights: dict[int, Tensor], originals: dict[int, Tensor],
+                      second_moments: dict[int, Tensor] | None = None) -> dict[str, float]:
+    """``weight_diagnostics`` for every edited layer, as flat MLflow names ``diag/L<i>/<name>``; with the layers'
+    second moments C also ``diag/L<i>/drift`` = D(W) = tr((W−W₀)C(W−W₀)ᵀ) (methods/drift.py), for every method."""
     if set(weights) != set(originals):
         raise ValueError(f"layers differ: weights has {sorted(weights)}, originals has {sorted(originals)}")
     metrics: dict[str, float] = {}
     for layer in sorted(weights):
         for name, value in weight_diagnostics(weights[layer], originals[layer]).items():
             metrics[f"diag/L{layer}/{name}"] = value
+        if second_moments is not None:
+            metrics[f"diag/L{layer}/drift"] = preservation_drift(weights[layer], originals[layer],
+                                                                 second_moments[layer])
     return metrics

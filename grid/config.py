@@ -21,7 +21,7 @@ import yaml
 from evals.datasets import BUILTIN_NAME, DATASET_FORMATS, HUB_PREFIX
 from methods.corpus import CorpusError, parse_corpus
 from methods.models import DTYPES, EMBEDDED_MODELS
-from methods.stages import hparam_problems
+from methods.stages import MethodSpec, method_problems
 
 DEFAULTS: dict[str, Any] = {
     "experiment": "editgrid",
@@ -144,10 +144,22 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def method_settings(method: str, hparam_overrides: dict) -> tuple[str, dict]:
-    """(solver name, merged hyper-parameters) of a method preset with the config's overrides applied."""
-    preset = load_yaml(preset_path(method))
-    return preset.get("solver", method), {**preset.get("hparams", {}), **(hparam_overrides or {})}
+PRESET_KEYS = ("solver", "transforms", "restraint", "tags", "hparams")
+
+
+def method_settings(method: str, hparam_overrides: dict) -> MethodSpec:
+    """The stages and merged hyper-parameters of a method preset, with the config's ``hparams`` applied."""
+    path = preset_path(method)
+    preset = load_yaml(path)
+    unknown = sorted(set(preset) - set(PRESET_KEYS))
+    transforms = preset.get("transforms") or []
+    if unknown or not isinstance(transforms, list) or not isinstance(preset.get("hparams") or {}, dict):
+        raise ConfigError(str(path), [f"a preset has the keys {', '.join(PRESET_KEYS)}; transforms is a list and "
+                                      f"hparams a mapping (unknown keys: {unknown or 'none'})"])
+    return MethodSpec(solver=preset.get("solver", method), transforms=tuple(transforms),
+                      restraint=preset.get("restraint"), hparams={**(preset.get("hparams") or {}),
+                                                                   **(hparam_overrides or {})},
+                      tags=dict(preset.get("tags") or {}))
 
 
 def trial_problems(cfg: dict) -> list[str]:
@@ -197,8 +209,14 @@ def trial_problems(cfg: dict) -> list[str]:
     if not isinstance(method, str) or method not in known_methods():
         problems.append(f"method: {method!r} is unknown (known: {', '.join(known_methods())})")
     else:
-        solver, hparams = method_settings(method, cfg.get("hparams") or {})
-        problems += hparam_problems(solver, hparams)
+        hparams = cfg.get("hparams") or {}
+        if not isinstance(hparams, dict):
+            problems.append(f"hparams: must be a mapping, got {hparams!r}")
+        else:
+            try:
+                problems += method_problems(method_settings(method, hparams))
+            except ConfigError as err:
+                problems += [f"method {method!r}: {p}" for p in err.problems]
 
     stats = cfg.get("stats", {})
     try:
@@ -292,8 +310,7 @@ def layer_problems(trials: list[Trial]) -> list[str]:
     problems = []
     for trial in trials:
         cfg = trial.config
-        _, hparams = method_settings(cfg["method"], cfg.get("hparams") or {})
-        layers = hparams.get("layers")
+        layers = method_settings(cfg["method"], cfg.get("hparams") or {}).hparams.get("layers")
         if not layers:
             continue
         model = str(cfg["model"])

@@ -6,8 +6,11 @@ number goes to the trial's MLflow run with ``step = edits applied``:
 
   edit/*        teacher-forced metrics (evals/teacher_forced.py); step 0 covers all records of the trial
   diag/L<i>/*   per edited matrix: ‖W‖, ‖W−W₀‖/‖W₀‖, cond(W), σ_max(W−W₀)            (evals/diagnostics.py)
+  diag/L<i>/drift  D(W) = tr((W−W₀)C(W−W₀)ᵀ), the preservation drift, for every method    (methods/drift.py)
   vstar/*       how well v* reached its target (mean target probability of the batch's rewriting prompts)
-  <solver>/*    solver diagnostics (λ, null-space size and energy share)                  (methods/solvers)
+  <stage>/*     stage diagnostics, logged after every batch: memit/lambda, alphaedit/L<i>/null_dims,
+                lyaplock/L<i>/{drift,drift_mean,threshold,queue}, rect|srfusion/L<i>/energy_kept
+                (methods/solvers, methods/transforms); prune/L<i>/* at every restraint (methods/restraints)
   cost/*        seconds per edit (editing only; statistics and evaluation excluded), statistics seconds,
                 evaluation seconds, peak memory
 """
@@ -15,6 +18,7 @@ number goes to the trial's MLflow run with ``step = edits applied``:
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 import math
 import resource
 import sys
@@ -30,14 +34,13 @@ from evals.diagnostics import layer_diagnostics
 from evals.records import EditRecord
 from evals.teacher_forced import compute_reference, evaluate_records
 from grid.config import Trial, method_settings
+from methods.stages import MethodSpec, build_editor, build_restraint
 from grid.tracking import TrialTracker
 from methods.arch import EditableModel
 from methods.context import generate_context_templates
 from methods.corpus import parse_corpus
-from methods.editor import LocateThenEditEditor
 from methods.models import load_model
 from methods.requests import EditRequest
-from methods.stages import build_solver, build_target_hparams
 from methods.stats import second_moments
 
 logger = logging.getLogger(__name__)
@@ -70,8 +73,9 @@ def batches(num_edits: int, batch_size: int):
         yield start, min(start + batch_size, num_edits)
 
 
-def resolve_layers(editable: EditableModel, hparams: dict, trial_name: str) -> list[int]:
-    layers = hparams.get("layers") or list(editable.default_layers())
+def resolve_layers(editable: EditableModel, spec: MethodSpec, trial_name: str) -> list[int]:
+    """The configured layers, or the architecture's default window (its last layer(s) for one-layer solvers)."""
+    layers = spec.hparams.get("layers") or list(editable.default_layers())[-(spec.max_layers or 0):]
     outside = [layer for layer in layers if layer >= editable.num_layers]
     if outside:
         raise TrialError(f"trial {trial_name}: hparams.layers {outside} are outside the model "
@@ -81,20 +85,22 @@ def resolve_layers(editable: EditableModel, hparams: dict, trial_name: str) -> l
 
 def run_trial(trial: Trial, tracking_uri: str, parent_run_id: str | None = None, progress: bool = True) -> TrialResult:
     cfg = trial.config
-    solver_name, hparams = method_settings(cfg["method"], cfg.get("hparams") or {})
+    spec = method_settings(cfg["method"], cfg.get("hparams") or {})
     torch.manual_seed(cfg["seed"])
-    tags = {"editgrid.trial_id": trial.trial_id, "editgrid.method": cfg["method"], "editgrid.solver": solver_name,
+    tags = {"editgrid.trial_id": trial.trial_id, "editgrid.method": cfg["method"], "editgrid.solver": spec.solver,
+            "editgrid.transforms": ",".join(spec.transforms) or "none", "editgrid.restraint": spec.restraint or "none",
             "editgrid.model": str(cfg["model"]), "editgrid.data": str(cfg["data"]["path"]),
-            "editgrid.protocol": "teacher_forced"}
-    params = {**cfg, "method_hparams": hparams, "solver": solver_name}
+            "editgrid.protocol": "teacher_forced", **spec.tags}
+    params = {**cfg, "method_hparams": spec.hparams, "solver": spec.solver,
+              "transforms": list(spec.transforms), "restraint": spec.restraint}
     with TrialTracker(tracking_uri, cfg["experiment"], trial.name, params=params, tags=tags,
                       parent_run_id=parent_run_id) as tracker:
         result = TrialResult(trial=trial, run_id=tracker.run_id)
-        _run(trial, cfg, solver_name, hparams, tracker, result, progress)
+        _run(trial, cfg, spec, tracker, result, progress)
         return result
 
 
-def _run(trial: Trial, cfg: dict, solver_name: str, hparams: dict, tracker: TrialTracker, result: TrialResult,
+def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, result: TrialResult,
          progress: bool) -> None:
     cache_dir = Path(cfg["cache_dir"]) if cfg.get("cache_dir") else None
     margs = cfg["model_args"]
@@ -103,7 +109,7 @@ def _run(trial: Trial, cfg: dict, solver_name: str, hparams: dict, tracker: Tria
                                   mlp_out=margs.get("mlp_out"))
     tokenizer = loaded.tokenizer
     device = editable.parameter_device()
-    layers = resolve_layers(editable, hparams, trial.name)
+    layers = resolve_layers(editable, spec, trial.name)
     tracker.set_tags({"editgrid.layers": ",".join(map(str, layers)), "editgrid.model_fingerprint": loaded.fingerprint})
 
     data = cfg["data"]
@@ -125,22 +131,30 @@ def _run(trial: Trial, cfg: dict, solver_name: str, hparams: dict, tracker: Tria
 
     context_groups = generate_context_templates(loaded.model, tokenizer, seed=cfg["seed"])
     tracker.log_dict({"context_templates": context_groups}, "editing/context_templates.json")
-    solver = build_solver(solver_name, hparams)
-    editor = LocateThenEditEditor(editable, tokenizer, layers, solver,
-                                  {layer: stats.moments[layer].to(device) for layer in layers}, context_groups,
-                                  build_target_hparams(hparams), target_site=hparams.get("target_site", "block"))
+    moments = {layer: stats.moments[layer].to(device) for layer in layers}
+    editor = build_editor(spec, editable, tokenizer, layers, moments, context_groups, seed=cfg["seed"])
     originals = {layer: editable.weight(layer).detach().clone() for layer in layers}
+    live_weights = {layer: editable.weight(layer) for layer in layers}
+    restraint = build_restraint(spec)
+    if restraint is not None:
+        restraint.prepare(originals)
     eval_batch = cfg["eval"]["batch_size"]
 
     def evaluate(step: int, edit_seconds: float, vstar_probs: list[float]) -> dict:
         """Metrics after ``step`` edits (0 = before editing, over every record of the trial)."""
         started = time.perf_counter()
         subset = records if step == 0 else records[:step]
-        evaluation = evaluate_records(loaded.model, tokenizer, subset, reference=reference, batch_size=eval_batch,
-                                      progress=f"evaluating {len(subset)} edits" if progress else None)
-        metrics = dict(evaluation.metrics)
-        metrics.update(layer_diagnostics({layer: editable.weight(layer) for layer in layers}, originals))
-        metrics.update(solver.metrics())
+        # PRUNE's official protocol: the restrained weights are the ones evaluated (and described by diag/*);
+        # the unrestrained ones are restored afterwards and editing continues from them.
+        swap = restraint.swapped_in(live_weights) if step and restraint and restraint.mode == "once" else nullcontext()
+        with swap:
+            evaluation = evaluate_records(loaded.model, tokenizer, subset, reference=reference,
+                                          batch_size=eval_batch,
+                                          progress=f"evaluating {len(subset)} edits" if progress else None)
+            metrics = dict(evaluation.metrics)
+            metrics.update(layer_diagnostics(live_weights, originals, moments))
+        if step and restraint is not None:
+            metrics.update(restraint.metrics())
         metrics["cost/stats_seconds"] = stats.seconds
         metrics["cost/eval_seconds"] = time.perf_counter() - started
         metrics["cost/peak_memory_mb"] = peak_memory_mb(device)
@@ -163,6 +177,11 @@ def _run(trial: Trial, cfg: dict, solver_name: str, hparams: dict, tracker: Tria
     for start, end in batches(len(requests), cfg["edits"]["batch_size"]):
         report = editor.apply(requests[start:end])
         edit_seconds += report.seconds
+        if restraint is not None and restraint.mode == "every_step":
+            restrain_start = time.perf_counter()
+            restraint.apply_in_place(live_weights)  # PRUNE appendix C.6: the next batch edits restrained weights
+            edit_seconds += time.perf_counter() - restrain_start
+        tracker.log_metrics(editor.metrics(), step=end)
         vstar_probs.extend(report.target_prob)
         bar.set_postfix(s_per_edit=f"{edit_seconds / end:.1f}", vstar_p=f"{min(report.target_prob):.2f}",
                         refresh=False)

@@ -4,6 +4,7 @@ The stages are pluggable (DEVELOPERS.md "a method is a composition of small stag
   target site   where v* lives: "block" (MEMIT/AlphaEdit: block output) or "mlp" (AdaEdit's FFN-only target)
   solver        how Δ is solved from keys and residuals (methods/solvers)
   transforms    what is done to Δ before it is added (e.g. RECT, SRFusion) — callables Δ, W → Δ'
+  (restraints such as PRUNE act on the cumulative W − W₀ and are applied by the trial runner, grid/trial.py)
 
 Spreading (ALGORITHMS.md §1): for the i-th of L edited layers (ascending),
 ``R = (V* − h_L(current model)) / (L − i)``, with h_L re-read after the earlier layers were updated, and W_ℓ is
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal, Protocol
 
 import torch
 
@@ -24,7 +25,16 @@ from methods.requests import EditRequest
 from methods.solvers.base import Solver
 from methods.targets import TargetHParams, compute_target_values
 
-UpdateTransform = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (layer, Δ, W) → Δ'
+
+
+class UpdateTransform(Protocol):
+    """Post-processing of one layer's Δ before it is added (methods/transforms): (layer, Δ, current W) → Δ'."""
+
+    name: str
+
+    def __call__(self, layer: int, delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor: ...
+
+    def metrics(self) -> dict[str, float]: ...
 
 
 @dataclass
@@ -52,7 +62,15 @@ class LocateThenEditEditor:
         self.target_hparams = target_hparams
         self.target_site = target_site
         self.transforms = transforms or []
-        solver.prepare(self.layers, second_moments)
+        if solver.max_layers is not None and len(self.layers) > solver.max_layers:
+            raise ValueError(f"solver {solver.name!r} edits at most {solver.max_layers} layer(s), got {self.layers}")
+        solver.prepare(self.layers, second_moments, {layer: editable.weight(layer) for layer in self.layers})
+
+    def metrics(self) -> dict[str, float]:
+        out = dict(self.solver.metrics())
+        for transform in self.transforms:
+            out.update(transform.metrics())
+        return out
 
     def _site(self) -> torch.nn.Module:
         last = self.layers[-1]
@@ -69,13 +87,18 @@ class LocateThenEditEditor:
         residual_norm, update_norm = {}, {}
         for i, layer in enumerate(self.layers):
             keys = compute_keys(self.editable, self.tokenizer, requests, [layer], self.context_groups)[layer]
-            current = compute_site_outputs(self.editable, self.tokenizer, requests, site).double()
-            residuals = (values.to(current.device) - current) / (len(self.layers) - i)
             weight = self.editable.weight(layer)
+            if self.solver.residuals_from_keys:  # ROME: R = V* − W K at the averaged keys
+                current = weight.detach().double() @ keys.double().to(weight.device)
+            else:
+                current = compute_site_outputs(self.editable, self.tokenizer, requests, site).double()
+            residuals = (values.to(current.device) - current) / (len(self.layers) - i)
             delta = self.solver.solve(layer, keys, residuals, weight)
             for transform in self.transforms:
                 delta = transform(layer, delta, weight)
-            weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+            with torch.no_grad():
+                weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+            self.solver.after_update(layer, keys, weight)
             residual_norm[layer] = float(residuals.norm(dim=0).mean())
             update_norm[layer] = float(delta.norm())
         if self.solver.wants_keys_after_batch:

@@ -1,17 +1,32 @@
-"""The stage registry: which hyper-parameters each stage takes, their valid ranges, and how to build it.
+"""The stage registry: what a method is made of, which hyper-parameters each stage takes, and how to build it.
 
-A method preset (configs/presets/*.yaml) names a solver and gives hyper-parameters; every key must belong to one
-of the stages the method uses. Checked before any model is loaded, so a typo or an impossible value fails fast.
+A method (a preset in configs/presets/*.yaml, DEVELOPERS.md) is a composition:
+
+  target site   where v* lives — ``target_site: block`` (MEMIT) or ``mlp`` (AdaEdit's FFN-only targets, ROME)
+  solver        how Δ is solved per layer: memit, alphaedit, lyaplock, rome (methods/solvers) — or ft, which
+                fine-tunes instead of solving (methods/finetune.py)
+  transforms    Δ → Δ' before it is added, in order: rect, srfusion, random_drop, magnitude_topk (methods/transforms)
+  restraint     on the cumulative W − W₀: prune, once or every step (methods/restraints)
+
+Every hyper-parameter belongs to exactly one stage, so a preset's ``hparams`` are checked against the stages it
+uses, with their valid ranges, before any model is loaded.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
+from methods.restraints.prune import PruneRestraint
 from methods.solvers.alphaedit import AlphaEditSolver
+from methods.solvers.lyaplock import LyapLockSolver
 from methods.solvers.memit import MemitSolver
+from methods.solvers.rome import RomeSolver
 from methods.targets import TargetHParams
+from methods.transforms.rect import Rect
+from methods.transforms.sparsify import MagnitudeTopK, RandomDrop
+from methods.transforms.srfusion import SRFusion
 
 
 @dataclass(frozen=True)
@@ -19,24 +34,32 @@ class Param:
     kind: type | tuple[type, ...]
     check: Callable[[Any], bool] | None = None
     rule: str = ""
+    arg: str | None = None  # constructor argument name when it differs from the hyper-parameter name
 
 
 def _positive(value) -> bool:
     return value > 0
 
 
-def _unit(value) -> bool:
-    return 0 < value < 1
+def _above_one(value) -> bool:
+    return value > 1
 
+
+def _fraction(value) -> bool:
+    return 0 < value <= 1
+
+
+NUMBER = (int, float)
+FRACTION = Param(NUMBER, _fraction, "in (0, 1]")
 
 TARGET_PARAMS: dict[str, Param] = {
     "target_site": Param(str, lambda v: v in ("block", "mlp"), "one of block, mlp"),
-    "v_lr": Param((int, float), _positive, "> 0"),
+    "v_lr": Param(NUMBER, _positive, "> 0"),
     "v_num_grad_steps": Param(int, lambda v: v >= 1, ">= 1"),
-    "clamp_norm_factor": Param((int, float), _positive, "> 0"),
-    "kl_factor": Param((int, float), lambda v: v >= 0, ">= 0"),
-    "v_weight_decay": Param((int, float), lambda v: v >= 0, ">= 0"),
-    "early_stop_loss": Param((int, float), lambda v: v >= 0, ">= 0"),
+    "clamp_norm_factor": Param(NUMBER, _positive, "> 0"),
+    "kl_factor": Param(NUMBER, lambda v: v >= 0, ">= 0"),
+    "v_weight_decay": Param(NUMBER, lambda v: v >= 0, ">= 0"),
+    "early_stop_loss": Param(NUMBER, lambda v: v >= 0, ">= 0"),
 }
 COMMON_PARAMS: dict[str, Param] = {
     "layers": Param((list, type(None)), lambda v: v is None or (len(v) > 0 and all(isinstance(x, int) and x >= 0
@@ -44,37 +67,124 @@ COMMON_PARAMS: dict[str, Param] = {
                                                                  and len(set(v)) == len(v)),
                     "a non-empty list of distinct layer indices >= 0, or null for the architecture default"),
 }
+LAMBDA_PARAMS: dict[str, Param] = {
+    "mom2_update_weight": Param((int, float, type(None)), lambda v: v is None or v > 0, "> 0 or null"),
+    "mom2_update_weight_per_key_dim": Param(NUMBER, _positive, "> 0"),
+}
 SOLVER_PARAMS: dict[str, dict[str, Param]] = {
-    "memit": {
-        "mom2_update_weight": Param((int, float, type(None)), lambda v: v is None or v > 0, "> 0 or null"),
-        "mom2_update_weight_per_key_dim": Param((int, float), _positive, "> 0"),
-    },
+    "memit": dict(LAMBDA_PARAMS),
     "alphaedit": {
-        "l2": Param((int, float), _positive, "> 0"),
+        "l2": Param(NUMBER, _positive, "> 0"),
         "nullspace_mode": Param(str, lambda v: v in ("absolute", "energy"), "one of absolute, energy"),
-        "nullspace_threshold": Param((int, float), _positive, "> 0"),
-        "nullspace_energy": Param((int, float), _unit, "in (0, 1)"),
+        "nullspace_threshold": Param(NUMBER, _positive, "> 0"),
+        "nullspace_energy": Param(NUMBER, lambda v: 0 < v < 1, "in (0, 1)"),
+    },
+    "lyaplock": {
+        **LAMBDA_PARAMS,
+        "V": Param(NUMBER, _positive, "> 0"),
+        "rho": Param(NUMBER, _positive, "> 0"),
+    },
+    "rome": {},
+    "ft": {
+        "ft_lr": Param(NUMBER, _positive, "> 0"),
+        "ft_num_steps": Param(int, lambda v: v >= 1, ">= 1"),
+        "ft_norm_constraint": Param(NUMBER, _positive, "> 0"),
+        "early_stop_loss": Param(NUMBER, lambda v: v >= 0, ">= 0"),
     },
 }
-SOLVERS = {"memit": MemitSolver, "alphaedit": AlphaEditSolver}
+SOLVERS = {"memit": MemitSolver, "alphaedit": AlphaEditSolver, "lyaplock": LyapLockSolver, "rome": RomeSolver}
+FINE_TUNING = "ft"  # not a closed-form solver: no v*, no keys; the FineTuneEditor replaces the locate-then-edit loop
+
+TRANSFORM_PARAMS: dict[str, dict[str, Param]] = {
+    "rect": {"rect_k": Param(NUMBER, _fraction, "in (0, 1]", arg="keep")},
+    "srfusion": {"srfusion_r": Param(int, lambda v: v >= 1, "an integer >= 1", arg="rank"),
+                 "srfusion_k": Param(NUMBER, _fraction, "in (0, 1]", arg="keep")},
+    "random_drop": {"drop_k": Param(NUMBER, _fraction, "in (0, 1]", arg="keep")},
+    "magnitude_topk": {"topk_k": Param(NUMBER, _fraction, "in (0, 1]", arg="keep")},
+}
+TRANSFORMS = {"rect": Rect, "srfusion": SRFusion, "random_drop": RandomDrop, "magnitude_topk": MagnitudeTopK}
+
+RESTRAINT_PARAMS: dict[str, dict[str, Param]] = {
+    "prune": {
+        "prune_mode": Param(str, lambda v: v in ("once", "every_step"), "one of once, every_step", arg="mode"),
+        "prune_variant": Param(str, lambda v: v in ("log", "linear"), "one of log, linear", arg="variant"),
+        "prune_alpha": Param(NUMBER, _above_one, "> 1", arg="alpha"),
+        "prune_beta": Param(NUMBER, _above_one, "> 1", arg="beta"),
+    },
+}
+RESTRAINTS = {"prune": PruneRestraint}
 
 
-def hparam_problems(solver: str, hparams: dict, where: str = "hparams") -> list[str]:
-    """Every problem with a method's hyper-parameters, as messages naming the key and the value."""
-    if solver not in SOLVER_PARAMS:
-        return [f"solver {solver!r} is unknown (known: {', '.join(sorted(SOLVER_PARAMS))})"]
-    allowed = {**TARGET_PARAMS, **COMMON_PARAMS, **SOLVER_PARAMS[solver]}
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method: its stages and their merged hyper-parameters (preset values ← config overrides)."""
+
+    solver: str
+    transforms: tuple[str, ...] = ()
+    restraint: str | None = None
+    hparams: dict = field(default_factory=dict)
+    tags: dict = field(default_factory=dict)
+
+    def allowed_params(self) -> dict[str, Param]:
+        allowed = dict(COMMON_PARAMS)
+        if self.solver != FINE_TUNING:
+            allowed.update(TARGET_PARAMS)
+        allowed.update(SOLVER_PARAMS.get(self.solver, {}))
+        for name in self.transforms:
+            allowed.update(TRANSFORM_PARAMS.get(name, {}))
+        if self.restraint:
+            allowed.update(RESTRAINT_PARAMS.get(self.restraint, {}))
+        return allowed
+
+    @property
+    def max_layers(self) -> int | None:
+        return getattr(SOLVERS.get(self.solver), "max_layers", None)
+
+
+def _value_problem(key: str, value, param: Param, where: str) -> str | None:
+    kinds = param.kind if isinstance(param.kind, tuple) else (param.kind,)
+    type_ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if type_ok and isinstance(value, float) and not math.isfinite(value):
+        type_ok = False
+    if not type_ok or (param.check is not None and not param.check(value)):
+        return f"{where}.{key}: {value!r} is invalid (must be {param.rule or kinds})"
+    return None
+
+
+def method_problems(spec: MethodSpec, where: str = "hparams") -> list[str]:
+    """Every problem with a method's stages and hyper-parameters, as messages naming the key and the value."""
     problems = []
-    for key, value in hparams.items():
+    if spec.solver not in SOLVER_PARAMS:
+        problems.append(f"solver {spec.solver!r} is unknown (known: {', '.join(sorted(SOLVER_PARAMS))})")
+    for name in spec.transforms:
+        if name not in TRANSFORMS:
+            problems.append(f"transform {name!r} is unknown (known: {', '.join(sorted(TRANSFORMS))})")
+    if spec.restraint is not None and spec.restraint not in RESTRAINTS:
+        problems.append(f"restraint {spec.restraint!r} is unknown (known: {', '.join(sorted(RESTRAINTS))})")
+    if problems:
+        return problems
+    allowed = spec.allowed_params()
+    stages = "+".join([spec.solver, *spec.transforms, *([spec.restraint] if spec.restraint else [])])
+    for key, value in spec.hparams.items():
         param = allowed.get(key)
         if param is None:
-            problems.append(f"{where}.{key}: unknown for solver {solver!r} (allowed: {', '.join(sorted(allowed))})")
+            problems.append(f"{where}.{key}: unknown for method stages {stages!r} "
+                            f"(allowed: {', '.join(sorted(allowed))})")
             continue
-        kinds = param.kind if isinstance(param.kind, tuple) else (param.kind,)
-        type_ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
-        if not type_ok or (param.check is not None and not param.check(value)):
-            problems.append(f"{where}.{key}: {value!r} is invalid (must be {param.rule or kinds})")
+        problem = _value_problem(key, value, param, where)
+        if problem:
+            problems.append(problem)
+    layers = spec.hparams.get("layers")
+    if spec.max_layers is not None and isinstance(layers, list) and len(layers) > spec.max_layers:
+        problems.append(f"{where}.layers: {layers} — solver {spec.solver!r} edits at most {spec.max_layers} layer(s)")
+    if spec.solver == "rome" and spec.hparams.get("target_site", "block") != "mlp":
+        problems.append(f"{where}.target_site: {spec.hparams.get('target_site', 'block')!r} — ROME optimises v* at "
+                        "the MLP output of its layer (target_site: mlp)")
     return problems
+
+
+def _constructor_args(params: dict[str, Param], hparams: dict) -> dict:
+    return {(param.arg or key): hparams[key] for key, param in params.items() if key in hparams}
 
 
 def build_target_hparams(hparams: dict) -> TargetHParams:
@@ -83,5 +193,36 @@ def build_target_hparams(hparams: dict) -> TargetHParams:
 
 
 def build_solver(solver: str, hparams: dict):
-    keys = SOLVER_PARAMS[solver]
-    return SOLVERS[solver](**{k: v for k, v in hparams.items() if k in keys})
+    return SOLVERS[solver](**_constructor_args(SOLVER_PARAMS[solver], hparams))
+
+
+def build_transforms(spec: MethodSpec, seed: int = 0) -> list:
+    out = []
+    for name in spec.transforms:
+        args = _constructor_args(TRANSFORM_PARAMS[name], spec.hparams)
+        if name == "random_drop":
+            args["seed"] = seed
+        out.append(TRANSFORMS[name](**args))
+    return out
+
+
+def build_restraint(spec: MethodSpec):
+    if spec.restraint is None:
+        return None
+    return RESTRAINTS[spec.restraint](**_constructor_args(RESTRAINT_PARAMS[spec.restraint], spec.hparams))
+
+
+def build_editor(spec: MethodSpec, editable, tokenizer, layers: list[int], second_moments: dict,
+                 context_groups: list[list[str]], seed: int = 0):
+    """The editor for ``spec``: FineTuneEditor for ft, LocateThenEditEditor for every closed-form solver."""
+    from methods.editor import LocateThenEditEditor
+    from methods.finetune import FineTuneEditor, FineTuneHParams
+
+    transforms = build_transforms(spec, seed)
+    if spec.solver == FINE_TUNING:
+        names = {f.name for f in fields(FineTuneHParams)}
+        return FineTuneEditor(editable, tokenizer, layers,
+                              FineTuneHParams(**{k: v for k, v in spec.hparams.items() if k in names}), transforms)
+    return LocateThenEditEditor(editable, tokenizer, layers, build_solver(spec.solver, spec.hparams), second_moments,
+                                context_groups, build_target_hparams(spec.hparams),
+                                target_site=spec.hparams.get("target_site", "block"), transforms=transforms)

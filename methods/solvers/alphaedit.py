@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from methods.linalg import general_solve
+from methods.solvers.base import SolverDefaults
 
 
 def nullspace_projector(second_moment: torch.Tensor, mode: str, threshold: float, energy: float):
@@ -40,7 +41,7 @@ def nullspace_projector(second_moment: torch.Tensor, mode: str, threshold: float
 
 
 @dataclass
-class AlphaEditSolver:
+class AlphaEditSolver(SolverDefaults):
     l2: float = 10.0
     nullspace_mode: str = "absolute"
     nullspace_threshold: float = 2e-2
@@ -54,7 +55,7 @@ class AlphaEditSolver:
     _null_dims: dict[int, int] = field(default_factory=dict, repr=False)
     _null_energy: dict[int, float] = field(default_factory=dict, repr=False)
 
-    def prepare(self, layers, second_moments):
+    def prepare(self, layers, second_moments, weights):
         for layer in layers:
             projector, dims, share = nullspace_projector(second_moments[layer], self.nullspace_mode,
                                                          self.nullspace_threshold, self.nullspace_energy)

@@ -13,21 +13,20 @@ from dataclasses import dataclass, field
 import torch
 
 from methods.linalg import spd_solve
+from methods.solvers.base import SolverDefaults, resolve_lambda
 
 
 @dataclass
-class MemitSolver:
+class MemitSolver(SolverDefaults):
     mom2_update_weight: float | None = None
     mom2_update_weight_per_key_dim: float = 1.0
     name: str = "memit"
-    wants_keys_after_batch: bool = False
     _scaled_c: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _lambda: float = 0.0
 
-    def prepare(self, layers, second_moments):
+    def prepare(self, layers, second_moments, weights):
         m = next(iter(second_moments.values())).shape[0]
-        self._lambda = (self.mom2_update_weight if self.mom2_update_weight is not None
-                        else self.mom2_update_weight_per_key_dim * m)
+        self._lambda = resolve_lambda(self.mom2_update_weight, self.mom2_update_weight_per_key_dim, m)
         self._scaled_c = {layer: self._lambda * second_moments[layer].double() for layer in layers}
 
     def solve(self, layer, keys, residuals, weight):
@@ -36,14 +35,5 @@ class MemitSolver:
         adjusted_keys = spd_solve(system, k, f"MEMIT layer {layer}")  # (λC + KKᵀ)⁻¹ K
         return residuals.double().to(k.device) @ adjusted_keys.T
 
-    def after_batch(self, keys_after):
-        pass
-
     def metrics(self):
         return {"memit/lambda": self._lambda}
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
