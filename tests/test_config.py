@@ -43,7 +43,7 @@ def test_every_problem_is_reported_in_one_message(tmp_path):
 def test_hparams_are_checked_against_the_method_stages():
     with pytest.raises(ConfigError, match=r"hparams.v_lr: -1 is invalid"):
         _expand("method=memit", "hparams.v_lr=-1")
-    with pytest.raises(ConfigError, match=r"hparams.nullspace_energy: unknown for solver 'memit'"):
+    with pytest.raises(ConfigError, match=r"hparams.nullspace_energy: unknown for method stages 'memit'"):
         _expand("method=memit", "hparams.nullspace_energy=0.1")
     with pytest.raises(ConfigError, match=r"hparams.nullspace_energy: 1.5 is invalid"):
         _expand("method=alphaedit", "hparams.nullspace_energy=1.5")
@@ -87,3 +87,56 @@ def test_layers_beyond_the_model_are_rejected_before_it_loads(capsys):
     assert main(["--set", "method=memit", "--set", "hparams.layers=[3,30]", "--list"]) == 2
     err = capsys.readouterr().err
     assert "hparams.layers [3, 30] reach beyond the 30 layers of smollm2-135m (valid: 0–29)" in err
+
+
+@pytest.mark.parametrize(("method", "override", "message"), [
+    ("prune", "hparams.prune_alpha=1.0", "hparams.prune_alpha: 1.0 is invalid (must be > 1)"),
+    ("prune", "hparams.prune_beta=0.5", "hparams.prune_beta: 0.5 is invalid (must be > 1)"),
+    ("prune", "hparams.prune_mode=sometimes", "hparams.prune_mode: 'sometimes' is invalid"),
+    ("adaedit", "hparams.srfusion_k=0", "hparams.srfusion_k: 0 is invalid (must be in (0, 1])"),
+    ("adaedit", "hparams.srfusion_k=1.5", "hparams.srfusion_k: 1.5 is invalid (must be in (0, 1])"),
+    ("adaedit", "hparams.srfusion_r=0", "hparams.srfusion_r: 0 is invalid (must be an integer >= 1)"),
+    ("adaedit", "hparams.srfusion_r=2.5", "hparams.srfusion_r: 2.5 is invalid"),
+    ("rect", "hparams.rect_k=-0.2", "hparams.rect_k: -0.2 is invalid (must be in (0, 1])"),
+    ("memit+dr", "hparams.drop_k=2", "hparams.drop_k: 2 is invalid"),
+    ("lyaplock", "hparams.rho=0", "hparams.rho: 0 is invalid (must be > 0)"),
+    ("lyaplock", "hparams.V=-1", "hparams.V: -1 is invalid (must be > 0)"),
+    ("lyaplock+rect", "hparams.mom2_update_weight=.nan", "hparams.mom2_update_weight: nan is invalid"),
+    ("rome", "hparams.layers=[3,4]", "solver 'rome' edits at most 1 layer(s)"),
+    ("rome", "hparams.target_site=block", "ROME optimises v* at the MLP output"),
+    ("ft", "hparams.v_lr=0.5", "hparams.v_lr: unknown for method stages 'ft'"),
+    ("memit", "hparams.prune_alpha=2", "hparams.prune_alpha: unknown for method stages 'memit'"),
+])
+def test_stage_hyper_parameters_are_rejected_before_a_model_loads(method, override, message):
+    with pytest.raises(ConfigError) as info:
+        _expand(f"method={method}", override)
+    assert message in str(info.value)
+
+
+def test_every_preset_is_a_valid_composition():
+    from grid.config import known_methods, method_settings
+    from methods.stages import method_problems
+
+    presets = known_methods()
+    for required in ("memit", "alphaedit", "rome", "ft", "rect", "prune", "adaedit", "lyaplock", "lyaplock+prune",
+                     "lyaplock+rect", "memit+prune", "alphaedit+prune"):
+        assert required in presets
+    for name in presets:
+        assert method_problems(method_settings(name, {})) == [], name
+    assert method_settings("adaedit", {}).tags["editgrid.reimplementation"].startswith("AdaEdit has no public code")
+    lyap = method_settings("lyaplock+rect", {"rho": 5.0})
+    assert (lyap.solver, lyap.transforms, lyap.hparams["rho"]) == ("lyaplock", ("rect",), 5.0)
+
+
+def test_stage_axes_expand_into_trials():
+    cfg, source = load_config(None, ["method=lyaplock"])
+    cfg["grid"] = {"hparams.V": [0.5, 2.0], "hparams.rho": [10, 60]}
+    trials = expand_trials(cfg, source)
+    assert sorted((t.config["hparams"]["V"], t.config["hparams"]["rho"]) for t in trials) == [
+        (0.5, 10), (0.5, 60), (2.0, 10), (2.0, 60)]
+    assert len({t.trial_id for t in trials}) == 4
+
+
+def test_rome_layer_beyond_the_model_is_rejected_before_it_loads(capsys):
+    assert main(["--set", "method=rome", "--set", "hparams.layers=[31]", "--list"]) == 2
+    assert "reach beyond the 30 layers" in capsys.readouterr().err

@@ -537,7 +537,7 @@ def test_memit_normal_equations_and_lambda():
     weight = torch.randn(d, m, generator=g, dtype=torch.float64)
     for solver, lam in [(MemitSolver(), 1.0 * m), (MemitSolver(mom2_update_weight_per_key_dim=0.25), 0.25 * m),
                         (MemitSolver(mom2_update_weight=7.5, mom2_update_weight_per_key_dim=0.25), 7.5)]:
-        solver.prepare([layer], {layer: c})
+        solver.prepare([layer], {layer: c}, {})
         assert solver.metrics()["memit/lambda"] == pytest.approx(lam, rel=1e-12)
         delta = solver.solve(layer, keys, residuals, weight)
         assert delta.shape == (d, m) and delta.dtype == torch.float64
@@ -549,7 +549,7 @@ def test_memit_normal_equations_and_lambda():
         torch.testing.assert_close(solver.solve(layer, keys, residuals, torch.zeros_like(weight)), delta)
     # float32 inputs are promoted: the answer is the float64 solve of the rounded inputs
     solver = MemitSolver()
-    solver.prepare([layer], {layer: c.float()})
+    solver.prepare([layer], {layer: c.float()}, {})
     delta = solver.solve(layer, keys.float(), residuals.float(), weight.float())
     assert delta.dtype == torch.float64
     k32, r32, c32 = keys.float().double(), residuals.float().double(), c.float().double()
@@ -590,7 +590,7 @@ def test_alphaedit_projector_modes():
             assert share <= fraction
             assert float((p - q[:, :expect] @ q[:, :expect].T).abs().max()) <= 1e-10
     solver = AlphaEditSolver(nullspace_mode="energy", nullspace_energy=float(cumulative[5]) * (1 + 1e-6))
-    solver.prepare([0], {0: c.float()})
+    solver.prepare([0], {0: c.float()}, {})
     assert solver.metrics()["alphaedit/L0/null_dims"] == 6.0
     assert solver.metrics()["alphaedit/L0/null_energy_share"] == pytest.approx(float(cumulative[5]), rel=1e-5)
     with pytest.raises(ValueError):
@@ -602,7 +602,7 @@ def test_alphaedit_update_invariants_and_system():
     c, q = _known_spectrum(g)
     m, d, n, layer = c.shape[0], 7, 4, 5
     solver = AlphaEditSolver(l2=10.0, nullspace_threshold=2e-2)
-    solver.prepare([layer], {layer: c})
+    solver.prepare([layer], {layer: c}, {})
     p = solver.projector(layer)
     assert solver.metrics()[f"alphaedit/L{layer}/null_dims"] == 5.0
     past = torch.randn(m, 3, generator=g, dtype=torch.float64) * 3
@@ -622,7 +622,7 @@ def test_alphaedit_update_invariants_and_system():
     assert _rel(system @ delta.T, p @ keys @ residuals.T) <= 1e-8
     # with P = I and no memory it is ridge regression: Δ = R Kᵀ (KKᵀ + αI)⁻¹
     ridge = AlphaEditSolver(l2=10.0, nullspace_threshold=1e9)
-    ridge.prepare([layer], {layer: c})
+    ridge.prepare([layer], {layer: c}, {})
     closed = residuals @ keys.T @ torch.linalg.inv(keys @ keys.T + 10.0 * torch.eye(m, dtype=torch.float64))
     assert _rel(ridge.solve(layer, keys, residuals, None), closed) <= 1e-8
 
@@ -640,7 +640,7 @@ def test_alphaedit_memory_protects_earlier_keys():
     changes = {}
     for remember in (True, False):
         solver = AlphaEditSolver(l2=1.0, nullspace_threshold=2e-2)
-        solver.prepare([layer], {layer: c})
+        solver.prepare([layer], {layer: c}, {})
         weight = torch.zeros(d, m, dtype=torch.float64)
         weight += solver.solve(layer, old_keys, old_res, weight)
         if remember:
@@ -655,13 +655,13 @@ def test_alphaedit_memory_protects_earlier_keys():
     assert changes[True] < 0.5 * changes[False], changes
     # the memory accumulates over batches, and survives a state_dict round trip
     solver = AlphaEditSolver(l2=1.0, nullspace_threshold=2e-2)
-    solver.prepare([layer], {layer: c})
+    solver.prepare([layer], {layer: c}, {})
     solver.after_batch({layer: old_keys})
     solver.after_batch({layer: new_keys.float()})
     torch.testing.assert_close(solver.state_dict()["past_kk"][layer],
                                old_keys @ old_keys.T + new_keys.float().double() @ new_keys.float().double().T)
     restored = AlphaEditSolver(l2=1.0, nullspace_threshold=2e-2)
-    restored.prepare([layer], {layer: c})
+    restored.prepare([layer], {layer: c}, {})
     restored.load_state_dict(solver.state_dict())
     torch.testing.assert_close(restored.solve(layer, new_keys, new_res, None), solver.solve(layer, new_keys, new_res, None))
 
