@@ -9,11 +9,11 @@ Where W_ij = 0 and Δ_ij ≠ 0 the relative change is +inf (those entries rank f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from methods.transforms.sparsify import check_keep, keep_top, layer_metrics
+from methods.transforms.sparsify import TransformBase, check_keep, keep_top
 
 
 def relative_change(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -36,18 +36,12 @@ def rect(delta: torch.Tensor, weight: torch.Tensor, keep: float) -> torch.Tensor
 
 
 @dataclass
-class Rect:
+class Rect(TransformBase):
     keep: float = 0.2
     name: str = "rect"
-    _metrics: dict[str, float] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_keep(self.keep)
 
-    def __call__(self, layer: int, delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        kept = rect(delta, weight, self.keep)
-        self._metrics.update(layer_metrics(self.name, layer, delta, kept))
-        return kept
-
-    def metrics(self) -> dict[str, float]:
-        return dict(self._metrics)
+    def _transform(self, delta, weight):
+        return rect(delta, weight, self.keep), {}

@@ -55,6 +55,26 @@ def layer_metrics(name: str, layer: int, delta: torch.Tensor, kept: torch.Tensor
     }
 
 
+class TransformBase:
+    """Bookkeeping shared by every Δ transform: ``__call__`` runs ``_transform`` and keeps the latest call's
+    per-layer metrics (energy kept, nonzero fraction, plus whatever the transform adds)."""
+
+    name: str
+
+    def _transform(self, delta: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def __call__(self, layer: int, delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        kept, extra = self._transform(delta, weight)
+        latest = self.__dict__.setdefault("_latest_metrics", {})
+        latest.update(layer_metrics(self.name, layer, delta, kept))
+        latest.update({f"{self.name}/L{layer}/{key}": value for key, value in extra.items()})
+        return kept
+
+    def metrics(self) -> dict[str, float]:
+        return dict(self.__dict__.get("_latest_metrics", {}))
+
+
 def random_drop(delta: torch.Tensor, keep: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Keep a uniformly random subset of exactly n_keep entries of Δ (float64), zero the rest, no rescaling."""
     check_keep(keep)
@@ -74,12 +94,11 @@ def magnitude_topk(delta: torch.Tensor, keep: float) -> torch.Tensor:
 
 
 @dataclass
-class RandomDrop:
+class RandomDrop(TransformBase):
     keep: float = 0.2
     seed: int = 0
     name: str = "random_drop"
     _generator: torch.Generator = field(init=False, repr=False)
-    _metrics: dict[str, float] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_keep(self.keep)
@@ -87,13 +106,8 @@ class RandomDrop:
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(self.seed)
 
-    def __call__(self, layer: int, delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        kept = random_drop(delta, self.keep, self._generator)
-        self._metrics.update(layer_metrics(self.name, layer, delta, kept))
-        return kept
-
-    def metrics(self) -> dict[str, float]:
-        return dict(self._metrics)
+    def _transform(self, delta, weight):
+        return random_drop(delta, self.keep, self._generator), {}
 
     # The generator advances with every call, so a resumed sequential run needs its state back.
     def state_dict(self) -> dict:
@@ -104,18 +118,12 @@ class RandomDrop:
 
 
 @dataclass
-class MagnitudeTopK:
+class MagnitudeTopK(TransformBase):
     keep: float = 0.2
     name: str = "magnitude_topk"
-    _metrics: dict[str, float] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_keep(self.keep)
 
-    def __call__(self, layer: int, delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        kept = magnitude_topk(delta, self.keep)
-        self._metrics.update(layer_metrics(self.name, layer, delta, kept))
-        return kept
-
-    def metrics(self) -> dict[str, float]:
-        return dict(self._metrics)
+    def _transform(self, delta, weight):
+        return magnitude_topk(delta, self.keep), {}

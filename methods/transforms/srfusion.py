@@ -10,11 +10,11 @@ Numerical rank: #{σ_i > σ_max · max(d, m) · eps_float64}.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from methods.transforms.sparsify import check_keep, layer_metrics, n_keep
+from methods.transforms.sparsify import TransformBase, check_keep, n_keep
 
 
 def numerical_rank_tol(sigma: torch.Tensor, shape: tuple[int, ...]) -> float:
@@ -54,22 +54,16 @@ def srfusion(delta: torch.Tensor, rank: int, keep: float) -> torch.Tensor:
 
 
 @dataclass
-class SRFusion:
+class SRFusion(TransformBase):
     rank: int = 8
     keep: float = 0.2
     name: str = "srfusion"
-    _metrics: dict[str, float] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ValueError(f"SRFusion rank must be ≥ 1, got {self.rank!r}")
         check_keep(self.keep)
 
-    def __call__(self, layer: int, delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _transform(self, delta, weight):
         kept, r = srfusion_parts(delta, self.rank, self.keep)
-        self._metrics.update(layer_metrics(self.name, layer, delta, kept))
-        self._metrics[f"{self.name}/L{layer}/rank_kept"] = float(r)
-        return kept
-
-    def metrics(self) -> dict[str, float]:
-        return dict(self._metrics)
+        return kept, {"rank_kept": float(r)}
