@@ -110,6 +110,8 @@ RESTRAINT_PARAMS: dict[str, dict[str, Param]] = {
         "prune_variant": Param(str, lambda v: v in ("log", "linear"), "one of log, linear", arg="variant"),
         "prune_alpha": Param(NUMBER, _above_one, "> 1", arg="alpha"),
         "prune_beta": Param(NUMBER, _above_one, "> 1", arg="beta"),
+        # EditGrid's extension (1.0 = the paper): σ̂ = scale · σ_max(W₀), see methods/restraints/prune.py
+        "prune_sigma_hat_scale": Param(NUMBER, _positive, "> 0", arg="sigma_hat_scale"),
     },
 }
 RESTRAINTS = {"prune": PruneRestraint}

@@ -214,3 +214,19 @@ def test_apply_in_place_changes_live_weights():
 def test_unprepared_layer_raises():
     with pytest.raises(KeyError, match="prepare"):
         PruneRestraint().restrained({0: torch.zeros(D, M)})
+
+
+def test_sigma_hat_scale_lowers_the_threshold_and_engages_the_restraint():
+    g = torch.Generator().manual_seed(11)
+    w0 = torch.randn(12, 20, generator=g, dtype=torch.float64)
+    sigma_w0 = float(torch.linalg.svdvals(w0).max())
+    small_edit = w0 + 0.2 * torch.randn(12, 20, generator=g, dtype=torch.float64)  # σ_max(ΔW) well below σ_max(W₀)
+    paper, scaled = PruneRestraint(), PruneRestraint(sigma_hat_scale=0.1)
+    paper.prepare({0: w0})
+    scaled.prepare({0: w0})
+    assert scaled.sigma_hat(0) == pytest.approx(0.1 * sigma_w0, rel=1e-12)
+    torch.testing.assert_close(paper.restrained({0: small_edit})[0], small_edit)  # the paper's σ̂: untouched
+    restrained = scaled.restrained({0: small_edit})[0]
+    assert float(torch.linalg.svdvals(restrained - w0).max()) < float(torch.linalg.svdvals(small_edit - w0).max())
+    with pytest.raises(ValueError, match="sigma_hat_scale"):
+        PruneRestraint(sigma_hat_scale=0.0)

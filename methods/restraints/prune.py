@@ -12,6 +12,10 @@ keeps the restraint from ever enlarging an edit (clipped values are counted and 
 
 Modes: "once" (official protocol; editing runs unrestrained and W' is swapped in only to evaluate) and
 "every_step" (appendix C.6; W' replaces the live weights after every batch).
+
+``sigma_hat_scale`` (EditGrid's extension, default 1 = the paper) sets σ̂ = scale · σ_max(W₀). On a small model
+over a short run σ_max(ΔW) may never reach σ_max(W₀) and the paper's restraint never engages (SmolLM2-135M after
+100 CounterFact edits: σ_max(ΔW) ≈ 10–15 against σ̂ ≈ 24); a scale < 1 lets one study the mechanism there.
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ class PruneRestraint:
     variant: str = "log"
     alpha: float = math.e
     beta: float = 2.0
+    sigma_hat_scale: float = 1.0
     name: str = "prune"
     _originals: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
     _sigma_hat: dict[int, float] = field(default_factory=dict, init=False, repr=False)
@@ -95,17 +100,19 @@ class PruneRestraint:
         if self.mode not in MODES:
             raise ValueError(f"unknown PRUNE mode {self.mode!r} (expected one of {', '.join(MODES)})")
         check_parameters(self.variant, self.alpha, self.beta)
+        if not (math.isfinite(self.sigma_hat_scale) and self.sigma_hat_scale > 0):
+            raise ValueError(f"PRUNE sigma_hat_scale must be finite and > 0, got {self.sigma_hat_scale!r}")
 
     @property
     def every_step(self) -> bool:
         return self.mode == "every_step"
 
     def prepare(self, originals: dict[int, torch.Tensor]) -> None:
-        """Keep W₀ (float64 copy) and σ̂ = σ_max(W₀) per layer; W₀ never changes, so this runs once per trial."""
+        """Keep W₀ (float64 copy) and σ̂ = scale·σ_max(W₀) per layer; W₀ never changes, so this runs once."""
         for layer, weight in originals.items():
             w0 = weight.detach().to(torch.float64).clone()
             self._originals[layer] = w0
-            self._sigma_hat[layer] = float(torch.linalg.svdvals(w0).max())
+            self._sigma_hat[layer] = self.sigma_hat_scale * float(torch.linalg.svdvals(w0).max())
 
     def sigma_hat(self, layer: int) -> float:
         return self._sigma_hat[self._check_layer(layer)]
