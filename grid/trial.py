@@ -8,6 +8,7 @@ number goes to the trial's MLflow run with ``step = edits applied``:
   diag/L<i>/*   per edited matrix: ‖W‖, ‖W−W₀‖/‖W₀‖, cond(W), σ_max(W−W₀)            (evals/diagnostics.py)
   diag/L<i>/drift  D(W) = tr((W−W₀)C(W−W₀)ᵀ), the preservation drift, for every method    (methods/drift.py)
   vstar/*       how well v* reached its target (mean target probability of the batch's rewriting prompts)
+  editing/L<i>/{update_norm,residual_norm}  ‖Δ‖_F written and mean ‖R‖ of the batch, after every batch
   <stage>/*     stage diagnostics, logged after every batch: memit/lambda, alphaedit/L<i>/null_dims,
                 lyaplock/L<i>/{drift,drift_mean,threshold,queue}, rect|srfusion/L<i>/energy_kept
                 (methods/solvers, methods/transforms); prune/L<i>/* at every restraint (methods/restraints)
@@ -181,7 +182,11 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
             restrain_start = time.perf_counter()
             restraint.apply_in_place(live_weights)  # PRUNE appendix C.6: the next batch edits restrained weights
             edit_seconds += time.perf_counter() - restrain_start
-        tracker.log_metrics(editor.metrics(), step=end)
+        batch_metrics = editor.metrics()
+        batch_metrics.update({f"editing/L{layer}/update_norm": norm for layer, norm in report.update_norm.items()})
+        batch_metrics.update({f"editing/L{layer}/residual_norm": norm
+                              for layer, norm in report.residual_norm.items()})
+        tracker.log_metrics(batch_metrics, step=end)
         vstar_probs.extend(report.target_prob)
         bar.set_postfix(s_per_edit=f"{edit_seconds / end:.1f}", vstar_p=f"{min(report.target_prob):.2f}",
                         refresh=False)

@@ -52,6 +52,7 @@ def test_preset_edits_smollm2_and_logs_its_stages(method, trial_env):
     if spec_solver == "rome":
         assert len(layers) == 1
     for layer in layers:  # the core's diagnostics, D(W) included, for every method
+        assert [m.step for m in client.get_metric_history(result.run_id, f"editing/L{layer}/update_norm")] == [2, 4]
         for name in ("weight_change", "cond", "sigma_max_delta", "drift"):
             assert f"diag/L{layer}/{name}" in names
     if spec_solver == "lyaplock":
