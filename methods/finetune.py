@@ -83,7 +83,7 @@ class FineTuneEditor:
         try:
             for _ in range(hp.ft_num_steps):
                 nll = self._per_request_nll(batch, rows, cols, tokens, n)
-                if float(nll.mean()) < hp.early_stop_loss:
+                if float(nll.detach().mean()) < hp.early_stop_loss:
                     break
                 optimizer.zero_grad()
                 nll.mean().backward()
