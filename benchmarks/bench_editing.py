@@ -165,7 +165,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     for method in args.methods:
         overrides = {"layers": list(args.layers)} if args.layers else {}
         spec = method_settings(method, overrides)
-        layers = sorted(spec.hparams.get("layers") or list(editable.default_layers())[-(spec.max_layers or 0):])
+        layers = spec.layers(editable.default_layers())
         outside = [layer for layer in layers if layer >= editable.num_layers]
         if outside:
             raise ValueError(f"layers {outside} are outside the model ({editable.num_layers} layers)")

@@ -76,12 +76,12 @@ def batches(num_edits: int, batch_size: int):
 
 def resolve_layers(editable: EditableModel, spec: MethodSpec, trial_name: str) -> list[int]:
     """The configured layers, or the architecture's default window (its last layer(s) for one-layer solvers)."""
-    layers = spec.hparams.get("layers") or list(editable.default_layers())[-(spec.max_layers or 0):]
+    layers = spec.layers(editable.default_layers())
     outside = [layer for layer in layers if layer >= editable.num_layers]
     if outside:
         raise TrialError(f"trial {trial_name}: hparams.layers {outside} are outside the model "
                          f"({editable.num_layers} layers, 0–{editable.num_layers - 1})")
-    return sorted(layers)
+    return layers
 
 
 def run_trial(trial: Trial, tracking_uri: str, parent_run_id: str | None = None, progress: bool = True) -> TrialResult:
@@ -147,7 +147,8 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
         subset = records if step == 0 else records[:step]
         # PRUNE's official protocol: the restrained weights are the ones evaluated (and described by diag/*);
         # the unrestrained ones are restored afterwards and editing continues from them.
-        swap = restraint.swapped_in(live_weights) if step and restraint and restraint.mode == "once" else nullcontext()
+        once = step and restraint is not None and not restraint.every_step
+        swap = restraint.swapped_in(live_weights) if once else nullcontext()
         with swap:
             evaluation = evaluate_records(loaded.model, tokenizer, subset, reference=reference,
                                           batch_size=eval_batch,
@@ -178,7 +179,7 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
     for start, end in batches(len(requests), cfg["edits"]["batch_size"]):
         report = editor.apply(requests[start:end])
         edit_seconds += report.seconds
-        if restraint is not None and restraint.mode == "every_step":
+        if restraint is not None and restraint.every_step:
             restrain_start = time.perf_counter()
             restraint.apply_in_place(live_weights)  # PRUNE appendix C.6: the next batch edits restrained weights
             edit_seconds += time.perf_counter() - restrain_start

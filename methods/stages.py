@@ -142,6 +142,14 @@ class MethodSpec:
     def max_layers(self) -> int | None:
         return getattr(SOLVERS.get(self.solver), "max_layers", None)
 
+    def layers(self, default_window: tuple[int, ...]) -> list[int]:
+        """The configured layers, or the architecture's window (its last layer(s) for one-layer solvers)."""
+        configured = self.hparams.get("layers")
+        if configured:
+            return sorted(configured)
+        window = list(default_window)
+        return window[-self.max_layers:] if self.max_layers else window
+
 
 def _value_problem(key: str, value, param: Param, where: str) -> str | None:
     kinds = param.kind if isinstance(param.kind, tuple) else (param.kind,)
@@ -189,9 +197,14 @@ def _constructor_args(params: dict[str, Param], hparams: dict) -> dict:
     return {(param.arg or key): hparams[key] for key, param in params.items() if key in hparams}
 
 
+def _dataclass_from(cls, hparams: dict):
+    """``cls`` built from the hyper-parameters that are its fields (the rest belong to other stages)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in hparams.items() if k in names})
+
+
 def build_target_hparams(hparams: dict) -> TargetHParams:
-    names = {f.name for f in fields(TargetHParams)}
-    return TargetHParams(**{k: v for k, v in hparams.items() if k in names})
+    return _dataclass_from(TargetHParams, hparams)
 
 
 def build_solver(solver: str, hparams: dict):
@@ -222,9 +235,7 @@ def build_editor(spec: MethodSpec, editable, tokenizer, layers: list[int], secon
 
     transforms = build_transforms(spec, seed)
     if spec.solver == FINE_TUNING:
-        names = {f.name for f in fields(FineTuneHParams)}
-        return FineTuneEditor(editable, tokenizer, layers,
-                              FineTuneHParams(**{k: v for k, v in spec.hparams.items() if k in names}), transforms)
+        return FineTuneEditor(editable, tokenizer, layers, _dataclass_from(FineTuneHParams, spec.hparams), transforms)
     return LocateThenEditEditor(editable, tokenizer, layers, build_solver(spec.solver, spec.hparams), second_moments,
                                 context_groups, build_target_hparams(spec.hparams),
                                 target_site=spec.hparams.get("target_site", "block"), transforms=transforms)

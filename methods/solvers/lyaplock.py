@@ -100,9 +100,6 @@ class LyapLockSolver(SolverDefaults):
         st.last_drift = drift
         st.drift_sum += drift
 
-    def queue(self, layer: int) -> float:
-        return self._state[layer].queue
-
     def metrics(self):
         out = {"lyaplock/lambda": self._lambda, "lyaplock/V": float(self.V), "lyaplock/rho": float(self.rho)}
         for layer, st in self._state.items():
