@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -401,7 +402,8 @@ def count_scored_pairs(records: list[EditRecord], with_locality: bool = False) -
 
 def evaluate_records(model: torch.nn.Module, tokenizer, records: list[EditRecord],
                      reference: PreEditReference | None = None, batch_size: int = 32,
-                     progress: str | None = None) -> EvalResult:
+                     progress: str | None = None,
+                     prompt_builder: Callable[[list[str]], list[str]] | None = None) -> EvalResult:
     """Teacher-forced edit metrics of ``records`` on ``model`` (ALGORITHMS.md §10).
 
     Per record, each metric is the mean over that record's prompts; a reported metric is the mean over the
@@ -417,6 +419,10 @@ def evaluate_records(model: torch.nn.Module, tokenizer, records: list[EditRecord
     (p_true - p_new), with p = exp(-mean NLL); and ``eval/num_records``.
 
     All prompts of all records are scored in one batched ``score_continuations`` call.
+
+    ``prompt_builder`` maps the distinct evaluation prompts to what the model is actually shown (SCR puts a
+    retrieved fact in front, retrieval/scr.py); the continuations and the metrics are unchanged, so a retrieval
+    method is scored on the same targets as a parametric one.
     """
     plans: list[_RecordPlan] = []
     book = _QueryBook()
@@ -424,8 +430,15 @@ def evaluate_records(model: torch.nn.Module, tokenizer, records: list[EditRecord
         if not isinstance(record, EditRecord):
             raise TypeError(f"evaluate_records expects EditRecord items, got {type(record).__name__}")
         plans.append(_plan_record(record, book, with_locality=reference is not None))
-    scores = score_continuations(model, tokenizer, [p for p, _ in book.pairs], [c for _, c in book.pairs],
-                                 batch_size, progress=progress)
+    prompts = [p for p, _ in book.pairs]
+    if prompt_builder is not None:
+        distinct = list(dict.fromkeys(prompts))
+        built = prompt_builder(distinct)
+        if len(built) != len(distinct):
+            raise ValueError(f"prompt_builder returned {len(built)} prompts for {len(distinct)}")
+        shown = dict(zip(distinct, built))
+        prompts = [shown[p] for p in prompts]
+    scores = score_continuations(model, tokenizer, prompts, [c for _, c in book.pairs], batch_size, progress=progress)
     rows = [_record_row(plan, scores, reference) for plan in plans]
 
     metrics: dict[str, float] = {}

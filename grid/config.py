@@ -34,7 +34,9 @@ DEFAULTS: dict[str, Any] = {
     # stats.seed only seeds the model-samples corpus; it is separate from the trial seed so that a seed axis
     # does not recompute the statistics for every seed.
     "stats": {"corpus": "model-samples", "num_tokens": 100_000, "max_length": 256, "seed": 0},
-    "eval": {"batch_size": 32},
+    # scr_latency_queries: how many rewrite prompts per checkpoint are answered with and without SCR to measure
+    # its added latency (0 turns the measurement off)
+    "eval": {"batch_size": 32, "scr_latency_queries": 16},
     "seed": 0,
     "cache_dir": None,
     "grid": {},
@@ -61,8 +63,19 @@ def preset_path(name: str) -> Path:
     return configs_dir() / "presets" / f"{name}.yaml"
 
 
+RETRIEVAL_SUFFIX = "+scr"  # "<any parametric preset>+scr": that preset with the SCR fact memory in front
+
+
 def known_methods() -> list[str]:
+    """The preset names (configs/presets/*.yaml); each parametric one also exists as "<name>+scr"."""
     return sorted(p.stem for p in (configs_dir() / "presets").glob("*.yaml"))
+
+
+def method_exists(method: str) -> bool:
+    if preset_path(method).is_file():
+        return True
+    base = method[:-len(RETRIEVAL_SUFFIX)] if method.endswith(RETRIEVAL_SUFFIX) else None
+    return bool(base) and preset_path(base).is_file()
 
 
 def load_yaml(path: Path) -> dict:
@@ -144,11 +157,24 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-PRESET_KEYS = ("solver", "transforms", "restraint", "tags", "hparams")
+PRESET_KEYS = ("solver", "transforms", "restraint", "retrieval", "tags", "hparams")
 
 
 def method_settings(method: str, hparam_overrides: dict) -> MethodSpec:
-    """The stages and merged hyper-parameters of a method preset, with the config's ``hparams`` applied."""
+    """The stages and merged hyper-parameters of a method preset, with the config's ``hparams`` applied.
+
+    ``<preset>+scr`` (without a file of its own) is ``<preset>`` with the retrieval stage and the hyper-parameters
+    of ``configs/presets/scr.yaml`` added, so every parametric preset can run behind the fact memory.
+    """
+    if not preset_path(method).is_file() and method.endswith(RETRIEVAL_SUFFIX):
+        base = method_settings(method[:-len(RETRIEVAL_SUFFIX)], {})
+        scr = method_settings(RETRIEVAL_SUFFIX[1:], {})
+        if base.retrieval is not None:
+            raise ConfigError(str(preset_path(method)), [f"{method!r}: the base preset already has retrieval "
+                                                         f"{base.retrieval!r}"])
+        return MethodSpec(solver=base.solver, transforms=base.transforms, restraint=base.restraint,
+                          retrieval=scr.retrieval, hparams={**base.hparams, **scr.hparams, **(hparam_overrides or {})},
+                          tags={**base.tags, **scr.tags})
     path = preset_path(method)
     preset = load_yaml(path)
     unknown = sorted(set(preset) - set(PRESET_KEYS))
@@ -157,7 +183,7 @@ def method_settings(method: str, hparam_overrides: dict) -> MethodSpec:
         raise ConfigError(str(path), [f"a preset has the keys {', '.join(PRESET_KEYS)}; transforms is a list and "
                                       f"hparams a mapping (unknown keys: {unknown or 'none'})"])
     return MethodSpec(solver=preset.get("solver", method), transforms=tuple(transforms),
-                      restraint=preset.get("restraint"), hparams={**(preset.get("hparams") or {}),
+                      restraint=preset.get("restraint"), retrieval=preset.get("retrieval"), hparams={**(preset.get("hparams") or {}),
                                                                    **(hparam_overrides or {})},
                       tags=dict(preset.get("tags") or {}))
 
@@ -206,8 +232,9 @@ def trial_problems(cfg: dict) -> list[str]:
             problems.append(f"edits.checkpoints: the last checkpoint {checkpoints[-1]} exceeds data.limit {limit}")
 
     method = cfg.get("method")
-    if not isinstance(method, str) or method not in known_methods():
-        problems.append(f"method: {method!r} is unknown (known: {', '.join(known_methods())})")
+    if not isinstance(method, str) or not method_exists(method):
+        problems.append(f"method: {method!r} is unknown (known: {', '.join(known_methods())}; "
+                        f"and <parametric preset>{RETRIEVAL_SUFFIX})")
     else:
         hparams = cfg.get("hparams") or {}
         if not isinstance(hparams, dict):
@@ -231,6 +258,9 @@ def trial_problems(cfg: dict) -> list[str]:
         problems.append(f"stats.seed: {stats.get('seed')!r} must be an integer")
     if not _is_int(cfg.get("eval", {}).get("batch_size")) or cfg["eval"]["batch_size"] < 1:
         problems.append(f"eval.batch_size: {cfg.get('eval', {}).get('batch_size')!r} must be an integer >= 1")
+    latency_queries = cfg.get("eval", {}).get("scr_latency_queries")
+    if not _is_int(latency_queries) or latency_queries < 0:
+        problems.append(f"eval.scr_latency_queries: {latency_queries!r} must be an integer >= 0")
     if not _is_int(cfg.get("seed")):
         problems.append(f"seed: {cfg.get('seed')!r} must be an integer")
     return problems

