@@ -106,6 +106,15 @@ def test_layers_beyond_the_model_are_rejected_before_it_loads(capsys):
     ("rome", "hparams.target_site=block", "ROME optimises v* at the MLP output"),
     ("ft", "hparams.v_lr=0.5", "hparams.v_lr: unknown for method stages 'ft'"),
     ("memit", "hparams.prune_alpha=2", "hparams.prune_alpha: unknown for method stages 'memit'"),
+    ("scr", "hparams.scr_top_k=0", "hparams.scr_top_k: 0 is invalid (must be an integer >= 1)"),
+    ("scr", "hparams.scr_top_k=2.5", "hparams.scr_top_k: 2.5 is invalid"),
+    ("scr", "hparams.scr_index=ivf", "hparams.scr_index: 'ivf' is invalid (must be one of flat, hnsw)"),
+    ("scr", "hparams.v_lr=0.5", "hparams.v_lr: unknown for method stages 'none+scr'"),
+    ("memit+scr", "hparams.scr_embedder=''", "hparams.scr_embedder: '' is invalid"),
+    ("memit", "hparams.scr_top_k=3", "hparams.scr_top_k: unknown for method stages 'memit'"),
+    ("nonsense+scr", "seed=0", "method: 'nonsense+scr' is unknown"),
+    ("scr+scr", "seed=0", "the base preset already has retrieval 'scr'"),
+    ("memit", "eval.scr_latency_queries=-1", "eval.scr_latency_queries: -1 must be an integer >= 0"),
 ])
 def test_stage_hyper_parameters_are_rejected_before_a_model_loads(method, override, message):
     with pytest.raises(ConfigError) as info:
@@ -126,6 +135,26 @@ def test_every_preset_is_a_valid_composition():
     assert method_settings("adaedit", {}).tags["editgrid.reimplementation"].startswith("AdaEdit has no public code")
     lyap = method_settings("lyaplock+rect", {"rho": 5.0})
     assert (lyap.solver, lyap.transforms, lyap.hparams["rho"]) == ("lyaplock", ("rect",), 5.0)
+
+
+def test_scr_in_front_of_any_parametric_preset():
+    from grid.config import method_settings
+    from methods.stages import method_problems
+
+    scr = method_settings("scr", {})
+    assert (scr.solver, scr.retrieval, scr.edits_weights) == ("none", "scr", False)
+    assert scr.hparams == {"scr_top_k": 5, "scr_embedder": "default", "scr_index": "flat"}
+    combined = method_settings("lyaplock+prune+scr", {"scr_top_k": 3, "V": 2.0})
+    base = method_settings("lyaplock+prune", {})
+    assert (combined.solver, combined.restraint, combined.retrieval) == ("lyaplock", "prune", "scr")
+    assert combined.hparams == {**base.hparams, **scr.hparams, "scr_top_k": 3, "V": 2.0}
+    assert method_problems(combined) == []
+    cfg, source = load_config(None, ["method=memit"])
+    cfg["grid"] = {"method": ["memit", "memit+scr", "scr"], "hparams.scr_top_k": [1, 5]}
+    with pytest.raises(ConfigError, match="hparams.scr_top_k: unknown for method stages 'memit'"):
+        expand_trials(cfg, source)  # an SCR axis cannot multiply a method without retrieval
+    cfg["grid"] = {"method": ["memit+scr", "scr"], "hparams.scr_top_k": [1, 5]}
+    assert len(expand_trials(cfg, source)) == 4
 
 
 def test_stage_axes_expand_into_trials():

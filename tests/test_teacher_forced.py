@@ -318,3 +318,26 @@ def test_smollm2_prefers_paris(smollm2):
     assert result.metrics["edit/efficacy"] == 0.0
     assert result.metrics["edit/specificity"] == 1.0
     assert result.per_record[0]["p_true"] > result.per_record[0]["p_new"]
+
+
+def test_prompt_builder_scores_the_shown_prompt_against_the_same_targets(tiny_llama, smol_tokenizer):
+    record = _counterfact_record()
+    prefix = "Fact: The mother tongue of Danielle Darrieux is English.\n"
+    seen = []
+
+    def builder(prompts):
+        seen.append(list(prompts))
+        return [prefix + p if p == record.prompt else p for p in prompts]
+
+    plain = evaluate_records(tiny_llama, smol_tokenizer, [record])
+    identity = evaluate_records(tiny_llama, smol_tokenizer, [record], prompt_builder=lambda ps: list(ps))
+    assert identity.metrics == plain.metrics
+    built = evaluate_records(tiny_llama, smol_tokenizer, [record], prompt_builder=builder)
+    # One call with the distinct prompts, each once (every prompt is scored with two targets).
+    assert len(seen) == 1 and len(seen[0]) == len(set(seen[0]))
+    assert set(seen[0]) == {record.prompt, *record.paraphrase_prompts, *(c.prompt for c in record.neighborhood)}
+    shown_new = _score_of(tiny_llama, smol_tokenizer, prefix + record.prompt, " English")
+    assert built.per_record[0]["p_new"] == pytest.approx(shown_new.mean_prob, rel=1e-5)
+    assert built.metrics["edit/generalization"] == plain.metrics["edit/generalization"]  # untouched prompts
+    with pytest.raises(ValueError, match="prompt_builder returned 1 prompts"):
+        evaluate_records(tiny_llama, smol_tokenizer, [record], prompt_builder=lambda ps: ps[:1])
