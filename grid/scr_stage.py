@@ -58,20 +58,23 @@ class ScrEvaluation:
 
 
 class ScrStage:
-    def __init__(self, spec: MethodSpec, model, tokenizer, batch_size: int, embedder_device: str = "cpu"):
+    def __init__(self, spec: MethodSpec, model, tokenizer, batch_size: int, embedder_device: str = "cpu",
+                 progress: bool = False):
         hparams = spec.hparams
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.model, self.tokenizer, self.batch_size, self.progress = model, tokenizer, batch_size, progress
         self.top_k = int(hparams.get("scr_top_k", 5))
         embedder = Embedder(hparams.get("scr_embedder", DEFAULT_EMBEDDER), device=embedder_device)
         self.memory = FactMemory(embedder, hparams.get("scr_index", "flat"))
         self.reasoner = SelectiveContextReasoner(self.memory, self._select, self.top_k)
 
-    def _generate(self, prompts: list[str], max_new_tokens: int, stop: tuple[str, ...]) -> list[str]:
+    def _generate(self, prompts: list[str], max_new_tokens: int, stop: tuple[str, ...],
+                  progress: str | None = None) -> list[str]:
         return [g.text for g in generate_greedy(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                                stop=stop, batch_size=self.batch_size)]
+                                                stop=stop, batch_size=self.batch_size, progress=progress)]
 
     def _select(self, prompts: list[str]) -> list[str]:
-        return self._generate(prompts, SELECTION_MAX_TOKENS, ("\n",))
+        label = f"SCR selection for {len(prompts)} prompts" if self.progress else None
+        return self._generate(prompts, SELECTION_MAX_TOKENS, ("\n",), progress=label)
 
     def add(self, records: list[EditRecord]) -> float:
         """Put the edits' facts into the memory; returns the seconds it took (SCR's whole "edit")."""

@@ -147,7 +147,8 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
     if restraint is not None:
         restraint.prepare(originals)
     eval_batch = cfg["eval"]["batch_size"]
-    scr = ScrStage(spec, loaded.model, tokenizer, eval_batch, embedder_device=device.type) if spec.retrieval else None
+    scr = (ScrStage(spec, loaded.model, tokenizer, eval_batch, embedder_device=device.type, progress=progress)
+           if spec.retrieval else None)
 
     def evaluate(step: int, edit_seconds: float, vstar_probs: list[float]) -> dict:
         """Metrics after ``step`` edits (0 = before editing, over every record of the trial)."""
