@@ -111,9 +111,13 @@ class ScrStage:
         started = time.perf_counter()
         self._generate(queries, LATENCY_ANSWER_TOKENS, ())
         bare = time.perf_counter() - started
+        timings = self.reasoner.timings
+        retrieval_before, selection_before = timings.retrieval_seconds, timings.selection_seconds
         started = time.perf_counter()
         decisions = self.reasoner.decide(queries, embed_fresh=True)
         decided = time.perf_counter()
+        retrieval = timings.retrieval_seconds - retrieval_before
+        selection = timings.selection_seconds - selection_before
         self._generate([d.prompt for d in decisions], LATENCY_ANSWER_TOKENS, ())
         through_scr = time.perf_counter() - started
         n = len(queries)
@@ -121,6 +125,8 @@ class ScrStage:
                 "scr/latency/scr_ms_per_query": 1000 * through_scr / n,
                 "scr/latency/overhead_ms_per_query": 1000 * (through_scr - bare) / n,
                 "scr/latency/decide_ms_per_query": 1000 * (decided - started) / n,
+                "scr/latency/retrieval_ms_per_query": 1000 * retrieval / n,
+                "scr/latency/selection_ms_per_query": 1000 * selection / n,
                 "scr/latency/ratio": through_scr / bare if bare > 0 else float("nan")}
 
     def save(self, folder: str | Path) -> Path:
