@@ -40,7 +40,13 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "cache_dir": None,
     "grid": {},
+    # How the grid runs on Ray (not part of any trial's identity: changing it does not change trial ids, so a
+    # resubmission with other resources still finds its finished trials). cpus/gpus per trial may be fractional;
+    # by_model maps a model name to its own {cpus, gpus}.
+    "ray": {"cpus_per_trial": 1, "gpus_per_trial": 0, "by_model": {}, "max_failures": 1,
+            "max_concurrent_trials": None},
 }
+RUN_ONLY_KEYS = ("grid", "ray")  # top-level keys that describe the grid, not a trial
 
 
 class ConfigError(ValueError):
@@ -94,7 +100,7 @@ def load_yaml(path: Path) -> dict:
 def deep_merge(base: dict, override: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("grid", "hparams"):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("grid", "hparams", "by_model"):
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
@@ -146,7 +152,7 @@ def _check_keys(cfg: dict, reference: dict, prefix: str, problems: list[str]) ->
         name = f"{prefix}{key}"
         if key not in reference:
             problems.append(f"{name}: unknown key (known: {', '.join(sorted(reference))})")
-        elif isinstance(reference[key], dict) and key not in ("grid", "hparams"):
+        elif isinstance(reference[key], dict) and key not in ("grid", "hparams", "by_model"):
             if not isinstance(value, dict):
                 problems.append(f"{name}: must be a mapping, got {value!r}")
             else:
@@ -313,17 +319,67 @@ def expand_trials(cfg: dict, source: str = "config") -> list[Trial]:
     keys = list(axes)
     trials = []
     for index, combo in enumerate(itertools.product(*(axes[k] for k in keys))):
-        trial_cfg = copy.deepcopy({k: v for k, v in cfg.items() if k != "grid"})
+        trial_cfg = copy.deepcopy({k: v for k, v in cfg.items() if k not in RUN_ONLY_KEYS})
         for key, value in zip(keys, combo):
             set_dotted(trial_cfg, key, copy.deepcopy(value))
         label = ", ".join(f"{k}={v}" for k, v in zip(keys, combo))
         problems += [f"trial {index} ({label}): {p}" if keys else p for p in trial_problems(trial_cfg)]
         trials.append(Trial(index=index, config=trial_cfg, axes=dict(zip(keys, combo))))
+    problems += ray_problems(cfg)
+    experiments = sorted({str(t.config.get("experiment")) for t in trials})
+    if len(experiments) > 1:
+        problems.append(f"experiment: one grid logs to one MLflow experiment (its parent run's); the grid gives "
+                        f"{experiments}")
     if problems:
         raise ConfigError(source, sorted(set(problems), key=problems.index))
     for trial in trials:
         _absolutize_paths(trial.config)
     return trials
+
+
+def _resource_problem(name: str, value) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        return f"{name}: {value!r} must be a number >= 0 (fractions share a device)"
+    return None
+
+
+def ray_problems(cfg: dict) -> list[str]:
+    """Problems of the ``ray:`` section (how the grid runs, not what a trial computes)."""
+    ray_cfg = cfg.get("ray") or {}
+    problems: list[str] = []
+    _check_keys({"ray": ray_cfg}, {"ray": DEFAULTS["ray"]}, "", problems)
+    for key in ("cpus_per_trial", "gpus_per_trial"):
+        problem = _resource_problem(f"ray.{key}", ray_cfg.get(key))
+        if problem:
+            problems.append(problem)
+    if not ray_cfg.get("cpus_per_trial") and not ray_cfg.get("gpus_per_trial"):
+        problems.append("ray: a trial must ask for some cpus or gpus (cpus_per_trial and gpus_per_trial are both 0)")
+    by_model = ray_cfg.get("by_model") or {}
+    if not isinstance(by_model, dict):
+        problems.append(f"ray.by_model: must map model names to {{cpus, gpus}}, got {by_model!r}")
+        by_model = {}
+    for model, wanted in by_model.items():
+        if not isinstance(wanted, dict) or set(wanted) - {"cpus", "gpus"}:
+            problems.append(f"ray.by_model.{model}: must be a mapping with cpus and/or gpus, got {wanted!r}")
+            continue
+        for key, value in wanted.items():
+            problem = _resource_problem(f"ray.by_model.{model}.{key}", value)
+            if problem:
+                problems.append(problem)
+    failures = ray_cfg.get("max_failures")
+    if not _is_int(failures) or failures < 0:
+        problems.append(f"ray.max_failures: {failures!r} must be an integer >= 0 (retries of a failed trial)")
+    concurrent = ray_cfg.get("max_concurrent_trials")
+    if concurrent is not None and (not _is_int(concurrent) or concurrent < 1):
+        problems.append(f"ray.max_concurrent_trials: {concurrent!r} must be an integer >= 1 or null (no limit)")
+    return problems
+
+
+def trial_resources(trial: Trial, ray_cfg: dict) -> dict[str, float]:
+    """Ray resources of one trial: its model's entry in ``ray.by_model``, else the per-trial defaults."""
+    wanted = (ray_cfg.get("by_model") or {}).get(str(trial.config["model"]), {})
+    return {"CPU": float(wanted.get("cpus", ray_cfg["cpus_per_trial"])),
+            "GPU": float(wanted.get("gpus", ray_cfg["gpus_per_trial"]))}
 
 
 def layer_problems(trials: list[Trial]) -> list[str]:

@@ -3,8 +3,11 @@
     python grid/launch.py                          # the default grid (embedded model, built-in edits)
     python grid/launch.py --config configs/x.yaml --set method=alphaedit --set edits.batch_size=10
     python grid/launch.py --local --trial 1        # one trial in this process (debugger-friendly)
+    python grid/launch.py --report <grid id>       # rebuild a grid's comparison report from MLflow
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python grid/launch.py --config configs/x.yaml
 
-Without --local the trials run one after another in this process (Ray scheduling is a separate step).
+A grid runs on Ray Tune (the cluster it was submitted to, or a local one) with one MLflow parent run and a child
+run per trial; submitting the same grid again skips its finished trials. --no-ray runs them in this process.
 """
 
 from __future__ import annotations
@@ -37,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                                                "sqlite:///<cwd>/mlflow.db)")
     parser.add_argument("--list", action="store_true", help="print the expanded trials and exit")
+    parser.add_argument("--no-ray", action="store_true", help="run the grid's trials one after another in this "
+                                                              "process instead of on Ray")
+    parser.add_argument("--report", metavar="GRID_ID", help="rebuild the comparison report of a grid from MLflow "
+                                                            "and log it to the grid's parent run")
+    parser.add_argument("--report-dir", help="also keep the report files in this folder")
+    parser.add_argument("--ray-storage", help="Ray Tune's storage folder (default ~/ray_results; shared storage "
+                                              "on a multi-node cluster)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -54,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     from grid.config import ConfigError, expand_trials, layer_problems, load_config
     from grid.tracking import TrackingConfigError, format_summary_table, prepare_store, resolve_tracking_uri
 
+    if args.report:
+        return _report(args.report, resolve_tracking_uri(args.tracking_uri), args.report_dir)
     try:
         cfg, source = load_config(args.config, args.overrides)
         trials = expand_trials(cfg, source)
@@ -71,48 +83,91 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --trial selects the trial to run with --local", file=sys.stderr)
         return 2
     if args.local:
-        if args.trial is None and len(trials) > 1:
-            print(f"error: the grid expands to {len(trials)} trials; pick one with --trial N:\n"
-                  f"{_trial_listing(trials)}", file=sys.stderr)
-            return 2
-        index = args.trial or 0
-        if not 0 <= index < len(trials):
-            print(f"error: --trial {index} is out of range; the grid has:\n{_trial_listing(trials)}",
-                  file=sys.stderr)
-            return 2
-        trials = [trials[index]]
+        return _run_local(args, trials, tracking_uri, format_summary_table, prepare_store)
 
-    from grid.trial import run_trial
+    from grid.gridrun import close_grid_run, finished_trial_ids, open_grid_run
+    from grid.ray_runner import run_in_process, run_on_ray
+    from grid.report import write_report
 
-    prepare_store(tracking_uri, trials[0].config["experiment"])  # once, before any trial opens the store
-    print(f"EditGrid: {len(trials)} trial(s) from {source}\n{_trial_listing(trials)}\ntracking: {tracking_uri}",
-          flush=True)
-    rows, failures = [], []
-    for trial in trials:
-        try:
-            result = run_trial(trial, tracking_uri, progress=not args.no_progress)
-        except Exception as err:  # noqa: BLE001 - one failed trial must not stop the grid; it is marked FAILED
-            logging.getLogger("editgrid").error("trial %s failed: %s: %s", trial.name, type(err).__name__, err)
-            failures.append((trial, err))
-            if args.local:
-                raise
-            continue
-        for row in result.checkpoints:
-            rows.append({"trial": trial.name, "edits": row["step"],
-                         **{k: row.get(k) for k in ("edit/efficacy", "edit/generalization", "edit/specificity",
-                                                    "edit/locality", "edit/portability", "vstar/target_prob",
-                                                    "cost/seconds_per_edit")}})
+    grid = open_grid_run(tracking_uri, trials, cfg, source)
+    done = finished_trial_ids(grid)
+    pending = [t for t in trials if t.trial_id not in done]
+    print(f"EditGrid: grid {grid.grid_id} ({'resumed' if grid.resumed else 'new'}), {len(trials)} trial(s) from "
+          f"{source}, {len(trials) - len(pending)} already finished\n{_trial_listing(trials)}\n"
+          f"tracking: {tracking_uri} (parent run {grid.run_id})", flush=True)
+    if pending:
+        if args.no_ray:
+            outcomes = run_in_process(pending, grid, progress=not args.no_progress)
+        else:
+            outcomes = run_on_ray(pending, grid, cfg["ray"], storage_path=args.ray_storage)
+    else:
+        outcomes = []
+    failures = [o for o in outcomes if not o.finished]
+    close_grid_run(grid, all_finished=not failures)
+    rows, written = write_report(tracking_uri, grid.grid_id, args.report_dir)
+    _print_summary(rows, format_summary_table)
+    print(f"\nComparison report (parent run {grid.run_id}): report/comparison.csv, report/comparison.json, "
+          f"{', '.join(f'report/{p.name}' for k, p in written.items() if k not in ('csv', 'table'))}")
+    _print_where(tracking_uri, trials[0].config["experiment"])
+    if failures:
+        print(f"{len(failures)} trial(s) failed: " + ", ".join(f"{o.trial.name} ({o.error})" for o in failures),
+              file=sys.stderr)
+        return 1
+    return 0
 
-    if rows:
-        present = [c for c in rows[0] if any(r.get(c) is not None for r in rows)]
-        print("\n" + format_summary_table(rows, columns=present))
-    print(f"\nResults are in MLflow: {tracking_uri} (experiment {trials[0].config['experiment']!r}).")
+
+SUMMARY_COLUMNS = ("edit/efficacy", "edit/generalization", "edit/specificity", "edit/locality", "edit/portability",
+                   "cost/seconds_per_edit")
+
+
+def _print_summary(rows: list[dict], format_summary_table) -> None:
+    table = [{"trial": r["trial"], "status": r["status"], "edits": r["edits"],
+              **{c: r.get(c) for c in SUMMARY_COLUMNS}} for r in rows]
+    if table:
+        present = [c for c in table[0] if any(r.get(c) is not None for r in table)]
+        print("\n" + format_summary_table(table, columns=present))
+
+
+def _print_where(tracking_uri: str, experiment: str) -> None:
+    print(f"\nResults are in MLflow: {tracking_uri} (experiment {experiment!r}).")
     if tracking_uri.startswith("sqlite:"):
         print(f"Open the UI with:  mlflow ui --backend-store-uri {tracking_uri}  (then http://127.0.0.1:5000)")
-    if failures:
-        print(f"{len(failures)} trial(s) failed: " + ", ".join(f"{t.name} ({type(e).__name__}: {e})"
-                                                             for t, e in failures), file=sys.stderr)
-        return 1
+
+
+def _report(grid_id: str, tracking_uri: str, out_dir: str | None) -> int:
+    from grid.report import ReportError, write_report
+    from grid.tracking import format_summary_table
+
+    try:
+        rows, written = write_report(tracking_uri, grid_id, out_dir)
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    _print_summary(rows, format_summary_table)
+    print("\nreport files: " + ", ".join(str(p) for p in written.values()))
+    return 0
+
+
+def _run_local(args, trials, tracking_uri, format_summary_table, prepare_store) -> int:
+    """One trial in this process, without a parent run (for debugging; exceptions propagate)."""
+    if args.trial is None and len(trials) > 1:
+        print(f"error: the grid expands to {len(trials)} trials; pick one with --trial N:\n"
+              f"{_trial_listing(trials)}", file=sys.stderr)
+        return 2
+    index = args.trial or 0
+    if not 0 <= index < len(trials):
+        print(f"error: --trial {index} is out of range; the grid has:\n{_trial_listing(trials)}", file=sys.stderr)
+        return 2
+    trial = trials[index]
+    from grid.trial import run_trial
+
+    prepare_store(tracking_uri, trial.config["experiment"])
+    print(f"EditGrid: trial {trial.index} {trial.name} ({trial.trial_id}), tracking: {tracking_uri}", flush=True)
+    result = run_trial(trial, tracking_uri, progress=not args.no_progress)
+    rows = [{"trial": trial.name, "status": "FINISHED", "edits": row["step"], **{c: row.get(c) for c in SUMMARY_COLUMNS}}
+            for row in result.checkpoints]
+    _print_summary(rows, format_summary_table)
+    _print_where(tracking_uri, trial.config["experiment"])
     return 0
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
+import json
 import math
 import resource
 import sys
@@ -92,7 +93,9 @@ def run_trial(trial: Trial, tracking_uri: str, parent_run_id: str | None = None,
     cfg = trial.config
     spec = method_settings(cfg["method"], cfg.get("hparams") or {})
     torch.manual_seed(cfg["seed"])
-    tags = {"editgrid.trial_id": trial.trial_id, "editgrid.method": cfg["method"], "editgrid.solver": spec.solver,
+    tags = {"editgrid.role": "trial", "editgrid.trial_index": trial.index,
+            "editgrid.axes": json.dumps(trial.axes, sort_keys=True, default=str),
+            "editgrid.trial_id": trial.trial_id, "editgrid.method": cfg["method"], "editgrid.solver": spec.solver,
             "editgrid.transforms": ",".join(spec.transforms) or "none", "editgrid.restraint": spec.restraint or "none",
             "editgrid.retrieval": spec.retrieval or "none",
             "editgrid.model": str(cfg["model"]), "editgrid.data": str(cfg["data"]["path"]),

@@ -1,0 +1,112 @@
+"""One grid submission in MLflow: the parent run, its identity, and which of its trials are already done.
+
+The grid id is a content hash of the expanded trials' ids (each itself a hash of the trial's full configuration),
+so submitting the same grid again finds the same parent run: trials whose child run FINISHED are skipped, and a
+child left RUNNING (driver killed) or FAILED is deleted just before its trial runs again, so that each cell ends
+with exactly one child run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from grid.config import Trial
+from grid.tracking import _mlflow_client, prepare_store
+
+logger = logging.getLogger(__name__)
+
+GRID_ID_TAG = "editgrid.grid_id"
+ROLE_TAG = "editgrid.role"  # "grid" on the parent run, "trial" on each child
+TRIAL_ID_TAG = "editgrid.trial_id"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def grid_id_of(trials: list[Trial]) -> str:
+    blob = json.dumps(sorted(t.trial_id for t in trials)).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def git_commit() -> str:
+    """The project's commit (with "+dirty" when the tree has changes), or "unknown" outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+@dataclass(frozen=True)
+class GridRun:
+    tracking_uri: str
+    experiment_id: str
+    run_id: str
+    grid_id: str
+    resumed: bool
+
+    def client(self):
+        return _mlflow_client(self.tracking_uri)
+
+
+def open_grid_run(tracking_uri: str, trials: list[Trial], config: dict, source: str) -> GridRun:
+    """The parent run of this grid: found by its grid id (a resubmission), or created with the grid's identity
+    (grid id, git commit, config hash) and the effective configuration as ``grid/config.yaml``."""
+    experiment = trials[0].config["experiment"]
+    experiment_id = prepare_store(tracking_uri, experiment)
+    client = _mlflow_client(tracking_uri)
+    grid_id = grid_id_of(trials)
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{GRID_ID_TAG}` = '{grid_id}' and "
+                                                              f"tags.`{ROLE_TAG}` = 'grid'")
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return GridRun(tracking_uri, experiment_id, run_id, grid_id, resumed=True)
+    config_text = yaml.safe_dump(config, sort_keys=False)
+    tags = {ROLE_TAG: "grid", GRID_ID_TAG: grid_id, "editgrid.git_commit": git_commit(),
+            "editgrid.config_hash": hashlib.sha256(config_text.encode()).hexdigest()[:12],
+            "editgrid.source": source, "mlflow.runName": f"grid-{grid_id}"}
+    run = client.create_run(experiment_id, run_name=f"grid-{grid_id}", tags=tags)
+    run_id = run.info.run_id
+    client.log_param(run_id, "num_trials", len(trials))
+    client.log_text(run_id, config_text, "grid/config.yaml")
+    client.log_dict(run_id, [{"index": t.index, "name": t.name, "trial_id": t.trial_id, "axes": t.axes}
+                             for t in trials], "grid/trials.json")
+    return GridRun(tracking_uri, experiment_id, run_id, grid_id, resumed=False)
+
+
+def child_runs(tracking_uri: str, experiment_id: str, parent_run_id: str) -> list:
+    client = _mlflow_client(tracking_uri)
+    return client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                              max_results=50_000)
+
+
+def finished_trial_ids(grid: GridRun) -> set[str]:
+    return {run.data.tags.get(TRIAL_ID_TAG) for run in child_runs(grid.tracking_uri, grid.experiment_id, grid.run_id)
+            if run.info.status == "FINISHED"}
+
+
+def discard_unfinished(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str) -> int:
+    """Delete this trial's child runs that did not finish (a killed driver, a failed earlier attempt), so the
+    attempt about to start is the only one; returns how many were deleted."""
+    client = _mlflow_client(tracking_uri)
+    stale = [run for run in child_runs(tracking_uri, experiment_id, parent_run_id)
+             if run.data.tags.get(TRIAL_ID_TAG) == trial_id and run.info.status != "FINISHED"]
+    for run in stale:
+        logger.info("deleting unfinished run %s (%s) of trial %s before it runs again", run.info.run_id,
+                    run.info.status, trial_id)
+        client.delete_run(run.info.run_id)
+    return len(stale)
+
+
+def close_grid_run(grid: GridRun, all_finished: bool) -> None:
+    grid.client().set_terminated(grid.run_id, status="FINISHED" if all_finished else "FAILED")

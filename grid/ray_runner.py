@@ -1,0 +1,106 @@
+"""Running a grid's trials: on Ray Tune (the default), or one after another in this process (``--no-ray``).
+
+Ray: ``ray.init()`` joins the cluster a ``ray job submit`` driver runs in (``RAY_ADDRESS``) or one already
+started on this machine, and otherwise starts a local one. One Tune ``Tuner`` runs every pending trial as a
+``grid_search`` entry: FIFO order (a complete table is the point), resources per trial from ``ray:`` (by model),
+``reuse_actors=False`` so every trial gets a fresh worker process, and ``max_failures`` retries. A trial's
+exception marks its MLflow child run FAILED with the reason (grid/tracking.py) and the other trials go on.
+
+Each attempt first deletes the trial's unfinished child runs (grid/gridrun.py), so a retried or resumed cell
+ends with one child run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from grid.config import Trial, trial_resources
+from grid.gridrun import GridRun, discard_unfinished
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrialOutcome:
+    trial: Trial
+    finished: bool
+    error: str | None = None
+    checkpoints: list[dict] | None = None
+
+
+def _run_one(trial_spec: dict, tracking_uri: str, experiment_id: str, parent_run_id: str,
+             progress: bool) -> list[dict]:
+    from grid.trial import run_trial
+
+    trial = Trial(index=trial_spec["index"], config=trial_spec["config"], axes=trial_spec["axes"])
+    discard_unfinished(tracking_uri, experiment_id, parent_run_id, trial.trial_id)
+    return run_trial(trial, tracking_uri, parent_run_id=parent_run_id, progress=progress).checkpoints
+
+
+def _spec(trial: Trial) -> dict:
+    return {"index": trial.index, "config": trial.config, "axes": trial.axes, "name": trial.name}
+
+
+def run_in_process(trials: list[Trial], grid: GridRun, progress: bool = True) -> list[TrialOutcome]:
+    outcomes = []
+    for trial in trials:
+        try:
+            checkpoints = _run_one(_spec(trial), grid.tracking_uri, grid.experiment_id, grid.run_id, progress)
+        except Exception as err:  # noqa: BLE001 - one failed trial must not stop the grid; it is marked FAILED
+            logger.error("trial %s failed: %s: %s", trial.name, type(err).__name__, err)
+            outcomes.append(TrialOutcome(trial, False, f"{type(err).__name__}: {err}"))
+            continue
+        outcomes.append(TrialOutcome(trial, True, checkpoints=checkpoints))
+    return outcomes
+
+
+def _tune_trainable(config: dict) -> None:
+    """One trial inside a Ray worker process."""
+    from ray import tune
+
+    checkpoints = _run_one(config["trial"], config["tracking_uri"], config["experiment_id"],
+                           config["parent_run_id"], progress=False)
+    final = checkpoints[-1] if checkpoints else {}
+    tune.report({"edits": final.get("step", 0),
+                 **{k.replace("/", "_"): v for k, v in final.items() if isinstance(v, (int, float))}})
+
+
+def run_on_ray(trials: list[Trial], grid: GridRun, ray_cfg: dict, storage_path: str | None = None
+               ) -> list[TrialOutcome]:
+    import ray
+    from ray import tune
+    from ray.tune import FailureConfig, RunConfig, TuneConfig
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level=logging.WARNING,
+                 log_to_driver=True)
+    logger.info("Ray cluster resources: %s", ray.cluster_resources())
+    by_index = {t.index: t for t in trials}
+
+    def resources(config: dict):
+        wanted = trial_resources(by_index[config["trial"]["index"]], ray_cfg)
+        return tune.PlacementGroupFactory([{k: v for k, v in wanted.items() if v}])
+
+    param_space = {"trial": tune.grid_search([_spec(t) for t in trials]), "tracking_uri": grid.tracking_uri,
+                   "experiment_id": grid.experiment_id, "parent_run_id": grid.run_id}
+    storage = storage_path or str(Path("~/ray_results").expanduser())
+    tuner = tune.Tuner(
+        tune.with_resources(_tune_trainable, resources),
+        param_space=param_space,
+        tune_config=TuneConfig(reuse_actors=False, max_concurrent_trials=ray_cfg.get("max_concurrent_trials"),
+                               trial_name_creator=lambda t: t.config["trial"]["name"],
+                               trial_dirname_creator=lambda t: f"trial{t.config['trial']['index']:04d}_{t.trial_id}"),
+        run_config=RunConfig(name=f"editgrid-{grid.grid_id}", storage_path=storage, verbose=1,
+                             failure_config=FailureConfig(max_failures=ray_cfg["max_failures"], fail_fast=False)),
+    )
+    results = tuner.fit()
+    outcomes = []
+    for result in results:
+        trial = by_index[result.config["trial"]["index"]]
+        cause = getattr(result.error, "cause", None) or result.error  # a RayTaskError wraps the trial's own
+        error = None if result.error is None else f"{type(cause).__name__}: {cause}"
+        outcomes.append(TrialOutcome(trial, result.error is None, error))
+    return sorted(outcomes, key=lambda o: o.trial.index)

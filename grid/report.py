@@ -1,0 +1,153 @@
+"""The grid's comparison report, built from MLflow alone (so ``--report <grid id>`` regenerates it any time).
+
+One row per (trial, checkpoint): the trial's method, its grid-axis values, its status, ``edits`` (the step) and
+every evaluation metric logged at that step (``edit/*``, ``scr/*``, ``cost/*``; per-layer ``diag/L<i>/<name>``
+averaged over the edited layers as ``diag/mean/<name>``). Logged to the parent run as ``report/comparison.csv``
+and the MLflow table ``report/comparison.json``, with ``report/metrics_vs_edits.png`` (each edit metric against
+edits, one line per trial) and ``report/diagnostics_vs_edits.png`` (the layer-averaged diagnostics).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from grid.gridrun import GRID_ID_TAG, ROLE_TAG, child_runs
+from grid.tracking import _mlflow_client, _rows_to_csv
+
+EVAL_MARKER = "edit/efficacy"  # logged at every evaluation (step 0 and each checkpoint)
+ROW_PREFIXES = ("edit/", "scr/", "cost/", "eval/")
+PLOTTED_EDIT_METRICS = ("edit/efficacy", "edit/generalization", "edit/specificity", "edit/score", "edit/locality",
+                        "edit/portability", "scr/recall_at_k/generalization", "scr/locality_rejection_rate")
+PLOTTED_DIAGNOSTICS = ("diag/mean/drift", "diag/mean/weight_change", "diag/mean/sigma_max_delta", "diag/mean/cond")
+_LAYER_METRIC = re.compile(r"^diag/L\d+/(?P<name>.+)$")
+
+
+class ReportError(LookupError):
+    pass
+
+
+def find_grid_run(client, grid_id: str):
+    """The parent run whose grid id is ``grid_id`` (in any experiment of the store)."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=f"tags.`{GRID_ID_TAG}` = '{grid_id}' and "
+                                                         f"tags.`{ROLE_TAG}` = 'grid'") if experiments else []
+    if not runs:
+        raise ReportError(f"no grid with id {grid_id!r} in this MLflow store (the id is printed when a grid starts "
+                          "and is the editgrid.grid_id tag of its parent run)")
+    return runs[0]
+
+
+def _history_by_step(client, run_id: str, name: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, name)}
+
+
+def comparison_rows(tracking_uri: str, parent_run) -> list[dict]:
+    client = _mlflow_client(tracking_uri)
+    rows = []
+    children = child_runs(tracking_uri, parent_run.info.experiment_id, parent_run.info.run_id)
+    for run in sorted(children, key=lambda r: int(r.data.tags.get("editgrid.trial_index", 0))):
+        names = [n for n in run.data.metrics if n.startswith(ROW_PREFIXES) or _LAYER_METRIC.match(n)]
+        if EVAL_MARKER not in run.data.metrics:
+            steps: list[int] = []
+        else:
+            steps = sorted(_history_by_step(client, run.info.run_id, EVAL_MARKER))
+        per_step: dict[int, dict[str, float]] = defaultdict(dict)
+        layer_values: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for name in names:
+            for step, value in _history_by_step(client, run.info.run_id, name).items():
+                if step not in steps:
+                    continue  # per-batch stage diagnostics are in the child run, not the checkpoint table
+                layer = _LAYER_METRIC.match(name)
+                if layer:
+                    layer_values[step][layer.group("name")].append(value)
+                else:
+                    per_step[step][name] = value
+        axes = json.loads(run.data.tags.get("editgrid.axes", "{}"))
+        identity = {"trial": run.info.run_name, "method": run.data.tags.get("editgrid.method"),
+                    **{f"axis:{k}": v for k, v in axes.items() if k != "method"},
+                    "status": run.info.status, "trial_id": run.data.tags.get("editgrid.trial_id"),
+                    "run_id": run.info.run_id}
+        if not steps:
+            rows.append({**identity, "edits": None, "failure_reason": run.data.tags.get("failure_reason")})
+        for step in steps:
+            diag = {f"diag/mean/{name}": sum(values) / len(values) for name, values in layer_values[step].items()}
+            rows.append({**identity, "edits": step, **dict(sorted(per_step[step].items())), **diag})
+    return rows
+
+
+def _plot(rows: list[dict], metrics: tuple[str, ...], title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [m for m in metrics if any(isinstance(r.get(m), (int, float)) and not math.isnan(r[m]) for r in rows)]
+    if not present:
+        return None
+    columns = min(3, len(present))
+    lines = (len(present) + columns - 1) // columns
+    figure, axes = plt.subplots(lines, columns, figsize=(5 * columns, 3.6 * lines), squeeze=False)
+    by_trial: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        if row.get("edits") is not None:
+            by_trial[row["trial"]].append(row)
+    for axis, metric in zip(axes.flat, present):
+        for trial, trial_rows in by_trial.items():
+            points = sorted((r["edits"], r[metric]) for r in trial_rows if isinstance(r.get(metric), (int, float)))
+            if points:
+                axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=trial)
+        values = [r[metric] for r in rows if isinstance(r.get(metric), (int, float))]
+        if metric.startswith(("edit/", "scr/")) and values and 0 <= min(values) and max(values) <= 1:
+            axis.set_ylim(-0.03, 1.03)  # rates: the same scale in every panel and every report
+        axis.xaxis.get_major_locator().set_params(integer=True)
+        axis.set_title(metric)
+        axis.set_xlabel("edits applied")
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(present):]:
+        axis.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(labels))), fontsize=8,
+                  bbox_to_anchor=(0.5, 0.0))
+    figure.suptitle(title)
+    figure.tight_layout(rect=(0, 0.04 + 0.025 * math.ceil(len(labels) / 3), 1, 0.97))
+    return figure
+
+
+def write_report(tracking_uri: str, grid_id: str, out_dir: str | Path | None = None
+                 ) -> tuple[list[dict], dict[str, Path]]:
+    """Build the report of grid ``grid_id``, log it to the grid's parent run, and also keep it in ``out_dir``;
+    returns the rows and the files written."""
+    client = _mlflow_client(tracking_uri)
+    parent = find_grid_run(client, grid_id)
+    rows = comparison_rows(tracking_uri, parent)
+    folder = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix=f"editgrid-report-{grid_id}-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {"csv": folder / "comparison.csv"}
+    written["csv"].write_text(_rows_to_csv(rows))
+    client.log_artifact(parent.info.run_id, str(written["csv"]), "report")
+    if rows:
+        import pandas as pd
+        table = pd.DataFrame.from_records(rows)
+        if "report/comparison.json" in [f.path for f in client.list_artifacts(parent.info.run_id, "report")]:
+            # log_table would append to the existing table; a regenerated report replaces it (same format).
+            written["table"] = folder / "comparison.json"
+            table.to_json(written["table"], orient="split", index=False, date_format="iso")
+            client.log_artifact(parent.info.run_id, str(written["table"]), "report")
+        else:
+            client.log_table(parent.info.run_id, table, "report/comparison.json")
+    for name, metrics in (("metrics_vs_edits", PLOTTED_EDIT_METRICS),
+                          ("diagnostics_vs_edits", PLOTTED_DIAGNOSTICS)):
+        figure = _plot(rows, metrics, f"grid {grid_id}: {name.replace('_', ' ')}")
+        if figure is None:
+            continue
+        written[name] = folder / f"{name}.png"
+        figure.savefig(written[name], dpi=110)
+        client.log_artifact(parent.info.run_id, str(written[name]), "report")
+        import matplotlib.pyplot as plt
+        plt.close(figure)
+    return rows, written
