@@ -40,13 +40,19 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "cache_dir": None,
     "grid": {},
+    # Conditional axes: method name -> its own axes ({hparam: [values]} or dotted keys), so a hyper-parameter only
+    # multiplies the method it belongs to. Each method's combinations are crossed with the ``grid:`` axes.
+    "methods": {},
     # How the grid runs on Ray (not part of any trial's identity: changing it does not change trial ids, so a
     # resubmission with other resources still finds its finished trials). cpus/gpus per trial may be fractional;
     # by_model maps a model name to its own {cpus, gpus}.
     "ray": {"cpus_per_trial": 1, "gpus_per_trial": 0, "by_model": {}, "max_failures": 1,
             "max_concurrent_trials": None},
 }
-RUN_ONLY_KEYS = ("grid", "ray")  # top-level keys that describe the grid, not a trial
+RUN_ONLY_KEYS = ("grid", "methods", "ray")  # top-level keys that describe the grid, not a trial
+
+
+FREE_FORM_KEYS = ("grid", "methods", "hparams", "by_model")  # mappings whose keys are the user's, not ours
 
 
 class ConfigError(ValueError):
@@ -100,7 +106,7 @@ def load_yaml(path: Path) -> dict:
 def deep_merge(base: dict, override: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("grid", "hparams", "by_model"):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in FREE_FORM_KEYS:
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
@@ -144,6 +150,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> tu
         key, value = parse_override(text)
         set_dotted(cfg, key, value)
         cfg.get("grid", {}).pop(key, None)  # a pinned key is no longer an axis
+        if key == "method":
+            cfg["methods"] = {}  # ... and a pinned method replaces the per-method axes
+        if key == "methods" and isinstance(cfg.get("grid"), dict):
+            cfg["grid"].pop("method", None)  # per-method axes given on the command line replace a method axis
     return cfg, source
 
 
@@ -152,7 +162,7 @@ def _check_keys(cfg: dict, reference: dict, prefix: str, problems: list[str]) ->
         name = f"{prefix}{key}"
         if key not in reference:
             problems.append(f"{name}: unknown key (known: {', '.join(sorted(reference))})")
-        elif isinstance(reference[key], dict) and key not in ("grid", "hparams", "by_model"):
+        elif isinstance(reference[key], dict) and key not in FREE_FORM_KEYS:
             if not isinstance(value, dict):
                 problems.append(f"{name}: must be a mapping, got {value!r}")
             else:
@@ -305,8 +315,35 @@ def _absolutize_paths(cfg: dict) -> None:
         cfg["cache_dir"] = str(Path(cfg["cache_dir"]).expanduser().resolve())
 
 
+def _method_combos(methods, problems: list[str]) -> list[dict]:
+    """``methods:`` as a list of {dotted key: value} combinations (one list per method, concatenated)."""
+    if not methods:
+        return [{}]
+    if not isinstance(methods, dict):
+        problems.append(f"methods: must map method names to their axes, got {methods!r}")
+        return [{}]
+    combos = []
+    for name, axes in methods.items():
+        axes = axes or {}
+        if not isinstance(axes, dict):
+            problems.append(f"methods.{name}: must map hyper-parameters to lists of values, got {axes!r}")
+            continue
+        keys = [key if "." in key else f"hparams.{key}" for key in axes]
+        bad = [f"methods.{name}.{key}: must be a non-empty list of values, got {values!r}"
+               for key, values in axes.items() if not isinstance(values, list) or not values]
+        if bad:
+            problems += bad
+            continue
+        for values in itertools.product(*axes.values()):
+            combos.append({"method": name, **dict(zip(keys, values))})
+    return combos or [{}]
+
+
 def expand_trials(cfg: dict, source: str = "config") -> list[Trial]:
-    """Validate and expand the grid into trials; raises ConfigError listing every problem of every trial."""
+    """Validate and expand the grid into trials; raises ConfigError listing every problem of every trial.
+
+    Trials are ``methods:`` combinations (each method with its own axes) × ``grid:`` axes.
+    """
     axes = cfg.get("grid") or {}
     problems = []
     if not isinstance(axes, dict):
@@ -314,17 +351,24 @@ def expand_trials(cfg: dict, source: str = "config") -> list[Trial]:
     for key, values in axes.items():
         if not isinstance(values, list) or not values:
             problems.append(f"grid.{key}: must be a non-empty list of values, got {values!r}")
+    method_combos = _method_combos(cfg.get("methods"), problems)
+    if cfg.get("methods") and "method" in axes:
+        problems.append("grid.method and methods: name the methods in one place (methods: lets each have its own "
+                        "hyper-parameter axes)")
     if problems:
         raise ConfigError(source, problems)
     keys = list(axes)
     trials = []
-    for index, combo in enumerate(itertools.product(*(axes[k] for k in keys))):
+    combos = [(method_combo, dict(zip(keys, values)))
+              for method_combo in method_combos for values in itertools.product(*(axes[k] for k in keys))]
+    for index, (method_combo, grid_combo) in enumerate(combos):
+        chosen = {**method_combo, **grid_combo}
         trial_cfg = copy.deepcopy({k: v for k, v in cfg.items() if k not in RUN_ONLY_KEYS})
-        for key, value in zip(keys, combo):
+        for key, value in chosen.items():
             set_dotted(trial_cfg, key, copy.deepcopy(value))
-        label = ", ".join(f"{k}={v}" for k, v in zip(keys, combo))
-        problems += [f"trial {index} ({label}): {p}" if keys else p for p in trial_problems(trial_cfg)]
-        trials.append(Trial(index=index, config=trial_cfg, axes=dict(zip(keys, combo))))
+        label = ", ".join(f"{k}={v}" for k, v in chosen.items())
+        problems += [f"trial {index} ({label}): {p}" if chosen else p for p in trial_problems(trial_cfg)]
+        trials.append(Trial(index=index, config=trial_cfg, axes=chosen))
     problems += ray_problems(cfg)
     experiments = sorted({str(t.config.get("experiment")) for t in trials})
     if len(experiments) > 1:

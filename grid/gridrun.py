@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,13 @@ def grid_id_of(trials: list[Trial]) -> str:
 
 
 def git_commit() -> str:
-    """The project's commit (with "+dirty" when the tree has changes), or "unknown" outside a git checkout."""
+    """The project's commit (with "+dirty" when the tree has changes), or "unknown" outside a git checkout.
+
+    A ``ray job submit --working-dir`` upload carries no .git folder: pass the commit as ``EDITGRID_GIT_COMMIT``
+    in the job's runtime environment (README, "Running on a Ray cluster").
+    """
+    if os.environ.get("EDITGRID_GIT_COMMIT"):
+        return os.environ["EDITGRID_GIT_COMMIT"]
     root = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,

@@ -57,12 +57,12 @@ def run_in_process(trials: list[Trial], grid: GridRun, progress: bool = True) ->
     return outcomes
 
 
-def _tune_trainable(config: dict) -> None:
-    """One trial inside a Ray worker process."""
+def _tune_trainable(config: dict, specs: dict, tracking_uri: str, experiment_id: str, parent_run_id: str) -> None:
+    """One trial inside a Ray worker process (``config`` holds only its index; the specs travel once, by
+    ``tune.with_parameters``, so Tune's status table stays short)."""
     from ray import tune
 
-    checkpoints = _run_one(config["trial"], config["tracking_uri"], config["experiment_id"],
-                           config["parent_run_id"], progress=False)
+    checkpoints = _run_one(specs[config["trial"]], tracking_uri, experiment_id, parent_run_id, progress=False)
     final = checkpoints[-1] if checkpoints else {}
     tune.report({"edits": final.get("step", 0),
                  **{k.replace("/", "_"): v for k, v in final.items() if isinstance(v, (int, float))}})
@@ -81,25 +81,26 @@ def run_on_ray(trials: list[Trial], grid: GridRun, ray_cfg: dict, storage_path: 
     by_index = {t.index: t for t in trials}
 
     def resources(config: dict):
-        wanted = trial_resources(by_index[config["trial"]["index"]], ray_cfg)
+        wanted = trial_resources(by_index[config["trial"]], ray_cfg)
         return tune.PlacementGroupFactory([{k: v for k, v in wanted.items() if v}])
 
-    param_space = {"trial": tune.grid_search([_spec(t) for t in trials]), "tracking_uri": grid.tracking_uri,
-                   "experiment_id": grid.experiment_id, "parent_run_id": grid.run_id}
+    trainable = tune.with_parameters(_tune_trainable, specs={t.index: _spec(t) for t in trials},
+                                     tracking_uri=grid.tracking_uri, experiment_id=grid.experiment_id,
+                                     parent_run_id=grid.run_id)
     storage = storage_path or str(Path("~/ray_results").expanduser())
     tuner = tune.Tuner(
-        tune.with_resources(_tune_trainable, resources),
-        param_space=param_space,
+        tune.with_resources(trainable, resources),
+        param_space={"trial": tune.grid_search([t.index for t in trials])},
         tune_config=TuneConfig(reuse_actors=False, max_concurrent_trials=ray_cfg.get("max_concurrent_trials"),
-                               trial_name_creator=lambda t: t.config["trial"]["name"],
-                               trial_dirname_creator=lambda t: f"trial{t.config['trial']['index']:04d}_{t.trial_id}"),
+                               trial_name_creator=lambda t: by_index[t.config["trial"]].name,
+                               trial_dirname_creator=lambda t: f"trial{t.config['trial']:04d}_{t.trial_id}"),
         run_config=RunConfig(name=f"editgrid-{grid.grid_id}", storage_path=storage, verbose=1,
                              failure_config=FailureConfig(max_failures=ray_cfg["max_failures"], fail_fast=False)),
     )
     results = tuner.fit()
     outcomes = []
     for result in results:
-        trial = by_index[result.config["trial"]["index"]]
+        trial = by_index[result.config["trial"]]
         cause = getattr(result.error, "cause", None) or result.error  # a RayTaskError wraps the trial's own
         error = None if result.error is None else f"{type(cause).__name__}: {cause}"
         outcomes.append(TrialOutcome(trial, result.error is None, error))

@@ -206,3 +206,35 @@ def test_ray_job_submit_with_token_auth_runs_the_grid_and_records_a_failed_trial
     assert parent.info.status == "FAILED"
     rows = _csv_rows(_client(uri), parent.info.run_id, tmp_path)
     assert sorted(r["status"] for r in rows) == ["FAILED", "FINISHED", "FINISHED"]
+
+
+def test_each_method_gets_its_own_axes():
+    cfg, source = load_config(None, ["methods={memit: {}, lyaplock: {V: [0.5, 2.0], hparams.rho: [10]}}",
+                                     "grid={seed: [0, 1]}"])
+    trials = expand_trials(cfg, source)
+    cells = sorted((t.config["method"], t.config["seed"], t.config["hparams"].get("V")) for t in trials)
+    assert cells == [("lyaplock", 0, 0.5), ("lyaplock", 0, 2.0), ("lyaplock", 1, 0.5), ("lyaplock", 1, 2.0),
+                     ("memit", 0, None), ("memit", 1, None)]
+    assert all(t.config["hparams"] == {} for t in trials if t.config["method"] == "memit")
+    assert {t.axes["method"] for t in trials} == {"memit", "lyaplock"}
+    # A hyper-parameter under the wrong method is caught with the trial named; method in both places too.
+    cfg, source = load_config(None, ["methods={memit: {V: [1.0]}}"])
+    with pytest.raises(ConfigError, match=r"hparams.V: unknown for method stages 'memit'"):
+        expand_trials(cfg, source)
+    cfg, source = load_config(None, ["grid={method: [memit]}", "hparams={}"])
+    cfg["methods"] = {"memit": {}}
+    with pytest.raises(ConfigError, match="name the methods in one place"):
+        expand_trials(cfg, source)
+    cfg, source = load_config(None, ["methods={memit: {V: []}}"])
+    with pytest.raises(ConfigError, match=r"methods.memit.V: must be a non-empty list"):
+        expand_trials(cfg, source)
+    # --set method=... pins the method and drops the per-method axes.
+    assert [t.config["method"] for t in expand_trials(*load_config(None, ["methods={lyaplock: {V: [1, 2]}}",
+                                                                          "method=memit"]))] == ["memit"]
+
+
+def test_smoke_grid_is_two_methods_by_two_values():
+    trials = expand_trials(*load_config(ROOT / "configs" / "smoke_ray.yaml"))
+    assert sorted((t.config["method"], json.dumps(t.config["hparams"], sort_keys=True)) for t in trials) == [
+        ("memit", '{"mom2_update_weight_per_key_dim": 0.5}'), ("memit", '{"mom2_update_weight_per_key_dim": 1.0}'),
+        ("scr", '{"scr_top_k": 1}'), ("scr", '{"scr_top_k": 5}')]
