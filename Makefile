@@ -11,11 +11,12 @@ export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: install run test test-fast clean help
+.PHONY: install run test test-fast test-ui clean help
 
 help:
 	@echo "make run   - create $(VENV), install EditGrid, run the default grid (SmolLM2-135M, built-in edits)"
 	@echo "make test  - create $(VENV), install EditGrid with test extras, run the test suite"
+	@echo "make test-ui - the headless-Chromium check of the MLflow UI (installs chromium and playwright-core)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,5 +40,13 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# The headless check of the MLflow UI: Debian's chromium (installed with apt-get when missing and run as root)
+# and playwright-core from npm (into .ui/), then the UI test. Not part of `make test`, where it skips.
+test-ui: install
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium; } \
+		|| { echo "install Debian's chromium (apt-get install chromium) first"; exit 1; }
+	@[ -f .ui/node_modules/playwright-core/index.mjs ] || npm install --prefix .ui --no-audit --no-fund playwright-core@1
+	$(BIN)/python -m pytest -q tests/test_grid_runs.py -k mlflow_ui $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .ui

@@ -238,3 +238,59 @@ def test_smoke_grid_is_two_methods_by_two_values():
     assert sorted((t.config["method"], json.dumps(t.config["hparams"], sort_keys=True)) for t in trials) == [
         ("memit", '{"mom2_update_weight_per_key_dim": 0.5}'), ("memit", '{"mom2_update_weight_per_key_dim": 1.0}'),
         ("scr", '{"scr_top_k": 1}'), ("scr", '{"scr_top_k": 5}')]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The MLflow UI in headless Chromium (`make test-ui` installs Chromium and playwright-core; skipped without them)
+# ---------------------------------------------------------------------------------------------------------------
+
+PLAYWRIGHT_CORE = Path(os.environ.get("PLAYWRIGHT_CORE", ROOT / ".ui" / "node_modules" / "playwright-core" / "index.mjs"))
+CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+
+
+def _wait_for_http(url: str, seconds: float) -> None:
+    import urllib.request
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    pytest.fail(f"{url} did not answer within {seconds:.0f} s")
+
+
+@pytest.mark.slow
+def test_mlflow_ui_lists_the_grid_children_under_its_parent(tmp_path):
+    import shutil
+
+    from grid.launch import main
+
+    missing = [what for what, ok in (("node", shutil.which("node")), (str(CHROMIUM), CHROMIUM.exists()),
+                                     (str(PLAYWRIGHT_CORE), PLAYWRIGHT_CORE.exists())) if not ok]
+    if missing:
+        pytest.skip(f"headless UI check needs {', '.join(missing)} (run `make test-ui`)")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["--no-ray", "--no-progress", "--tracking-uri", uri,
+                 *_sets([*TINY, "grid={hparams.scr_top_k: [1, 3]}"])]) == 0
+    (parent,), children = _grid_runs(uri)
+    port = _free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", uri,
+                               "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_http(f"http://127.0.0.1:{port}/health", 120)
+        page = f"http://127.0.0.1:{port}/#/experiments/{parent.info.experiment_id}/runs"
+        check = subprocess.run(["node", str(ROOT / "tests" / "ui" / "mlflow_runs_page.mjs"), page,
+                                parent.info.run_name, *(c.info.run_name for c in children)],
+                               env={**os.environ, "PLAYWRIGHT_CORE": str(PLAYWRIGHT_CORE), "CHROMIUM": str(CHROMIUM)},
+                               capture_output=True, text=True, timeout=600)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    report = json.loads(check.stdout.strip().splitlines()[-1]) if check.stdout.strip() else {}
+    assert check.returncode == 0, (report, check.stderr[-2000:])
+    assert report["parentListed"] and report["childrenBefore"] == []  # nested: hidden until the parent opens
+    assert sorted(report["childrenAfter"]) == sorted(c.info.run_name for c in children)
