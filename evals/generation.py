@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from evals.batching import left_padded, model_device
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -20,11 +22,6 @@ class Generation:
     text: str  # the reply up to (excluding) the first stop string, stripped
     raw: str  # everything generated, special tokens removed
     new_tokens: int
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
@@ -49,7 +46,7 @@ def generate_greedy(model: torch.nn.Module, tokenizer, prompts: list[str], max_n
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad nor an EOS token to pad batches with")
-    device = _device_of(model)
+    device = model_device(model)
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
     results: list[Generation | None] = [None] * len(prompts)
@@ -57,13 +54,8 @@ def generate_greedy(model: torch.nn.Module, tokenizer, prompts: list[str], max_n
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None):
         batch = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, index in enumerate(batch):
-            ids = encoded[index]
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, width - len(ids):] = 1
+        input_ids, attention_mask = left_padded([encoded[i] for i in batch], pad_id)
+        width = input_ids.shape[1]
         extra = {"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}
         output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from evals.batching import left_padded, model_device
 from evals.records import EditRecord, PromptCase
 
 METRIC_ORDER = ("efficacy", "generalization", "specificity", "locality", "portability")
@@ -98,11 +99,6 @@ def _tokenise_pair(tokenizer, prompt: str, continuation: str) -> _TokenisedPair:
     return _TokenisedPair(input_ids=ids[:end], continuation_start=start)
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
-
-
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
@@ -125,7 +121,7 @@ def score_continuations(model: torch.nn.Module, tokenizer, prompts: list[str], c
     if not prompts:
         return []
     pairs = [_tokenise_pair(tokenizer, p, c) for p, c in zip(prompts, continuations)]
-    device = _model_device(model)
+    device = model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out; any id works
     use_logits_to_keep = _accepts_logits_to_keep(model)
 
@@ -135,13 +131,7 @@ def score_continuations(model: torch.nn.Module, tokenizer, prompts: list[str], c
     starts = range(0, len(order), batch_size)
     for batch_start in tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None):
         batch = order[batch_start:batch_start + batch_size]
-        width = max(len(pairs[i].input_ids) for i in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, index in enumerate(batch):
-            ids = pairs[index].input_ids
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, width - len(ids):] = 1
+        input_ids, attention_mask = left_padded([pairs[i].input_ids for i in batch], pad_id)
         position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
         # The last `kept` positions hold every prediction of a continuation token (plus the final, unused one).
         kept = 1 + max(len(pairs[i].input_ids) - pairs[i].continuation_start for i in batch)
