@@ -145,9 +145,14 @@ def test_killed_driver_resumes_with_exactly_one_child_per_cell(tmp_path):
                 _, children = _grid_runs(uri)
             except Exception:  # noqa: BLE001 - the store may still be being created
                 continue
-            statuses = sorted(c.info.status for c in children)
-            if "FINISHED" in statuses and "RUNNING" in statuses:
-                break
+            statuses = {c.info.status for c in children}
+            if {"FINISHED", "RUNNING"} <= statuses:
+                # Freeze the driver and look again, so the trial cannot finish between this look and the kill.
+                driver.send_signal(signal.SIGSTOP)
+                _, children = _grid_runs(uri)
+                if {"FINISHED", "RUNNING"} <= {c.info.status for c in children}:
+                    break
+                driver.send_signal(signal.SIGCONT)
             assert driver.poll() is None, "the driver ended before it could be killed mid-grid"
         else:
             pytest.fail("no trial finished within 10 minutes")
