@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from grid.config import ConfigError, expand_trials, layer_problems, load_config
-    from grid.tracking import TrackingConfigError, format_summary_table, prepare_store, resolve_tracking_uri
+    from grid.tracking import TrackingConfigError, resolve_tracking_uri
 
     if args.report:
         return _report(args.report, resolve_tracking_uri(args.tracking_uri), args.report_dir)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --trial selects the trial to run with --local", file=sys.stderr)
         return 2
     if args.local:
-        return _run_local(args, trials, tracking_uri, format_summary_table, prepare_store)
+        return _run_local(args, trials, tracking_uri)
 
     from grid.gridrun import close_grid_run, finished_trial_ids, open_grid_run
     from grid.ray_runner import run_in_process, run_on_ray
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     failures = [o for o in outcomes if not o.finished]
     close_grid_run(grid, all_finished=not failures)
     rows, written = write_report(tracking_uri, grid.grid_id, args.report_dir)
-    _print_summary(rows, format_summary_table)
+    _print_summary(rows)
     print(f"\nComparison report (parent run {grid.run_id}): report/comparison.csv, report/comparison.json, "
           f"{', '.join(f'report/{p.name}' for k, p in written.items() if k not in ('csv', 'table'))}")
     _print_where(tracking_uri, trials[0].config["experiment"])
@@ -120,7 +120,9 @@ SUMMARY_COLUMNS = ("edit/efficacy", "edit/generalization", "edit/specificity", "
                    "cost/seconds_per_edit")
 
 
-def _print_summary(rows: list[dict], format_summary_table) -> None:
+def _print_summary(rows: list[dict]) -> None:
+    from grid.tracking import format_summary_table
+
     table = [{"trial": r["trial"], "status": r["status"], "edits": r["edits"],
               **{c: r.get(c) for c in SUMMARY_COLUMNS}} for r in rows]
     if table:
@@ -136,19 +138,18 @@ def _print_where(tracking_uri: str, experiment: str) -> None:
 
 def _report(grid_id: str, tracking_uri: str, out_dir: str | None) -> int:
     from grid.report import ReportError, write_report
-    from grid.tracking import format_summary_table
 
     try:
         rows, written = write_report(tracking_uri, grid_id, out_dir)
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    _print_summary(rows, format_summary_table)
+    _print_summary(rows)
     print("\nreport files: " + ", ".join(str(p) for p in written.values()))
     return 0
 
 
-def _run_local(args, trials, tracking_uri, format_summary_table, prepare_store) -> int:
+def _run_local(args, trials, tracking_uri) -> int:
     """One trial in this process, without a parent run (for debugging; exceptions propagate)."""
     if args.trial is None and len(trials) > 1:
         print(f"error: the grid expands to {len(trials)} trials; pick one with --trial N:\n"
@@ -159,6 +160,7 @@ def _run_local(args, trials, tracking_uri, format_summary_table, prepare_store) 
         print(f"error: --trial {index} is out of range; the grid has:\n{_trial_listing(trials)}", file=sys.stderr)
         return 2
     trial = trials[index]
+    from grid.tracking import prepare_store
     from grid.trial import run_trial
 
     prepare_store(tracking_uri, trial.config["experiment"])
@@ -166,7 +168,7 @@ def _run_local(args, trials, tracking_uri, format_summary_table, prepare_store) 
     result = run_trial(trial, tracking_uri, progress=not args.no_progress)
     rows = [{"trial": trial.name, "status": "FINISHED", "edits": row["step"], **{c: row.get(c) for c in SUMMARY_COLUMNS}}
             for row in result.checkpoints]
-    _print_summary(rows, format_summary_table)
+    _print_summary(rows)
     _print_where(tracking_uri, trial.config["experiment"])
     return 0
 

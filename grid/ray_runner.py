@@ -28,11 +28,11 @@ class TrialOutcome:
     trial: Trial
     finished: bool
     error: str | None = None
-    checkpoints: list[dict] | None = None
 
 
 def _run_one(trial_spec: dict, tracking_uri: str, experiment_id: str, parent_run_id: str,
              progress: bool) -> list[dict]:
+    """Run one trial as the only child run of its cell; returns its checkpoint rows."""
     from grid.trial import run_trial
 
     trial = Trial(index=trial_spec["index"], config=trial_spec["config"], axes=trial_spec["axes"])
@@ -48,12 +48,12 @@ def run_in_process(trials: list[Trial], grid: GridRun, progress: bool = True) ->
     outcomes = []
     for trial in trials:
         try:
-            checkpoints = _run_one(_spec(trial), grid.tracking_uri, grid.experiment_id, grid.run_id, progress)
+            _run_one(_spec(trial), grid.tracking_uri, grid.experiment_id, grid.run_id, progress)
         except Exception as err:  # noqa: BLE001 - one failed trial must not stop the grid; it is marked FAILED
             logger.error("trial %s failed: %s: %s", trial.name, type(err).__name__, err)
             outcomes.append(TrialOutcome(trial, False, f"{type(err).__name__}: {err}"))
             continue
-        outcomes.append(TrialOutcome(trial, True, checkpoints=checkpoints))
+        outcomes.append(TrialOutcome(trial, True))
     return outcomes
 
 

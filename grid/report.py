@@ -51,15 +51,13 @@ def comparison_rows(tracking_uri: str, parent_run) -> list[dict]:
     rows = []
     children = child_runs(tracking_uri, parent_run.info.experiment_id, parent_run.info.run_id)
     for run in sorted(children, key=lambda r: int(r.data.tags.get("editgrid.trial_index", 0))):
-        names = [n for n in run.data.metrics if n.startswith(ROW_PREFIXES) or _LAYER_METRIC.match(n)]
-        if EVAL_MARKER not in run.data.metrics:
-            steps: list[int] = []
-        else:
-            steps = sorted(_history_by_step(client, run.info.run_id, EVAL_MARKER))
+        histories = {name: _history_by_step(client, run.info.run_id, name) for name in run.data.metrics
+                     if name.startswith(ROW_PREFIXES) or _LAYER_METRIC.match(name)}
+        steps = sorted(histories.get(EVAL_MARKER, {}))
         per_step: dict[int, dict[str, float]] = defaultdict(dict)
         layer_values: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-        for name in names:
-            for step, value in _history_by_step(client, run.info.run_id, name).items():
+        for name, history in histories.items():
+            for step, value in history.items():
                 if step not in steps:
                     continue  # per-batch stage diagnostics are in the child run, not the checkpoint table
                 layer = _LAYER_METRIC.match(name)

@@ -57,6 +57,14 @@ class ScrEvaluation:
     rows: list[dict]  # one per evaluated prompt: what was retrieved, replied, chosen and shown
 
 
+def _decision_row(query: ScrQuery, decision: ScrDecision) -> dict:
+    return {"query": query.text, "category": query.category, "case_id": query.fact_id,
+            "status": decision.status, "reply": decision.reply,
+            "chosen_id": decision.chosen.fact_id if decision.chosen else None,
+            "retrieved_ids": [h.fact_id for h in decision.hits],
+            "retrieved_scores": [round(h.score, 4) for h in decision.hits], "shown_prompt": decision.prompt}
+
+
 class ScrStage:
     def __init__(self, spec: MethodSpec, model, tokenizer, batch_size: int, embedder_device: str = "cpu",
                  progress: bool = False):
@@ -94,12 +102,7 @@ class ScrStage:
         metrics = scr_metrics(queries, decided, self.top_k)
         metrics["scr/memory_size"] = float(len(self.memory))
         metrics["scr/index_bytes"] = float(self.memory.index_bytes)
-        rows = [{"query": q.text, "category": q.category, "case_id": q.fact_id,
-                 "status": decided[q.text].status, "reply": decided[q.text].reply,
-                 "chosen_id": decided[q.text].chosen.fact_id if decided[q.text].chosen else None,
-                 "retrieved_ids": [h.fact_id for h in decided[q.text].hits],
-                 "retrieved_scores": [round(h.score, 4) for h in decided[q.text].hits],
-                 "shown_prompt": decided[q.text].prompt} for q in queries]
+        rows = [_decision_row(q, decided[q.text]) for q in queries]
         return ScrEvaluation(prompt_builder, metrics, rows)
 
     def measure_latency(self, records: list[EditRecord], num_queries: int) -> dict[str, float]:

@@ -209,6 +209,7 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
     post_rows: dict = {}
     bar = tqdm(total=len(requests), desc=f"editing ({trial.name})", unit="edit", disable=not progress)
     for start, end in batches(len(requests), cfg["edits"]["batch_size"]):
+        postfix = {}
         if editor is not None:
             report = editor.apply(requests[start:end])
             edit_seconds += report.seconds
@@ -223,12 +224,12 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
                                   for layer, norm in report.residual_norm.items()})
             tracker.log_metrics(batch_metrics, step=end)
             vstar_probs.extend(report.target_prob)
-            bar.set_postfix(vstar_p=f"{min(report.target_prob):.2f}", refresh=False)
+            postfix["vstar_p"] = f"{min(report.target_prob):.2f}"
         if scr is not None:
             added = scr.add(records[start:end])
             scr_add_seconds += added
             edit_seconds += added
-        bar.set_postfix(s_per_edit=f"{edit_seconds / end:.2f}", refresh=False)
+        bar.set_postfix(s_per_edit=f"{edit_seconds / end:.2f}", **postfix, refresh=False)
         bar.update(end - start)
         if any(not math.isfinite(float(editable.weight(layer).abs().max())) for layer in layers):
             raise TrialError(f"trial {trial.name}: edited weights became NaN/Inf after {end} edits")
