@@ -36,6 +36,22 @@ class UpdateTransform(Protocol):
 
     def metrics(self) -> dict[str, float]: ...
 
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def transform_states(transforms: list[UpdateTransform]) -> list[dict]:
+    return [transform.state_dict() for transform in transforms]
+
+
+def load_transform_states(transforms: list[UpdateTransform], states: list[dict]) -> None:
+    names = [t.name for t in transforms]
+    if len(states) != len(transforms):
+        raise ValueError(f"saved state has {len(states)} transform(s), the editor has {names}")
+    for transform, state in zip(transforms, states):
+        transform.load_state_dict(state)
+
 
 @dataclass
 class BatchReport:
@@ -71,6 +87,14 @@ class LocateThenEditEditor:
         for transform in self.transforms:
             out.update(transform.metrics())
         return out
+
+    def state_dict(self) -> dict:
+        """What a sequential run needs besides the weights to continue after this batch (trial checkpoints)."""
+        return {"solver": self.solver.state_dict(), "transforms": transform_states(self.transforms)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.solver.load_state_dict(state["solver"])
+        load_transform_states(self.transforms, state["transforms"])
 
     def _site(self) -> torch.nn.Module:
         last = self.layers[-1]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.arch import EditableModel
-from methods.editor import BatchReport, UpdateTransform
+from methods.editor import BatchReport, UpdateTransform, load_transform_states, transform_states
 from methods.requests import EditRequest
 from methods.tokens import TextSpan, encode_spans
 
@@ -61,6 +61,13 @@ class FineTuneEditor:
         for transform in self.transforms:
             out.update(transform.metrics())
         return out
+
+    # Adam starts afresh for every batch, so only the transforms can carry state from one batch to the next.
+    def state_dict(self) -> dict:
+        return {"transforms": transform_states(self.transforms)}
+
+    def load_state_dict(self, state: dict) -> None:
+        load_transform_states(self.transforms, state["transforms"])
 
     def _per_request_nll(self, batch, rows, cols, tokens, n: int) -> torch.Tensor:
         logits = self.editable.model(**batch.model_inputs()).logits

@@ -232,8 +232,14 @@ def build_target_hparams(hparams: dict) -> TargetHParams:
     return _dataclass_from(TargetHParams, hparams)
 
 
-def build_solver(solver: str, hparams: dict):
-    return SOLVERS[solver](**_constructor_args(SOLVER_PARAMS[solver], hparams))
+def build_solver(solver: str, hparams: dict, cache_dir: Path | None = None):
+    """The solver with its hyper-parameters; solvers that share expensive setup between trials (a ``cache_dir``
+    field, e.g. AlphaEdit's projectors) get the cache folder."""
+    cls = SOLVERS[solver]
+    args = _constructor_args(SOLVER_PARAMS[solver], hparams)
+    if cache_dir is not None and "cache_dir" in {f.name for f in dataclasses.fields(cls)}:
+        args["cache_dir"] = cache_dir
+    return cls(**args)
 
 
 def build_transforms(spec: MethodSpec, seed: int = 0) -> list:
@@ -253,7 +259,7 @@ def build_restraint(spec: MethodSpec):
 
 
 def build_editor(spec: MethodSpec, editable, tokenizer, layers: list[int], second_moments: dict,
-                 context_groups: list[list[str]], seed: int = 0):
+                 context_groups: list[list[str]], seed: int = 0, cache_dir: Path | None = None):
     """The editor for ``spec``: FineTuneEditor for ft, LocateThenEditEditor for every closed-form solver."""
     from methods.editor import LocateThenEditEditor
     from methods.finetune import FineTuneEditor, FineTuneHParams
@@ -261,6 +267,7 @@ def build_editor(spec: MethodSpec, editable, tokenizer, layers: list[int], secon
     transforms = build_transforms(spec, seed)
     if spec.solver == FINE_TUNING:
         return FineTuneEditor(editable, tokenizer, layers, _dataclass_from(FineTuneHParams, spec.hparams), transforms)
-    return LocateThenEditEditor(editable, tokenizer, layers, build_solver(spec.solver, spec.hparams), second_moments,
+    return LocateThenEditEditor(editable, tokenizer, layers, build_solver(spec.solver, spec.hparams, cache_dir),
+                                second_moments,
                                 context_groups, build_target_hparams(spec.hparams),
                                 target_site=spec.hparams.get("target_site", "block"), transforms=transforms)

@@ -10,14 +10,21 @@ P = U_null U_nullᵀ. Two ways to call an eigenvalue small:
 
 Update: X = solve(P(KKᵀ + K_p K_pᵀ) + α I, P K Rᵀ), Δ = Xᵀ, so Δ P = Δ. After every batch the batch's keys,
 re-read on the edited model, are added to K_p K_pᵀ (the past-edit memory). λ does not enter.
+
+With a ``cache_dir`` the projectors are computed once per (C, null-space rule) and shared by every trial through
+``<cache_dir>/projectors/<key>.pt``, keyed by a hash of C's bytes (methods/cache.py: concurrent trials wait for
+the first instead of recomputing the m×m eigendecomposition).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from methods.cache import cached_path, content_key
 from methods.linalg import general_solve
 from methods.solvers.base import SolverDefaults
 
@@ -40,6 +47,22 @@ def nullspace_projector(second_moment: torch.Tensor, mode: str, threshold: float
     return projector, int(null.sum()), energy_share
 
 
+def cached_nullspace_projector(second_moment: torch.Tensor, mode: str, threshold: float, energy: float,
+                               cache_dir: Path):
+    """``nullspace_projector``, read from the shared cache or computed once and stored there."""
+    c = second_moment.detach().double().cpu().contiguous()
+    digest = hashlib.sha256(c.numpy().tobytes()).hexdigest()
+    rule = {"mode": mode, "threshold": threshold} if mode == "absolute" else {"mode": mode, "energy": energy}
+    key = content_key({"C": digest, "shape": list(c.shape), **rule})
+
+    def build(tmp: Path) -> None:
+        projector, dims, share = nullspace_projector(c, mode, threshold, energy)
+        torch.save({"projector": projector, "null_dims": dims, "energy_share": share}, tmp)
+
+    saved = torch.load(cached_path(cache_dir, "projectors", key, build, suffix=".pt"), weights_only=True)
+    return saved["projector"].to(second_moment.device), int(saved["null_dims"]), float(saved["energy_share"])
+
+
 @dataclass
 class AlphaEditSolver(SolverDefaults):
     l2: float = 10.0
@@ -48,6 +71,7 @@ class AlphaEditSolver(SolverDefaults):
     nullspace_energy: float = 0.02
     name: str = "alphaedit"
     wants_keys_after_batch: bool = True
+    cache_dir: Path | None = None  # where projectors are shared between trials (None: computed in-process)
     _projector: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _past_kk: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     # P·K_pK_pᵀ kept up to date incrementally ((P K')K'ᵀ per batch), so no m×m×m product is needed per solve.
@@ -57,8 +81,9 @@ class AlphaEditSolver(SolverDefaults):
 
     def prepare(self, layers, second_moments, weights):
         for layer in layers:
-            projector, dims, share = nullspace_projector(second_moments[layer], self.nullspace_mode,
-                                                         self.nullspace_threshold, self.nullspace_energy)
+            args = (second_moments[layer], self.nullspace_mode, self.nullspace_threshold, self.nullspace_energy)
+            projector, dims, share = (cached_nullspace_projector(*args, Path(self.cache_dir)) if self.cache_dir
+                                      else nullspace_projector(*args))
             self._projector[layer] = projector
             self._null_dims[layer] = dims
             self._null_energy[layer] = share

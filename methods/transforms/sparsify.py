@@ -74,6 +74,13 @@ class TransformBase:
     def metrics(self) -> dict[str, float]:
         return dict(self.__dict__.get("_latest_metrics", {}))
 
+    # Most transforms are pure functions of (Δ, W); ones with a state across batches (RandomDrop's RNG) override.
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 def random_drop(delta: torch.Tensor, keep: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Keep a uniformly random subset of exactly n_keep entries of Δ (float64), zero the rest, no rescaling."""
