@@ -1,0 +1,62 @@
+"""What the unedited model says, computed once per (model, records, batch size) and shared by every trial.
+
+Every trial of a grid on the same model and data slice starts from the same weights, so its pre-edit reference
+(the argmax tokens on the locality cases, evals/teacher_forced.compute_reference) and its step-0 evaluation (every
+edit/* metric before any edit) are the same numbers. They are stored in ``<cache_dir>/pre_edit/<key>.json``, keyed
+by the model's fingerprint, the records' content and the evaluation batch size (batch composition can move fp32
+logits in the last bits, so it is part of the key), and built under the cache's file lock: concurrent trials that
+need the same entry wait for the first instead of recomputing it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from evals.records import EditRecord
+from evals.teacher_forced import EvalResult, PreEditReference, compute_reference, evaluate_records
+from methods.cache import cached_path, content_key
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class PreEditOutputs:
+    reference: PreEditReference
+    evaluation: EvalResult  # evaluate_records on the unedited model, over every record, with ``reference``
+    from_cache: bool
+
+
+def records_key(records: list[EditRecord]) -> str:
+    return content_key({"records": [dataclasses.asdict(r) for r in records]})
+
+
+def pre_edit_outputs(model: torch.nn.Module, tokenizer, records: list[EditRecord], model_key: str, batch_size: int,
+                     cache_dir: Path, progress: str | None = None) -> PreEditOutputs:
+    """The unedited model's reference and step-0 evaluation of ``records``, from the cache or computed now.
+
+    ``model_key`` must identify the weights (e.g. ``<model id>@<fingerprint>``): the caller promises the model is
+    still unedited.
+    """
+    key = content_key({"format": FORMAT_VERSION, "model": model_key, "records": records_key(records),
+                       "batch_size": batch_size})
+    built = False
+
+    def build(tmp: Path) -> None:
+        nonlocal built
+        reference = compute_reference(model, tokenizer, records, batch_size=batch_size)
+        evaluation = evaluate_records(model, tokenizer, records, reference=reference, batch_size=batch_size,
+                                      progress=progress)
+        tmp.write_text(json.dumps({"reference": reference.to_dict(), "metrics": evaluation.metrics,
+                                   "per_record": evaluation.per_record}))
+        built = True
+
+    path = cached_path(Path(cache_dir), "pre_edit", key, build, suffix=".json")
+    saved = json.loads(path.read_text())
+    return PreEditOutputs(reference=PreEditReference.from_dict(saved["reference"]),
+                          evaluation=EvalResult(metrics=saved["metrics"], per_record=saved["per_record"]),
+                          from_cache=not built)
