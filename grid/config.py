@@ -39,6 +39,13 @@ DEFAULTS: dict[str, Any] = {
     "eval": {"batch_size": 32, "scr_latency_queries": 16},
     "seed": 0,
     "cache_dir": None,
+    # Trial checkpoints (grid/trial_checkpoint.py): a retried or resubmitted trial continues from its last
+    # evaluation checkpoint. dir null = <cache dir>/trial_checkpoints; keep_final keeps a finished trial's last one
+    # (its edited weights) instead of deleting it. Not part of the trial's identity.
+    "checkpoints": {"enabled": True, "dir": None, "keep_final": False},
+    # Stop a trial early once it has collapsed (grid/collapse.py): at an evaluation checkpoint, when ``metric``
+    # falls below ``below``. Off (metric null) by default: a complete table is the point of a grid.
+    "stop_on_collapse": {"metric": None, "below": None, "above": None},
     "grid": {},
     # Conditional axes: method name -> its own axes ({hparam: [values]} or dotted keys), so a hyper-parameter only
     # multiplies the method it belongs to. Each method's combinations are crossed with the ``grid:`` axes.
@@ -50,6 +57,9 @@ DEFAULTS: dict[str, Any] = {
             "max_concurrent_trials": None},
 }
 RUN_ONLY_KEYS = ("grid", "methods", "ray")  # top-level keys that describe the grid, not a trial
+# Trial keys that say how a trial is run, not what it computes: left out of the trial id, so changing them lets a
+# resubmission still find the trial's finished run and its checkpoint.
+NOT_IN_TRIAL_ID = ("checkpoints",)
 
 
 FREE_FORM_KEYS = ("grid", "methods", "hparams", "by_model")  # mappings whose keys are the user's, not ours
@@ -279,6 +289,38 @@ def trial_problems(cfg: dict) -> list[str]:
         problems.append(f"eval.scr_latency_queries: {latency_queries!r} must be an integer >= 0")
     if not _is_int(cfg.get("seed")):
         problems.append(f"seed: {cfg.get('seed')!r} must be an integer")
+    problems += _checkpoint_problems(cfg.get("checkpoints") or {})
+    problems += collapse_problems(cfg.get("stop_on_collapse") or {})
+    return problems
+
+
+def _checkpoint_problems(section: dict) -> list[str]:
+    problems = []
+    for key in ("enabled", "keep_final"):
+        if not isinstance(section.get(key), bool):
+            problems.append(f"checkpoints.{key}: {section.get(key)!r} must be true or false")
+    folder = section.get("dir")
+    if folder is not None and (not isinstance(folder, str) or not folder):
+        problems.append(f"checkpoints.dir: {folder!r} must be a folder path or null (= <cache dir>/trial_checkpoints)")
+    return problems
+
+
+def collapse_problems(section: dict) -> list[str]:
+    metric = section.get("metric")
+    bounds = {key: section.get(key) for key in ("below", "above") if section.get(key) is not None}
+    if metric is None:
+        return [f"stop_on_collapse.{key}: {value!r} is set but stop_on_collapse.metric is not"
+                for key, value in bounds.items()]
+    problems = []
+    if not isinstance(metric, str) or "/" not in metric:
+        problems.append(f"stop_on_collapse.metric: {metric!r} must be a metric logged at checkpoints, e.g. "
+                        "edit/efficacy or diag/L7/drift")
+    if not bounds:
+        problems.append(f"stop_on_collapse: metric {metric!r} needs a threshold, below: <number> and/or above: "
+                        "<number>")
+    for key, value in bounds.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            problems.append(f"stop_on_collapse.{key}: {value!r} must be a number")
     return problems
 
 
@@ -291,7 +333,8 @@ class Trial:
     @property
     def trial_id(self) -> str:
         """Content hash of the configuration: the same settings give the same id (used to name and resume)."""
-        blob = json.dumps(self.config, sort_keys=True, default=str).encode()
+        identity = {k: v for k, v in self.config.items() if k not in NOT_IN_TRIAL_ID}
+        blob = json.dumps(identity, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
     @property
@@ -313,6 +356,8 @@ def _absolutize_paths(cfg: dict) -> None:
         cfg["stats"]["corpus"] = str(Path(corpus).expanduser().resolve())
     if cfg.get("cache_dir"):
         cfg["cache_dir"] = str(Path(cfg["cache_dir"]).expanduser().resolve())
+    if cfg["checkpoints"].get("dir"):
+        cfg["checkpoints"]["dir"] = str(Path(cfg["checkpoints"]["dir"]).expanduser().resolve())
 
 
 def _method_combos(methods, problems: list[str]) -> list[dict]:

@@ -2,8 +2,9 @@
 
 The grid id is a content hash of the expanded trials' ids (each itself a hash of the trial's full configuration),
 so submitting the same grid again finds the same parent run: trials whose child run FINISHED are skipped, and a
-child left RUNNING (driver killed) or FAILED is deleted just before its trial runs again, so that each cell ends
-with exactly one child run.
+child left RUNNING (driver killed) or FAILED is superseded by the trial's next attempt — which first copies what
+that child logged up to the trial's last checkpoint (grid/trial_checkpoint.py) and then deletes it — so that each
+cell ends with exactly one child run.
 """
 
 from __future__ import annotations
@@ -102,17 +103,18 @@ def finished_trial_ids(grid: GridRun) -> set[str]:
             if run.info.status == "FINISHED"}
 
 
-def discard_unfinished(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str) -> int:
-    """Delete this trial's child runs that did not finish (a killed driver, a failed earlier attempt), so the
-    attempt about to start is the only one; returns how many were deleted."""
+def unfinished_trial_runs(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str) -> list[str]:
+    """Run ids of this trial's child runs that did not finish (a killed driver, a failed earlier attempt)."""
+    return [run.info.run_id for run in child_runs(tracking_uri, experiment_id, parent_run_id)
+            if run.data.tags.get(TRIAL_ID_TAG) == trial_id and run.info.status != "FINISHED"]
+
+
+def delete_runs(tracking_uri: str, run_ids: list[str]) -> None:
+    """Delete superseded attempts, so the attempt now running is its cell's only child run."""
     client = _mlflow_client(tracking_uri)
-    stale = [run for run in child_runs(tracking_uri, experiment_id, parent_run_id)
-             if run.data.tags.get(TRIAL_ID_TAG) == trial_id and run.info.status != "FINISHED"]
-    for run in stale:
-        logger.info("deleting unfinished run %s (%s) of trial %s before it runs again", run.info.run_id,
-                    run.info.status, trial_id)
-        client.delete_run(run.info.run_id)
-    return len(stale)
+    for run_id in run_ids:
+        logger.info("deleting run %s: superseded by the attempt now running", run_id)
+        client.delete_run(run_id)
 
 
 def close_grid_run(grid: GridRun, all_finished: bool) -> None:

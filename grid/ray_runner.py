@@ -6,8 +6,8 @@ started on this machine, and otherwise starts a local one. One Tune ``Tuner`` ru
 ``reuse_actors=False`` so every trial gets a fresh worker process, and ``max_failures`` retries. A trial's
 exception marks its MLflow child run FAILED with the reason (grid/tracking.py) and the other trials go on.
 
-Each attempt first deletes the trial's unfinished child runs (grid/gridrun.py), so a retried or resumed cell
-ends with one child run.
+A retried or resubmitted trial continues from its last checkpoint and supersedes its unfinished child runs
+(grid/trial.py), so every cell ends with one child run.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from grid.config import Trial, trial_resources
-from grid.gridrun import GridRun, discard_unfinished
+from grid.gridrun import GridRun
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +30,11 @@ class TrialOutcome:
     error: str | None = None
 
 
-def _run_one(trial_spec: dict, tracking_uri: str, experiment_id: str, parent_run_id: str,
-             progress: bool) -> list[dict]:
+def _run_one(trial_spec: dict, tracking_uri: str, parent_run_id: str, progress: bool) -> list[dict]:
     """Run one trial as the only child run of its cell; returns its checkpoint rows."""
     from grid.trial import run_trial
 
     trial = Trial(index=trial_spec["index"], config=trial_spec["config"], axes=trial_spec["axes"])
-    discard_unfinished(tracking_uri, experiment_id, parent_run_id, trial.trial_id)
     return run_trial(trial, tracking_uri, parent_run_id=parent_run_id, progress=progress).checkpoints
 
 
@@ -48,7 +46,7 @@ def run_in_process(trials: list[Trial], grid: GridRun, progress: bool = True) ->
     outcomes = []
     for trial in trials:
         try:
-            _run_one(_spec(trial), grid.tracking_uri, grid.experiment_id, grid.run_id, progress)
+            _run_one(_spec(trial), grid.tracking_uri, grid.run_id, progress)
         except Exception as err:  # noqa: BLE001 - one failed trial must not stop the grid; it is marked FAILED
             logger.error("trial %s failed: %s: %s", trial.name, type(err).__name__, err)
             outcomes.append(TrialOutcome(trial, False, f"{type(err).__name__}: {err}"))
@@ -57,12 +55,12 @@ def run_in_process(trials: list[Trial], grid: GridRun, progress: bool = True) ->
     return outcomes
 
 
-def _tune_trainable(config: dict, specs: dict, tracking_uri: str, experiment_id: str, parent_run_id: str) -> None:
+def _tune_trainable(config: dict, specs: dict, tracking_uri: str, parent_run_id: str) -> None:
     """One trial inside a Ray worker process (``config`` holds only its index; the specs travel once, by
     ``tune.with_parameters``, so Tune's status table stays short)."""
     from ray import tune
 
-    checkpoints = _run_one(specs[config["trial"]], tracking_uri, experiment_id, parent_run_id, progress=False)
+    checkpoints = _run_one(specs[config["trial"]], tracking_uri, parent_run_id, progress=False)
     final = checkpoints[-1] if checkpoints else {}
     tune.report({"edits": final.get("step", 0),
                  **{k.replace("/", "_"): v for k, v in final.items() if isinstance(v, (int, float))}})
@@ -85,8 +83,7 @@ def run_on_ray(trials: list[Trial], grid: GridRun, ray_cfg: dict, storage_path: 
         return tune.PlacementGroupFactory([{k: v for k, v in wanted.items() if v}])
 
     trainable = tune.with_parameters(_tune_trainable, specs={t.index: _spec(t) for t in trials},
-                                     tracking_uri=grid.tracking_uri, experiment_id=grid.experiment_id,
-                                     parent_run_id=grid.run_id)
+                                     tracking_uri=grid.tracking_uri, parent_run_id=grid.run_id)
     storage = storage_path or str(Path("~/ray_results").expanduser())
     tuner = tune.Tuner(
         tune.with_resources(trainable, resources),

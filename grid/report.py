@@ -70,6 +70,8 @@ def comparison_rows(tracking_uri: str, parent_run) -> list[dict]:
                     **{f"axis:{k}": v for k, v in axes.items() if k != "method"},
                     "status": run.info.status, "trial_id": run.data.tags.get("editgrid.trial_id"),
                     "run_id": run.info.run_id}
+        if run.data.tags.get("editgrid.stopped_early"):  # the collapse stopper ended it (grid/collapse.py)
+            identity["stopped_early"] = run.data.tags["editgrid.stopped_early"]
         if not steps:
             rows.append({**identity, "edits": None, "failure_reason": run.data.tags.get("failure_reason")})
         for step in steps:

@@ -99,13 +99,15 @@ def sqlite_database_path(tracking_uri: str) -> Path | None:
     return Path(path_part) if path_part.startswith("/") else None
 
 
-def prepare_store(tracking_uri: str, experiment: str) -> str:
+def prepare_store(tracking_uri: str, experiment: str, proxied_artifacts: bool = False) -> str:
     """Create the store (for SQLite: the database with MLflow's schema) and the experiment; return its id.
 
     Idempotent. For SQLite the work happens under ``<database>.lock``, so several processes may call it at
     once on a fresh path: one creates, the others wait and then find everything in place. New experiments in a
     SQLite store keep their artifacts in ``<database folder>/mlartifacts/<experiment>`` rather than MLflow's
-    default ``./mlruns`` of whatever directory the creating process happened to run in.
+    default ``./mlruns`` of whatever directory the creating process happened to run in; with
+    ``proxied_artifacts`` (the store is about to be served by ``mlflow server``, grid/mlflow_server.py) they go
+    through the server instead: ``mlflow-artifacts:/<experiment>``.
     """
     if not experiment or not experiment.strip():
         raise TrackingConfigError("the MLflow experiment name is empty; give a name such as 'editgrid'")
@@ -126,7 +128,8 @@ def prepare_store(tracking_uri: str, experiment: str) -> str:
         with FileLock(lock_path, timeout=STORE_LOCK_TIMEOUT_S):
             # Opening the client's store on a missing/empty file runs MLflow's schema migration.
             client = _mlflow_client(uri)
-            artifact_location = (database.parent / ARTIFACTS_FOLDER_NAME / _path_safe_name(experiment)).as_uri()
+            artifact_location = (f"mlflow-artifacts:/{_path_safe_name(experiment)}" if proxied_artifacts else
+                                 (database.parent / ARTIFACTS_FOLDER_NAME / _path_safe_name(experiment)).as_uri())
             return _get_or_create_experiment(client, experiment, artifact_location=artifact_location)
     except Timeout as error:
         raise TrackingConfigError(
@@ -429,6 +432,39 @@ class TrialTracker:
             self._client.log_batch(run_id, metrics=entries[start:start + MAX_METRICS_PER_BATCH])
         for name, value in values.items():
             self._history.setdefault(name, []).append((step, value))
+
+    def carry_over(self, source_run_id: str, up_to_step: int) -> int:
+        """Copy into this run what ``source_run_id`` (an earlier, interrupted attempt of the same trial) logged up to
+        ``up_to_step``: every metric point with step ≤ it, and the artifacts except the ``step_<n>`` files of later
+        steps and the failure record. The attempt resumed from a checkpoint thus continues one clean history.
+        Returns the number of metric points copied."""
+        import tempfile
+
+        from mlflow.entities import Metric
+
+        run_id = self._active_run_id()
+        source = self._client.get_run(source_run_id)
+        points: list[Metric] = []
+        for key in source.data.metrics:
+            for m in self._client.get_metric_history(source_run_id, key):
+                if m.step <= up_to_step:
+                    points.append(Metric(m.key, m.value, m.timestamp, m.step))
+        points.sort(key=lambda m: (m.step, m.timestamp))
+        for start in range(0, len(points), MAX_METRICS_PER_BATCH):
+            self._client.log_batch(run_id, metrics=points[start:start + MAX_METRICS_PER_BATCH])
+        for m in points:
+            self._history.setdefault(m.key, []).append((m.step, m.value))
+        with tempfile.TemporaryDirectory() as folder:
+            local = Path(self._client.download_artifacts(source_run_id, "", folder))
+            for path in sorted(local.rglob("*")):
+                later = re.search(r"step_(\d+)", path.name)
+                relative = path.relative_to(local).as_posix()
+                if path.is_file() and (later and int(later.group(1)) > up_to_step
+                                       or relative == FAILURE_TRACEBACK_ARTIFACT):
+                    path.unlink()
+            if any(p.is_file() for p in local.rglob("*")):
+                self._client.log_artifacts(run_id, str(local))
+        return len(points)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag

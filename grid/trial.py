@@ -16,6 +16,12 @@ number goes to the trial's MLflow run with ``step = edits applied``:
                 with SCR the edit/* metrics are scored on the prompt SCR builds (fact in front, or the bare prompt)
   cost/*        seconds per edit (editing only — for SCR adding the facts to the memory; statistics and
                 evaluation excluded), statistics seconds, evaluation seconds, peak memory
+
+Inside a grid (a parent run) every evaluation checkpoint also writes a trial checkpoint (grid/trial_checkpoint.py);
+an attempt that finds one — a Ray retry, or the grid submitted again after its driver died — copies the history the
+interrupted attempt logged up to it into its own run, deletes that run, restores the edited weights, the editor's
+state and the SCR memory, and continues with the next batch. ``stop_on_collapse`` (grid/collapse.py) can end a
+trial at a checkpoint where it has collapsed; the run is then tagged ``editgrid.stopped_early`` with the reason.
 """
 
 from __future__ import annotations
@@ -37,16 +43,21 @@ from tqdm.auto import tqdm
 from evals.datasets import load_records
 from evals.diagnostics import layer_diagnostics
 from evals.records import EditRecord
-from evals.teacher_forced import compute_reference, evaluate_records
+from evals.pre_edit import pre_edit_outputs
+from evals.teacher_forced import evaluate_records
+from grid.collapse import collapse_reason
 from grid.config import Trial, method_settings
+from grid.gridrun import delete_runs, unfinished_trial_runs
 from grid.scr_stage import ScrStage
-from methods.stages import MethodSpec, build_editor, build_restraint
 from grid.tracking import TrialTracker
+from grid.trial_checkpoint import TrialCheckpoints, TrialState
 from methods.arch import EditableModel
+from methods.cache import default_cache_dir
 from methods.context import generate_context_templates
 from methods.corpus import parse_corpus
 from methods.models import load_model
 from methods.requests import EditRequest
+from methods.stages import MethodSpec, build_editor, build_restraint
 from methods.stats import second_moments
 
 logger = logging.getLogger(__name__)
@@ -89,6 +100,30 @@ def resolve_layers(editable: EditableModel, spec: MethodSpec, trial_name: str) -
     return layers
 
 
+def checkpoint_store(cfg: dict, trial_id: str) -> TrialCheckpoints | None:
+    """Where this trial's checkpoints go (``checkpoints.dir``, else ``<cache dir>/trial_checkpoints``), or None when
+    checkpoints are off."""
+    settings = cfg.get("checkpoints") or {}
+    if not settings.get("enabled", True):
+        return None
+    cache_root = Path(cfg["cache_dir"]) if cfg.get("cache_dir") else default_cache_dir()
+    return TrialCheckpoints(settings.get("dir") or cache_root / "trial_checkpoints", trial_id)
+
+
+def _resume_point(store: TrialCheckpoints | None, unfinished: list[str], trial_name: str) -> TrialState | None:
+    """The checkpoint to continue from: the latest one, if the run holding its history is an unfinished attempt
+    of this trial in this grid (otherwise its metrics before the cursor could not be carried over: start again)."""
+    state = store.latest() if store is not None else None
+    if state is None:
+        return None
+    if store.run_id() not in unfinished:
+        logger.warning("trial %s: checkpoint at %d edits belongs to run %s, which is not an unfinished run of this "
+                       "trial in this grid; starting again from edit 0", trial_name, state.cursor, store.run_id())
+        store.remove()
+        return None
+    return state
+
+
 def run_trial(trial: Trial, tracking_uri: str, parent_run_id: str | None = None, progress: bool = True) -> TrialResult:
     cfg = trial.config
     spec = method_settings(cfg["method"], cfg.get("hparams") or {})
@@ -102,15 +137,50 @@ def run_trial(trial: Trial, tracking_uri: str, parent_run_id: str | None = None,
             "editgrid.protocol": "teacher_forced", **spec.tags}
     params = {**cfg, "method_hparams": spec.hparams, "solver": spec.solver,
               "transforms": list(spec.transforms), "restraint": spec.restraint, "retrieval": spec.retrieval}
+    # Only trials of a grid checkpoint: resuming needs the parent run to find the interrupted attempt.
+    store = checkpoint_store(cfg, trial.trial_id) if parent_run_id else None
     with TrialTracker(tracking_uri, cfg["experiment"], trial.name, params=params, tags=tags,
                       parent_run_id=parent_run_id) as tracker:
+        resume = None
+        if parent_run_id:
+            unfinished = [run_id for run_id in unfinished_trial_runs(tracker.tracking_uri, tracker.experiment_id,
+                                                                     parent_run_id, trial.trial_id)
+                          if run_id != tracker.run_id]
+            resume = _resume_point(store, unfinished, trial.name)
+            if resume is not None:
+                source = store.run_id()
+                copied = tracker.carry_over(source, resume.cursor)
+                store.set_run_id(tracker.run_id)
+                tracker.set_tags({"editgrid.resumed_from_step": resume.cursor, "editgrid.resumed_from_run": source})
+                logger.info("trial %s: resuming after %d edits (%d metric points carried over from run %s)",
+                            trial.name, resume.cursor, copied, source)
+            delete_runs(tracker.tracking_uri, unfinished)
         result = TrialResult(trial=trial, run_id=tracker.run_id)
-        _run(trial, cfg, spec, tracker, result, progress)
-        return result
+        _run(trial, cfg, spec, tracker, result, progress, store, resume)
+    if store is not None and not (cfg.get("checkpoints") or {}).get("keep_final"):
+        store.remove()
+    return result
+
+
+def _restore(state: TrialState, editable: EditableModel, layers: list[int], editor, scr: ScrStage | None) -> None:
+    """Put the model, the editor and the SCR memory back as they were at ``state.cursor`` edits."""
+    if sorted(state.weights) != sorted(layers):
+        raise TrialError(f"checkpoint after {state.cursor} edits holds layers {sorted(state.weights)}, the trial "
+                         f"edits {layers}")
+    with torch.no_grad():
+        for layer in layers:
+            editable.weight(layer).copy_(state.weights[layer])
+    if editor is not None:
+        editor.load_state_dict(state.editor_state)
+    if scr is not None:
+        if state.scr_memory is None:
+            raise TrialError(f"checkpoint after {state.cursor} edits has no SCR memory")
+        scr.restore(state.scr_memory)
+    torch.set_rng_state(state.rng_state)
 
 
 def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, result: TrialResult,
-         progress: bool) -> None:
+         progress: bool, store: TrialCheckpoints | None = None, resume: TrialState | None = None) -> None:
     cache_dir = Path(cfg["cache_dir"]) if cfg.get("cache_dir") else None
     margs = cfg["model_args"]
     loaded = load_model(cfg["model"], dtype=margs["dtype"], device=margs["device"], cache_dir=cache_dir)
@@ -153,8 +223,9 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
     scr = (ScrStage(spec, loaded.model, tokenizer, eval_batch, embedder_device=device.type, progress=progress)
            if spec.retrieval else None)
 
-    def evaluate(step: int, edit_seconds: float, vstar_probs: list[float]) -> dict:
-        """Metrics after ``step`` edits (0 = before editing, over every record of the trial)."""
+    def evaluate(step: int, edit_seconds: float, vstar_probs: list[float]) -> tuple[dict, dict]:
+        """Metrics after ``step`` edits (0 = before editing, over every record of the trial), and the per-record
+        rows."""
         started = time.perf_counter()
         subset = records if step == 0 else records[:step]
         # PRUNE's official protocol: the restrained weights are the ones evaluated (and described by diag/*);
@@ -164,14 +235,17 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
         with swap:
             # SCR decides, with the model as it is now, what each evaluation prompt becomes (empty memory: itself).
             scr_eval = scr.evaluate(subset) if scr is not None and step else None
-            evaluation = evaluate_records(loaded.model, tokenizer, subset, reference=reference,
-                                          batch_size=eval_batch,
-                                          progress=f"evaluating {len(subset)} edits" if progress else None,
-                                          prompt_builder=scr_eval.prompt_builder if scr_eval else None)
+            if step == 0:  # the unedited model: the same for every trial on this model and data slice
+                evaluation = pre_edit.evaluation
+            else:
+                evaluation = evaluate_records(loaded.model, tokenizer, subset, reference=pre_edit.reference,
+                                              batch_size=eval_batch,
+                                              progress=f"evaluating {len(subset)} edits" if progress else None,
+                                              prompt_builder=scr_eval.prompt_builder if scr_eval else None)
             metrics = dict(evaluation.metrics)
             if live_weights:
                 metrics.update(layer_diagnostics(live_weights, originals, moments))
-            eval_seconds = time.perf_counter() - started
+            eval_seconds = time.perf_counter() - started + (0.0 if step else pre_edit_seconds)
             if scr_eval is not None:
                 metrics.update(scr_eval.metrics)
                 metrics.update(scr.measure_latency(subset, cfg["eval"]["scr_latency_queries"]))
@@ -200,15 +274,40 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
         for decision in scr_eval.rows if scr_eval is not None else []:
             if decision["category"] == "rewrite":
                 rows[decision["case_id"]].update(scr_status=decision["status"], scr_chosen_id=decision["chosen_id"])
-        return rows
+        return rows, metrics
 
-    reference = compute_reference(loaded.model, tokenizer, records, batch_size=eval_batch)
-    pre_rows = evaluate(0, 0.0, [])
-
+    pre_edit_started = time.perf_counter()
+    pre_edit = pre_edit_outputs(loaded.model, tokenizer, records, f"{loaded.model_id}@{loaded.fingerprint}",
+                                eval_batch, cache_dir or default_cache_dir(),
+                                progress=f"evaluating the unedited model on {len(records)} edits" if progress else None)
+    pre_edit_seconds = time.perf_counter() - pre_edit_started  # counted in step 0's cost/eval_seconds
+    tracker.set_tags({"editgrid.pre_edit_from_cache": pre_edit.from_cache})
     edit_seconds, scr_add_seconds, vstar_probs = 0.0, 0.0, []
     post_rows: dict = {}
-    bar = tqdm(total=len(requests), desc=f"editing ({trial.name})", unit="edit", disable=not progress)
+    if resume is None:
+        pre_rows, _ = evaluate(0, 0.0, [])
+        cursor = 0
+    else:
+        _restore(resume, editable, layers, editor, scr)
+        pre_rows, post_rows, cursor = resume.pre_rows, resume.post_rows, resume.cursor
+        edit_seconds, scr_add_seconds = resume.edit_seconds, resume.scr_add_seconds
+        vstar_probs = list(resume.vstar_probs)
+        result.checkpoints.extend(resume.result_rows)
+
+    def save_checkpoint(step: int) -> None:
+        state = TrialState(trial_id=trial.trial_id, cursor=step, layers=layers,
+                           weights={layer: editable.weight(layer) for layer in layers},
+                           editor_state=editor.state_dict() if editor is not None else {},
+                           edit_seconds=edit_seconds, scr_add_seconds=scr_add_seconds, vstar_probs=vstar_probs,
+                           pre_rows=pre_rows, post_rows=post_rows, result_rows=result.checkpoints,
+                           rng_state=torch.get_rng_state())
+        store.save(state, tracker.run_id, scr_saver=scr.save if scr is not None else None)
+
+    bar = tqdm(total=len(requests), initial=cursor, desc=f"editing ({trial.name})", unit="edit",
+               disable=not progress)
     for start, end in batches(len(requests), cfg["edits"]["batch_size"]):
+        if end <= cursor:  # applied before the checkpoint this attempt resumed from
+            continue
         postfix = {}
         if editor is not None:
             report = editor.apply(requests[start:end])
@@ -235,7 +334,14 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
             raise TrialError(f"trial {trial.name}: edited weights became NaN/Inf after {end} edits")
         if end in checkpoints:
             bar.clear()
-            post_rows = evaluate(end, edit_seconds, vstar_probs)
+            post_rows, metrics = evaluate(end, edit_seconds, vstar_probs)
+            stopped = collapse_reason(cfg.get("stop_on_collapse") or {}, metrics, end, trial.name)
+            if stopped:
+                logger.warning("trial %s: %s; stopping early", trial.name, stopped)
+                tracker.set_tags({"editgrid.stopped_early": stopped})
+                break
+            if store is not None and (end < checkpoints[-1] or (cfg.get("checkpoints") or {}).get("keep_final")):
+                save_checkpoint(end)
             bar.refresh()
     bar.close()
 

@@ -68,3 +68,28 @@ def tiny_gpt2(smol_tokenizer):
     cfg = GPT2Config(vocab_size=len(smol_tokenizer), n_embd=64, n_layer=4, n_head=4, n_positions=256,
                      pad_token_id=smol_tokenizer.pad_token_id)
     return _freeze(GPT2LMHeadModel(cfg))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smol_tokenizer) -> Path:
+    """A tiny random Llama saved as a model folder (with SmolLM2's tokenizer), for trials and scripts that load a
+    model by path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=smol_tokenizer.pad_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """A short plain-text statistics corpus (one document per blank-line-separated block)."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n\n".join(f"Document {i}: the city of Paris is the capital of France, and the river "
+                                  f"Seine runs through it; Tokyo is in Japan and Rome is in Italy. Number {i * 7}."
+                                  for i in range(200)))
+    return path

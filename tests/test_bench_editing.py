@@ -7,8 +7,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import torch
-
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_editing.py"
 
 
@@ -19,23 +17,8 @@ def _load_bench():
     return module
 
 
-def _save_tiny_llama(folder: Path, tokenizer) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-
-
-def test_bench_editing_smoke(tmp_path, smol_tokenizer):
-    model_dir = tmp_path / "tiny-llama"
-    _save_tiny_llama(model_dir, smol_tokenizer)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(f"Document {i}: the city of Paris is the capital of France, and the river "
-                                  f"Seine runs through it; Tokyo is in Japan and Rome is in Italy. Number {i * 7}."
-                                  for i in range(200)))
+def test_bench_editing_smoke(tmp_path, tiny_llama_dir, small_corpus):
+    model_dir, corpus = tiny_llama_dir, small_corpus
     out = tmp_path / "bench.json"
     bench = _load_bench()
     code = bench.main(["--model", str(model_dir), "--num-edits", "2", "--data", "builtin",
