@@ -47,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report-dir", help="also keep the report files in this folder")
     parser.add_argument("--ray-storage", help="Ray Tune's storage folder (default ~/ray_results; shared storage "
                                               "on a multi-node cluster)")
+    parser.add_argument("--mlflow-server", action="store_true",
+                        help="serve the SQLite store with `mlflow server` while the grid runs and let every trial "
+                             "log to it over HTTP (one process owns the database; trials on other nodes need no "
+                             "shared file for tracking)")
+    parser.add_argument("--mlflow-server-host", default="127.0.0.1",
+                        help="with --mlflow-server: the interface it binds (0.0.0.0 or this node's address for "
+                             "trials on other nodes; default 127.0.0.1)")
+    parser.add_argument("--mlflow-server-port", type=int, help="with --mlflow-server: its port (default: a free one)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -84,7 +92,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.local:
         return _run_local(args, trials, tracking_uri)
+    if args.mlflow_server:
+        from grid.mlflow_server import MlflowServer
 
+        try:
+            server = MlflowServer(tracking_uri, trials[0].config["experiment"], host=args.mlflow_server_host,
+                                  port=args.mlflow_server_port)
+            with server:
+                print(f"MLflow server: {server.uri} serves {tracking_uri} (log: {server.log_path})", flush=True)
+                code = _run_grid(args, cfg, source, trials, server.uri)
+        except TrackingConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        _print_where(tracking_uri, trials[0].config["experiment"])
+        return code
+    code = _run_grid(args, cfg, source, trials, tracking_uri)
+    _print_where(tracking_uri, trials[0].config["experiment"])
+    return code
+
+
+def _run_grid(args, cfg: dict, source: str, trials, tracking_uri: str) -> int:
+    """Open (or find) the grid's parent run, run its unfinished trials, write the report; the exit code."""
     from grid.gridrun import close_grid_run, finished_trial_ids, open_grid_run
     from grid.ray_runner import run_in_process, run_on_ray
     from grid.report import write_report
@@ -108,7 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     _print_summary(rows)
     print(f"\nComparison report (parent run {grid.run_id}): report/comparison.csv, report/comparison.json, "
           f"{', '.join(f'report/{p.name}' for k, p in written.items() if k not in ('csv', 'table'))}")
-    _print_where(tracking_uri, trials[0].config["experiment"])
     if failures:
         print(f"{len(failures)} trial(s) failed: " + ", ".join(f"{o.trial.name} ({o.error})" for o in failures),
               file=sys.stderr)

@@ -128,6 +128,28 @@ def test_grid_in_process_has_a_parent_a_child_per_trial_a_report_and_resubmits_w
     assert main(["--report", "000000000000", "--tracking-uri", uri]) == 2
 
 
+def test_mlflow_server_mode_serves_the_store_to_the_trials_and_stops(tmp_path, capsys):
+    from grid.launch import main
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["--no-ray", "--no-progress", "--tracking-uri", uri, "--mlflow-server", *_sets(TINY)]) == 0
+    out = capsys.readouterr().out
+    served = out.split("MLflow server: ", 1)[1].split()[0]
+    assert served.startswith("http://127.0.0.1:")
+    (parent,), (child,) = _grid_runs(uri)
+    assert parent.info.status == child.info.status == "FINISHED"
+    # Artifacts went through the server into <database folder>/mlartifacts, not to a path the trial chose.
+    assert child.info.artifact_uri.startswith("mlflow-artifacts:/")
+    stored = {p.name for p in (tmp_path / "mlartifacts").rglob("*") if p.is_file()}
+    assert {"per_edit_results.json", "comparison.csv", "config.yaml"} <= stored
+    import urllib.request
+    with pytest.raises(OSError):  # the server is gone once the grid has ended
+        urllib.request.urlopen(f"{served}/health", timeout=2)
+
+    assert main(["--no-ray", "--tracking-uri", "postgresql://nowhere/db", "--mlflow-server", *_sets(TINY)]) == 2
+    assert "--mlflow-server serves a SQLite store" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_killed_driver_resumes_with_exactly_one_child_per_cell(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
