@@ -71,9 +71,16 @@ class ScrStage:
         hparams = spec.hparams
         self.model, self.tokenizer, self.batch_size, self.progress = model, tokenizer, batch_size, progress
         self.top_k = int(hparams.get("scr_top_k", 5))
-        embedder = Embedder(hparams.get("scr_embedder", DEFAULT_EMBEDDER), device=embedder_device)
-        self.memory = FactMemory(embedder, hparams.get("scr_index", "flat"))
+        self.embedder = Embedder(hparams.get("scr_embedder", DEFAULT_EMBEDDER), device=embedder_device)
+        self._use(FactMemory(self.embedder, hparams.get("scr_index", "flat")))
+
+    def _use(self, memory: FactMemory) -> None:
+        self.memory = memory
         self.reasoner = SelectiveContextReasoner(self.memory, self._select, self.top_k)
+
+    def restore(self, folder: str | Path) -> None:
+        """Continue with the memory saved in ``folder`` (a trial checkpoint)."""
+        self._use(FactMemory.load(folder, self.embedder))
 
     def _generate(self, prompts: list[str], max_new_tokens: int, stop: tuple[str, ...],
                   progress: str | None = None) -> list[str]:
