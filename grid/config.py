@@ -36,7 +36,26 @@ DEFAULTS: dict[str, Any] = {
     "stats": {"corpus": "model-samples", "num_tokens": 100_000, "max_length": 256, "seed": 0},
     # scr_latency_queries: how many rewrite prompts per checkpoint are answered with and without SCR to measure
     # its added latency (0 turns the measurement off)
-    "eval": {"batch_size": 32, "scr_latency_queries": 16},
+    "eval": {
+        "batch_size": 32, "scr_latency_queries": 16,
+        # The autoregressive protocol (evals/autoregressive.py): generated answers graded by an LLM judge, at the
+        # same checkpoints as the teacher-forced metrics. Off by default (it needs a judge).
+        "generate": {"enabled": False, "max_new_tokens": 50, "chat_template": False, "reasoning": False,
+                     "reasoning_max_new_tokens": 1024, "batch_size": 16},
+        # The judge (evals/judge.py). backend hf: a local transformers model (model null = the trial's model,
+        # loaded a second time and never edited); vllm: vLLM's offline engine on ``model`` (an HF folder);
+        # openai: an OpenAI-compatible endpoint at base_url serving ``model``, key from $<api_key_env>.
+        "judge": {"backend": "hf", "model": None, "base_url": None, "api_key_env": "OPENAI_API_KEY",
+                  "chat_template": True, "batch_size": 32, "requests_per_second": 0, "max_retries": 4,
+                  "concurrency": 8, "constrained_choice": False, "timeout_s": 60},
+        # Zero-shot general abilities (evals/general.py) from <path>/<task>.jsonl at the listed steps (null = step 0
+        # and every checkpoint).
+        "general": {"enabled": False, "path": None, "tasks": ["sst2", "mrpc", "cola", "rte", "nli", "mmlu"],
+                    "n_items": 50, "steps": None, "generate": True},
+        # gen/fluency (evals/fluency.py): n-gram entropy of greedy continuations of the records' generation
+        # prompts (their rewrite prompts when they have none).
+        "fluency": {"enabled": False, "num_prompts": 20, "max_new_tokens": 100},
+    },
     "seed": 0,
     "cache_dir": None,
     # Trial checkpoints (grid/trial_checkpoint.py): a retried or resubmitted trial continues from its last
@@ -287,10 +306,80 @@ def trial_problems(cfg: dict) -> list[str]:
     latency_queries = cfg.get("eval", {}).get("scr_latency_queries")
     if not _is_int(latency_queries) or latency_queries < 0:
         problems.append(f"eval.scr_latency_queries: {latency_queries!r} must be an integer >= 0")
+    problems += _protocol_problems(cfg.get("eval", {}), cfg.get("edits", {}).get("checkpoints"))
     if not _is_int(cfg.get("seed")):
         problems.append(f"seed: {cfg.get('seed')!r} must be an integer")
     problems += _checkpoint_problems(cfg.get("checkpoints") or {})
     problems += collapse_problems(cfg.get("stop_on_collapse") or {})
+    return problems
+
+
+JUDGE_BACKENDS = ("hf", "vllm", "openai")
+
+
+def _protocol_problems(ev: dict, checkpoints) -> list[str]:
+    """eval.generate / eval.judge / eval.general / eval.fluency."""
+    from evals.general import TASKS
+
+    problems = []
+
+    def positive_int(name: str, value, minimum: int = 1) -> None:
+        if not _is_int(value) or value < minimum:
+            problems.append(f"eval.{name}: {value!r} must be an integer >= {minimum}")
+
+    def flag(name: str, value) -> None:
+        if not isinstance(value, bool):
+            problems.append(f"eval.{name}: {value!r} must be true or false")
+
+    gen = ev.get("generate") or {}
+    for key in ("enabled", "chat_template", "reasoning"):
+        flag(f"generate.{key}", gen.get(key))
+    for key in ("max_new_tokens", "reasoning_max_new_tokens", "batch_size"):
+        positive_int(f"generate.{key}", gen.get(key))
+    judge = ev.get("judge") or {}
+    if judge.get("backend") not in JUDGE_BACKENDS:
+        problems.append(f"eval.judge.backend: {judge.get('backend')!r} is not one of {list(JUDGE_BACKENDS)}")
+    if gen.get("enabled") is True:
+        if judge.get("backend") in ("vllm", "openai") and not judge.get("model"):
+            problems.append(f"eval.judge.model: the {judge.get('backend')} judge needs the model it serves")
+        if judge.get("backend") == "openai" and not (isinstance(judge.get("base_url"), str)
+                                                     and judge["base_url"].startswith(("http://", "https://"))):
+            problems.append(f"eval.judge.base_url: {judge.get('base_url')!r} must be the endpoint's http(s) URL, "
+                            f"e.g. http://127.0.0.1:8000/v1")
+    for key in ("chat_template", "constrained_choice"):
+        flag(f"judge.{key}", judge.get(key))
+    for key in ("batch_size", "concurrency"):
+        positive_int(f"judge.{key}", judge.get(key))
+    positive_int("judge.max_retries", judge.get("max_retries"), 0)
+    for key in ("requests_per_second", "timeout_s"):
+        value = judge.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            problems.append(f"eval.judge.{key}: {value!r} must be a number >= 0")
+    general = ev.get("general") or {}
+    flag("general.enabled", general.get("enabled"))
+    flag("general.generate", general.get("generate"))
+    positive_int("general.n_items", general.get("n_items"))
+    tasks = general.get("tasks")
+    if not isinstance(tasks, list) or not tasks or any(t not in TASKS for t in tasks):
+        problems.append(f"eval.general.tasks: {tasks!r} must be a non-empty list of {sorted(TASKS)}")
+    if general.get("enabled") is True:
+        folder = general.get("path")
+        if not isinstance(folder, str) or not Path(folder).is_dir():
+            problems.append(f"eval.general.path: {folder!r} must be a folder holding <task>.jsonl files")
+        elif isinstance(tasks, list):
+            missing = [t for t in tasks if t in TASKS and not (Path(folder) / f"{t}.jsonl").is_file()]
+            if missing:
+                problems.append(f"eval.general.path: {folder} has no {', '.join(f'{t}.jsonl' for t in missing)}")
+    steps = general.get("steps")
+    if steps is not None:
+        allowed = {0, *(checkpoints if isinstance(checkpoints, list) else [])}
+        if not isinstance(steps, list) or any(not _is_int(x) or x not in allowed for x in steps):
+            problems.append(f"eval.general.steps: {steps!r} must be null or a list of 0 and edits.checkpoints "
+                            f"values {sorted(allowed)}")
+    fluency = ev.get("fluency") or {}
+    flag("fluency.enabled", fluency.get("enabled"))
+    positive_int("fluency.num_prompts", fluency.get("num_prompts"))
+    positive_int("fluency.max_new_tokens", fluency.get("max_new_tokens"))
     return problems
 
 
@@ -356,6 +445,9 @@ def _absolutize_paths(cfg: dict) -> None:
         cfg["stats"]["corpus"] = str(Path(corpus).expanduser().resolve())
     if cfg.get("cache_dir"):
         cfg["cache_dir"] = str(Path(cfg["cache_dir"]).expanduser().resolve())
+    general = cfg["eval"]["general"]
+    if isinstance(general.get("path"), str):
+        general["path"] = str(Path(general["path"]).expanduser().resolve())
     if cfg["checkpoints"].get("dir"):
         cfg["checkpoints"]["dir"] = str(Path(cfg["checkpoints"]["dir"]).expanduser().resolve())
 

@@ -20,9 +20,11 @@ from grid.gridrun import GRID_ID_TAG, ROLE_TAG, child_runs
 from grid.tracking import _mlflow_client, _rows_to_csv
 
 EVAL_MARKER = "edit/efficacy"  # logged at every evaluation (step 0 and each checkpoint)
-ROW_PREFIXES = ("edit/", "scr/", "cost/", "eval/")
+ROW_PREFIXES = ("edit/", "scr/", "cost/", "eval/", "judge/", "gen/", "general/")
 PLOTTED_EDIT_METRICS = ("edit/efficacy", "edit/generalization", "edit/specificity", "edit/score", "edit/locality",
                         "edit/portability", "scr/recall_at_k/generalization", "scr/locality_rejection_rate")
+PLOTTED_GENERATION = ("judge/reliability", "judge/generalization", "judge/portability", "judge/locality",
+                      "gen/locality_unchanged", "gen/contains", "gen/fluency")
 PLOTTED_DIAGNOSTICS = ("diag/mean/drift", "diag/mean/weight_change", "diag/mean/sigma_max_delta", "diag/mean/cond")
 _LAYER_METRIC = re.compile(r"^diag/L\d+/(?P<name>.+)$")
 
@@ -141,6 +143,7 @@ def write_report(tracking_uri: str, grid_id: str, out_dir: str | Path | None = N
         else:
             client.log_table(parent.info.run_id, table, "report/comparison.json")
     for name, metrics in (("metrics_vs_edits", PLOTTED_EDIT_METRICS),
+                          ("generation_vs_edits", PLOTTED_GENERATION),
                           ("diagnostics_vs_edits", PLOTTED_DIAGNOSTICS)):
         figure = _plot(rows, metrics, f"grid {grid_id}: {name.replace('_', ' ')}")
         if figure is None:

@@ -47,6 +47,7 @@ from evals.pre_edit import pre_edit_outputs
 from evals.teacher_forced import evaluate_records
 from grid.collapse import collapse_reason
 from grid.config import Trial, method_settings
+from grid.generation_stage import GenerationStage
 from grid.gridrun import delete_runs, unfinished_trial_runs
 from grid.scr_stage import ScrStage
 from grid.tracking import TrialTracker
@@ -246,6 +247,12 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
             if live_weights:
                 metrics.update(layer_diagnostics(live_weights, originals, moments))
             eval_seconds = time.perf_counter() - started + (0.0 if step else pre_edit_seconds)
+            if protocol.active:  # generation + judge, general abilities, fluency: same model, same prompts
+                protocol_started = time.perf_counter()
+                protocol_metrics, protocol_tables = protocol.evaluate(
+                    step, subset, scr_eval.prompt_builder if scr_eval is not None else None)
+                metrics.update(protocol_metrics)
+                metrics["cost/protocol_eval_seconds"] = time.perf_counter() - protocol_started
             if scr_eval is not None:
                 metrics.update(scr_eval.metrics)
                 metrics.update(scr.measure_latency(subset, cfg["eval"]["scr_latency_queries"]))
@@ -253,6 +260,8 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
             metrics["scr/memory_size"] = float(len(scr.memory))
             if step:
                 metrics["scr/add_seconds_per_edit"] = scr_add_seconds / step
+        for artifact, rows in (protocol_tables.items() if protocol.active else ()):
+            tracker.log_table(rows, artifact)
         if scr_eval is not None:
             tracker.log_table(scr_eval.rows, f"tables/scr_decisions/step_{step:06d}.json")
             with tempfile.TemporaryDirectory() as folder:  # the memory as of this checkpoint, reloadable
@@ -282,6 +291,12 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
                                 progress=f"evaluating the unedited model on {len(records)} edits" if progress else None)
     pre_edit_seconds = time.perf_counter() - pre_edit_started  # counted in step 0's cost/eval_seconds
     tracker.set_tags({"editgrid.pre_edit_from_cache": pre_edit.from_cache})
+    protocol = GenerationStage(cfg["eval"], loaded.model, tokenizer, records, f"{loaded.model_id}@{loaded.fingerprint}",
+                               cfg["model"], margs, cache_dir or default_cache_dir(), progress=progress)
+    if protocol.judge is not None:
+        tracker.set_tags({"editgrid.protocol": "teacher_forced+generation_judge",
+                          "editgrid.judge": protocol.judge.backend.name,
+                          "editgrid.generation": json.dumps(protocol.settings.describe())})
     edit_seconds, scr_add_seconds, vstar_probs = 0.0, 0.0, []
     post_rows: dict = {}
     if resume is None:
@@ -355,6 +370,8 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
         table.append(row)
     tracker.log_table(table, "tables/per_edit_results.json")
     tracker.log_curves("plots/metrics_vs_edits.png", prefixes=("edit/",))
+    if protocol.active:
+        tracker.log_curves("plots/generation_vs_edits.png", prefixes=("judge/", "gen/", "general/"))
     if layers:
         tracker.log_curves("plots/diagnostics_vs_edits.png", prefixes=("diag/",))
     if scr is not None:

@@ -1,0 +1,152 @@
+"""The second protocol (ALGORITHMS.md §10, the Revisiting paper): answers are *generated* and graded by an LLM judge.
+
+For every record evaluated at a checkpoint the model greedily answers its prompts — rewrite (gold: the new target),
+paraphrases (gold: the new target), portability prompts (gold: their answers) and locality prompts (CounterFact
+neighbourhood / zsRE ``loc`` / KnowEdit locality; gold: their ground truth) — from the raw prompt (a chat template
+is optional and recorded), at most ``max_new_tokens`` tokens, cut at "." or a newline, first line kept. Reasoning
+models get ``reasoning_max_new_tokens`` and the text after ``</think>`` is what is judged.
+
+Metrics (``step`` = edits applied):
+  judge/reliability, judge/generalization, judge/portability, judge/locality   share judged A (correct)
+  gen/locality_unchanged    share of locality prompts answered exactly as the unedited model answered them
+  gen/contains              share of all judged answers that contain the gold answer (or an alias), lower-cased;
+                            gen/contains/<dimension> per dimension
+  judge/agreement_with_contains   share of judged answers where "judged A" equals "contains the gold answer"
+  judge/unparsable          share of judge replies that were not a verdict (counted as not correct)
+The per-prompt rows (prompt as shown, generation, gold, contains, verdict, judge reply) go to an MLflow table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from evals.generation import cut_at_stop, generate_greedy
+from evals.judge import Judge, JudgeItem
+from evals.records import EditRecord
+
+RELIABILITY, GENERALIZATION, PORTABILITY, LOCALITY = "reliability", "generalization", "portability", "locality"
+DIMENSIONS = (RELIABILITY, GENERALIZATION, PORTABILITY, LOCALITY)
+THINK_END = "</think>"
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 50
+    stop: tuple[str, ...] = (".", "\n")
+    chat_template: bool = False
+    reasoning: bool = False
+    reasoning_max_new_tokens: int = 1024
+
+    def describe(self) -> dict:
+        return {"max_new_tokens": self.max_new_tokens, "stop": list(self.stop), "chat_template": self.chat_template,
+                "reasoning": self.reasoning, "reasoning_max_new_tokens": self.reasoning_max_new_tokens}
+
+
+@dataclass(frozen=True)
+class AnswerQuery:
+    dimension: str
+    case_id: str
+    prompt: str
+    answers: tuple[str, ...]  # the gold answer first, then aliases
+
+
+def answer_queries(records: list[EditRecord]) -> list[AnswerQuery]:
+    queries = []
+    for r in records:
+        gold = (r.target_new,)
+        queries.append(AnswerQuery(RELIABILITY, r.case_id, r.prompt, gold))
+        queries += [AnswerQuery(GENERALIZATION, r.case_id, p, gold) for p in r.paraphrase_prompts]
+        queries += [AnswerQuery(PORTABILITY, r.case_id, c.prompt, c.answers)
+                    for cases in r.portability.values() for c in cases]
+        queries += [AnswerQuery(LOCALITY, r.case_id, c.prompt, c.answers) for c in r.neighborhood]
+        queries += [AnswerQuery(LOCALITY, r.case_id, c.prompt, c.answers)
+                    for cases in r.locality.values() for c in cases]
+    return queries
+
+
+def final_answer(text: str, settings: GenerationSettings) -> str:
+    """What is judged: the text after ``</think>`` for reasoning models (empty if the thinking never ended)."""
+    if not settings.reasoning:
+        return text
+    return text.split(THINK_END, 1)[1].strip() if THINK_END in text else ""
+
+
+def generate_answers(model, tokenizer, prompts: list[str], settings: GenerationSettings, batch_size: int = 16,
+                     progress: str | None = None) -> list[str]:
+    """Greedy answers to ``prompts`` under ``settings`` (the model as it is in memory: edited or not)."""
+    shown = prompts
+    if settings.chat_template:
+        shown = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in prompts]
+    if settings.reasoning:
+        # The reasoning runs over several lines and sentences: generate it whole, then keep the answer's first line.
+        raw = generate_greedy(model, tokenizer, shown, max_new_tokens=settings.reasoning_max_new_tokens, stop=(),
+                              batch_size=batch_size, progress=progress)
+        answers = [final_answer(g.raw, settings) for g in raw]
+        return [cut_at_stop(a, settings.stop) for a in answers]
+    return [g.text for g in generate_greedy(model, tokenizer, shown, max_new_tokens=settings.max_new_tokens,
+                                            stop=settings.stop, batch_size=batch_size, progress=progress)]
+
+
+def contains_answer(generation: str, answers: tuple[str, ...]) -> bool:
+    text = generation.lower()
+    return any(a.strip() and a.strip().lower() in text for a in answers)
+
+
+@dataclass
+class GenerationEvaluation:
+    metrics: dict[str, float]
+    rows: list[dict]
+    generations: dict[str, str]  # prompt -> answer, for the unedited model's reference
+
+
+def evaluate_generation(model, tokenizer, records: list[EditRecord], judge: Judge, settings: GenerationSettings,
+                        pre_edit_answers: dict[str, str] | None = None, batch_size: int = 16,
+                        prompt_builder: Callable[[list[str]], list[str]] | None = None,
+                        answers: dict[str, str] | None = None, progress: bool = False) -> GenerationEvaluation:
+    """Generate, judge and score the records' prompts.
+
+    ``pre_edit_answers``: the unedited model's answers (prompt → text), for ``gen/locality_unchanged``.
+    ``answers``: answers already generated for these prompts (the unedited model's, at step 0), used instead of
+    generating them again.
+    """
+    queries = answer_queries(records)
+    distinct = list(dict.fromkeys(q.prompt for q in queries))
+    shown = prompt_builder(distinct) if prompt_builder is not None else distinct
+    if answers is not None:
+        by_prompt = {p: answers[p] for p in distinct}
+    else:
+        generated = generate_answers(model, tokenizer, shown, settings, batch_size,
+                                     progress=f"generating {len(distinct)} answers" if progress else None)
+        by_prompt = dict(zip(distinct, generated))
+    shown_by_prompt = dict(zip(distinct, shown))
+    judgments = judge.grade([JudgeItem(q.prompt, q.answers[0], by_prompt[q.prompt]) for q in queries])
+
+    rows, per_dimension = [], {d: [] for d in DIMENSIONS}
+    for query, judgment in zip(queries, judgments):
+        generation = by_prompt[query.prompt]
+        contained = contains_answer(generation, query.answers)
+        row = {"case_id": query.case_id, "dimension": query.dimension, "prompt": query.prompt,
+               "shown_prompt": shown_by_prompt[query.prompt], "generation": generation, "gold": query.answers[0],
+               "contains": contained, "verdict": judgment.verdict, "judge_reply": judgment.reply}
+        if query.dimension == LOCALITY and pre_edit_answers is not None:
+            row["pre_edit_generation"] = pre_edit_answers.get(query.prompt)
+            row["unchanged"] = pre_edit_answers.get(query.prompt) == generation
+        rows.append(row)
+        per_dimension[query.dimension].append(row)
+
+    metrics: dict[str, float] = {}
+    for dimension, dim_rows in per_dimension.items():
+        if not dim_rows:
+            continue  # a dimension no record supports is omitted, not reported as 0
+        metrics[f"judge/{dimension}"] = sum(r["verdict"] == "A" for r in dim_rows) / len(dim_rows)
+        metrics[f"gen/contains/{dimension}"] = sum(r["contains"] for r in dim_rows) / len(dim_rows)
+    if rows:
+        metrics["gen/contains"] = sum(r["contains"] for r in rows) / len(rows)
+        metrics["judge/agreement_with_contains"] = sum((r["verdict"] == "A") == r["contains"] for r in rows) / len(rows)
+        metrics["judge/unparsable"] = sum(r["verdict"] is None for r in rows) / len(rows)
+    locality = [r for r in per_dimension[LOCALITY] if "unchanged" in r]
+    if locality:
+        metrics["gen/locality_unchanged"] = sum(r["unchanged"] for r in locality) / len(locality)
+    return GenerationEvaluation(metrics, rows, by_prompt)

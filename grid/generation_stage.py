@@ -1,0 +1,110 @@
+"""The second protocol inside a trial: generation + LLM judge, general abilities and fluency at each checkpoint.
+
+Beside the teacher-forced ``edit/*`` metrics, on the same model at the same checkpoints (with SCR: on the prompts
+SCR builds; with PRUNE-once: on the restrained weights):
+
+  judge/*, gen/*            ``eval.generate`` + ``eval.judge``  (evals/autoregressive.py, evals/judge.py)
+  general/<task>[/...]      ``eval.general``, at ``eval.general.steps`` (evals/general.py)
+  gen/fluency               ``eval.fluency`` (evals/fluency.py)
+  cost/judge_*              judgments per second of the backend, share answered from the judgment cache
+
+Tables per checkpoint: ``tables/generations/step_<n>.json`` (prompt, generation, gold, contains, verdict, judge
+reply) and ``tables/general/step_<n>.json``. The unedited model's answers are computed once per (model, records,
+generation settings) and shared through the cache (evals/pre_edit.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+from evals.autoregressive import GenerationSettings, evaluate_generation, generate_answers
+from evals.fluency import mean_fluency
+from evals.general import evaluate_general, load_task
+from evals.judge import Judge, JudgmentCache, OpenAIJudge, TransformersJudge, VllmJudge
+from evals.pre_edit import pre_edit_answers
+from evals.records import EditRecord
+
+logger = logging.getLogger(__name__)
+
+
+def build_judge(judge_cfg: dict, trial_model: str, model_args: dict, cache_dir: Path) -> Judge:
+    """The judge of ``eval.judge`` with the shared judgment cache."""
+    backend_name = judge_cfg["backend"]
+    if backend_name == "openai":
+        backend = OpenAIJudge(judge_cfg["base_url"], judge_cfg["model"], api_key_env=judge_cfg["api_key_env"],
+                              requests_per_second=judge_cfg["requests_per_second"],
+                              max_retries=judge_cfg["max_retries"], timeout_s=judge_cfg["timeout_s"],
+                              concurrency=judge_cfg["concurrency"], constrained_choice=judge_cfg["constrained_choice"])
+    elif backend_name == "vllm":
+        backend = VllmJudge(judge_cfg["model"], chat_template=judge_cfg["chat_template"])
+    else:
+        from methods.models import load_model
+
+        name = judge_cfg["model"] or trial_model
+        loaded = load_model(name, dtype=model_args["dtype"], device=model_args["device"], cache_dir=cache_dir)
+        backend = TransformersJudge(loaded.model, loaded.tokenizer, name=f"hf:{name}@{loaded.fingerprint}",
+                                    chat_template=judge_cfg["chat_template"], batch_size=judge_cfg["batch_size"])
+    return Judge(backend, JudgmentCache.in_folder(cache_dir), batch_size=judge_cfg["batch_size"])
+
+
+class GenerationStage:
+    def __init__(self, eval_cfg: dict, model, tokenizer, records: list[EditRecord], model_key: str,
+                 trial_model: str, model_args: dict, cache_dir: Path, progress: bool = False):
+        self.model, self.tokenizer, self.records, self.progress = model, tokenizer, records, progress
+        gen = eval_cfg["generate"]
+        self.settings = GenerationSettings(max_new_tokens=gen["max_new_tokens"], chat_template=gen["chat_template"],
+                                           reasoning=gen["reasoning"],
+                                           reasoning_max_new_tokens=gen["reasoning_max_new_tokens"])
+        self.batch_size = gen["batch_size"]
+        self.judge = build_judge(eval_cfg["judge"], trial_model, model_args, cache_dir) if gen["enabled"] else None
+        general = eval_cfg["general"]
+        self.general_items = ({task: load_task(general["path"], task, general["n_items"]) for task in general["tasks"]}
+                              if general["enabled"] else {})
+        self.general_steps = general["steps"]
+        self.general_generate = general["generate"]
+        self.fluency = eval_cfg["fluency"]
+        self.pre_answers: dict[str, str] | None = None
+        if self.judge is not None:
+            self.pre_answers, from_cache = pre_edit_answers(
+                model, tokenizer, records, self.settings, model_key, self.batch_size, cache_dir,
+                progress=f"unedited model: answering {len(records)} edits' prompts" if progress else None)
+            logger.info("pre-edit answers %s", "from the cache" if from_cache else "generated")
+
+    @property
+    def active(self) -> bool:
+        return self.judge is not None or bool(self.general_items) or self.fluency["enabled"]
+
+    def evaluate(self, step: int, subset: list[EditRecord],
+                 prompt_builder: Callable[[list[str]], list[str]] | None) -> tuple[dict[str, float], dict[str, list]]:
+        """Metrics after ``step`` edits and the tables to log (artifact path → rows)."""
+        metrics: dict[str, float] = {}
+        tables: dict[str, list] = {}
+        if self.judge is not None:
+            asked, seconds, cached = self.judge.stats.asked, self.judge.stats.seconds, self.judge.stats.cached
+            result = evaluate_generation(self.model, self.tokenizer, subset, self.judge, self.settings,
+                                         pre_edit_answers=self.pre_answers, batch_size=self.batch_size,
+                                         prompt_builder=prompt_builder,
+                                         answers=self.pre_answers if step == 0 else None, progress=self.progress)
+            metrics.update(result.metrics)
+            fresh = self.judge.stats.asked - asked
+            judged = fresh + self.judge.stats.cached - cached
+            if fresh:
+                metrics["cost/judge_judgments_per_second"] = fresh / (self.judge.stats.seconds - seconds)
+            if judged:
+                metrics["cost/judge_cached_share"] = (self.judge.stats.cached - cached) / judged
+            tables[f"tables/generations/step_{step:06d}.json"] = result.rows
+        if self.general_items and (self.general_steps is None or step in self.general_steps):
+            general = evaluate_general(self.model, self.tokenizer, self.general_items, batch_size=self.batch_size,
+                                       generate=self.general_generate, progress=self.progress)
+            metrics.update(general.metrics)
+            tables[f"tables/general/step_{step:06d}.json"] = general.rows
+        if self.fluency["enabled"]:
+            metrics["gen/fluency"] = self._fluency(subset)
+        return metrics, tables
+
+    def _fluency(self, subset: list[EditRecord]) -> float:
+        prompts = [p for r in subset for p in (r.generation_prompts or (r.prompt,))][:self.fluency["num_prompts"]]
+        settings = GenerationSettings(max_new_tokens=self.fluency["max_new_tokens"], stop=())
+        return mean_fluency(generate_answers(self.model, self.tokenizer, prompts, settings, self.batch_size))
