@@ -123,9 +123,13 @@ class JudgmentCache:
     """Verdicts on disk, one SQLite file shared by every trial (WAL; writers wait on SQLite's lock)."""
 
     def __init__(self, path: str | Path):
+        from filelock import FileLock
+
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
+        # Switching a new file to WAL fails with "database is locked" when another process does it at the same time
+        # (SQLite's busy timeout does not cover it), so creation is serialised; later opens find it done.
+        with FileLock(f"{self.path}.lock"), self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, judge TEXT, prompt_version TEXT, "
                        "verdict TEXT, reply TEXT, created REAL)")
