@@ -54,9 +54,11 @@ meaning.
 Reply with the single letter A or B and nothing else.
 Grade:"""
 
-# A verdict is the reply's first token after optional markup: A / B (any case), optionally in (), [], ** **, or
-# followed by punctuation; or the whole word CORRECT / INCORRECT. Everything else is unparsable.
-_LETTER = re.compile(r"^[\s*_`\"'(\[]*([AaBb])[\s*_`\"')\].:,;!-]*(?:\s.*)?$", re.S)
+# A verdict is the reply's first token after optional markup: A / B, optionally in (), [], ** **, or followed by
+# punctuation and an explanation; a lower-case a / b only on its own (else "a bit off" would read as A); or the
+# whole word CORRECT / INCORRECT. Everything else is unparsable.
+_LETTER = re.compile(r"^[\s*_`\"'(\[]*([AB])[\s*_`\"')\].:,;!-]*(?:\s.*)?$", re.S)
+_LOWER_LETTER = re.compile(r"^[\s*_`\"'(\[]*([ab])[\s*_`\"')\].:,;!-]*$")
 _WORD = re.compile(r"^[\s*_`\"'(\[]*(INCORRECT|CORRECT)\b", re.I)
 _PREFIX = re.compile(r"^\s*(?:grade|answer|verdict)\s*:\s*", re.I)
 
@@ -74,7 +76,7 @@ def parse_verdict(reply: str) -> str | None:
     if word:
         return INCORRECT if word.group(1).upper() == "INCORRECT" else CORRECT
     first_line = text.splitlines()[0]
-    letter = _LETTER.match(first_line)
+    letter = _LETTER.match(first_line) or _LOWER_LETTER.match(first_line)
     return letter.group(1).upper() if letter else None
 
 

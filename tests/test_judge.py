@@ -22,7 +22,7 @@ from evals.judge import (Judge, JudgeItem, JudgmentCache, JudgeUnavailable, Open
     ("Grade: A", "A"), ("Answer: B", "B"), ("CORRECT", "A"), ("INCORRECT", "B"), ("incorrect.", "B"),
     ("Incorrect - it says Rome", "B"), ("A - the answer names Paris", "A"),
     ("", None), ("  ", None), ("The answer is A", None), ("AB", None), ("C", None), ("Both", None),
-    ("I think it is correct", None), ("Bananas", None),
+    ("I think it is correct", None), ("Bananas", None), ("a bit off", None), ("b.", "B"),
 ])
 def test_parse_verdict_is_exact(reply, verdict):
     assert parse_verdict(reply) == verdict
