@@ -101,14 +101,18 @@ def resolve_layers(editable: EditableModel, spec: MethodSpec, trial_name: str) -
     return layers
 
 
+def cache_root(cfg: dict) -> Path:
+    """The cache shared by trials: ``cache_dir``, else ``$EDITGRID_CACHE`` or ``~/.cache/editgrid``."""
+    return Path(cfg["cache_dir"]) if cfg.get("cache_dir") else default_cache_dir()
+
+
 def checkpoint_store(cfg: dict, trial_id: str) -> TrialCheckpoints | None:
     """Where this trial's checkpoints go (``checkpoints.dir``, else ``<cache dir>/trial_checkpoints``), or None when
     checkpoints are off."""
     settings = cfg.get("checkpoints") or {}
     if not settings.get("enabled", True):
         return None
-    cache_root = Path(cfg["cache_dir"]) if cfg.get("cache_dir") else default_cache_dir()
-    return TrialCheckpoints(settings.get("dir") or cache_root / "trial_checkpoints", trial_id)
+    return TrialCheckpoints(settings.get("dir") or cache_root(cfg) / "trial_checkpoints", trial_id)
 
 
 def _resume_point(store: TrialCheckpoints | None, unfinished: list[str], trial_name: str) -> TrialState | None:
@@ -182,12 +186,13 @@ def _restore(state: TrialState, editable: EditableModel, layers: list[int], edit
 
 def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, result: TrialResult,
          progress: bool, store: TrialCheckpoints | None = None, resume: TrialState | None = None) -> None:
-    cache_dir = Path(cfg["cache_dir"]) if cfg.get("cache_dir") else None
+    cache_dir = cache_root(cfg)
     margs = cfg["model_args"]
     loaded = load_model(cfg["model"], dtype=margs["dtype"], device=margs["device"], cache_dir=cache_dir)
     editable = EditableModel.wrap(loaded.model, blocks=margs.get("blocks"), mlp=margs.get("mlp"),
                                   mlp_out=margs.get("mlp_out"))
     tokenizer = loaded.tokenizer
+    model_key = f"{loaded.model_id}@{loaded.fingerprint}"  # names the unedited weights in every cache key
     device = editable.parameter_device()
     layers = resolve_layers(editable, spec, trial.name) if spec.edits_weights else []
     tracker.set_tags({"editgrid.layers": ",".join(map(str, layers)), "editgrid.model_fingerprint": loaded.fingerprint})
@@ -206,7 +211,7 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
     if spec.edits_weights:
         stats_cfg = cfg["stats"]
         stats = second_moments(editable, tokenizer, layers, parse_corpus(stats_cfg["corpus"]),
-                               stats_cfg["num_tokens"], model_key=f"{loaded.model_id}@{loaded.fingerprint}",
+                               stats_cfg["num_tokens"], model_key=model_key,
                                cache_dir=cache_dir, max_length=stats_cfg["max_length"], progress=progress,
                                corpus_seed=stats_cfg["seed"])
         tracker.log_dict({"corpus": stats.corpus, "tokens": stats.tokens, "from_cache": stats.from_cache},
@@ -214,7 +219,8 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
         context_groups = generate_context_templates(loaded.model, tokenizer, seed=cfg["seed"])
         tracker.log_dict({"context_templates": context_groups}, "editing/context_templates.json")
         moments = {layer: stats.moments[layer].to(device) for layer in layers}
-        editor = build_editor(spec, editable, tokenizer, layers, moments, context_groups, seed=cfg["seed"])
+        editor = build_editor(spec, editable, tokenizer, layers, moments, context_groups, seed=cfg["seed"],
+                              cache_dir=cache_dir)
     originals = {layer: editable.weight(layer).detach().clone() for layer in layers}
     live_weights = {layer: editable.weight(layer) for layer in layers}
     restraint = build_restraint(spec)
@@ -286,13 +292,12 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
         return rows, metrics
 
     pre_edit_started = time.perf_counter()
-    pre_edit = pre_edit_outputs(loaded.model, tokenizer, records, f"{loaded.model_id}@{loaded.fingerprint}",
-                                eval_batch, cache_dir or default_cache_dir(),
+    pre_edit = pre_edit_outputs(loaded.model, tokenizer, records, model_key, eval_batch, cache_dir,
                                 progress=f"evaluating the unedited model on {len(records)} edits" if progress else None)
     pre_edit_seconds = time.perf_counter() - pre_edit_started  # counted in step 0's cost/eval_seconds
     tracker.set_tags({"editgrid.pre_edit_from_cache": pre_edit.from_cache})
-    protocol = GenerationStage(cfg["eval"], loaded.model, tokenizer, records, f"{loaded.model_id}@{loaded.fingerprint}",
-                               cfg["model"], margs, cache_dir or default_cache_dir(), progress=progress)
+    protocol = GenerationStage(cfg["eval"], loaded.model, tokenizer, records, model_key, cfg["model"], margs,
+                               cache_dir, progress=progress)
     if protocol.judge is not None:
         tracker.set_tags({"editgrid.protocol": "teacher_forced+generation_judge",
                           "editgrid.judge": protocol.judge.backend.name,
@@ -310,7 +315,7 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
         result.checkpoints.extend(resume.result_rows)
 
     def save_checkpoint(step: int) -> None:
-        state = TrialState(trial_id=trial.trial_id, cursor=step, layers=layers,
+        state = TrialState(trial_id=trial.trial_id, cursor=step,
                            weights={layer: editable.weight(layer) for layer in layers},
                            editor_state=editor.state_dict() if editor is not None else {},
                            edit_seconds=edit_seconds, scr_add_seconds=scr_add_seconds, vstar_probs=vstar_probs,

@@ -28,7 +28,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 STATE_FILE = "state.pt"
 SCR_MEMORY_DIR = "scr_memory"
 LATEST = "LATEST"
@@ -45,7 +45,6 @@ class TrialState:
 
     trial_id: str
     cursor: int  # edits applied
-    layers: list[int]
     weights: dict[int, torch.Tensor]  # edited layers' W (d×m as EditableModel.weight returns it)
     editor_state: dict
     edit_seconds: float

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Callable
 
 from methods.restraints.prune import PruneRestraint
@@ -237,7 +238,7 @@ def build_solver(solver: str, hparams: dict, cache_dir: Path | None = None):
     field, e.g. AlphaEdit's projectors) get the cache folder."""
     cls = SOLVERS[solver]
     args = _constructor_args(SOLVER_PARAMS[solver], hparams)
-    if cache_dir is not None and "cache_dir" in {f.name for f in dataclasses.fields(cls)}:
+    if cache_dir is not None and "cache_dir" in {f.name for f in fields(cls)}:
         args["cache_dir"] = cache_dir
     return cls(**args)
 

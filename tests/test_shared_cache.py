@@ -47,6 +47,14 @@ def test_alphaedit_projectors_are_computed_once_and_equal_the_direct_ones(tmp_pa
     assert len(calls) == 3
 
 
+def test_the_cache_folder_reaches_only_solvers_that_share_setup(tmp_path):
+    from methods.stages import build_solver
+
+    assert build_solver("alphaedit", {}, cache_dir=tmp_path).cache_dir == tmp_path
+    assert build_solver("alphaedit", {}).cache_dir is None
+    assert not hasattr(build_solver("memit", {}, cache_dir=tmp_path), "cache_dir")
+
+
 def _slow_projector_in_child(cache_dir: str, queue) -> None:
     original = alphaedit.nullspace_projector
 

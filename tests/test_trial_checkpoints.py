@@ -69,6 +69,8 @@ def test_interrupted_trial_resumes_from_its_checkpoint_with_the_uninterrupted_hi
     assert main(_args(straight_uri, tmp_path, tiny_llama_dir, small_corpus, method)) == 0
     client, (straight,) = _children(straight_uri)
     expected = _history(client, straight)
+    if method == "alphaedit":  # the trial shares its null-space projectors through the cache (one per layer)
+        assert len(list((tmp_path / "cache" / "projectors").glob("*.pt"))) == 2
 
     uri = f"sqlite:///{tmp_path}/resumed.db"
     _interrupt_after(monkeypatch, batches_done=3)  # checkpoint at 2 written; batch 3 applied and logged; then dies
