@@ -17,6 +17,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -39,6 +40,20 @@ def records_key(records: list[EditRecord]) -> str:
     return content_key({"records": [dataclasses.asdict(r) for r in records]})
 
 
+def _cached_json(cache_dir: Path, key: str, suffix: str, compute: Callable[[], object]) -> tuple[object, bool]:
+    """``compute()`` stored as JSON in ``<cache_dir>/pre_edit/<key><suffix>`` (under the cache's lock), and whether
+    it was read from there rather than computed now."""
+    built = False
+
+    def build(tmp: Path) -> None:
+        nonlocal built
+        tmp.write_text(json.dumps(compute()))
+        built = True
+
+    path = cached_path(Path(cache_dir), "pre_edit", key, build, suffix=suffix)
+    return json.loads(path.read_text()), not built
+
+
 def pre_edit_outputs(model: torch.nn.Module, tokenizer, records: list[EditRecord], model_key: str, batch_size: int,
                      cache_dir: Path, progress: str | None = None) -> PreEditOutputs:
     """The unedited model's reference and step-0 evaluation of ``records``, from the cache or computed now.
@@ -48,22 +63,17 @@ def pre_edit_outputs(model: torch.nn.Module, tokenizer, records: list[EditRecord
     """
     key = content_key({"format": FORMAT_VERSION, "model": model_key, "records": records_key(records),
                        "batch_size": batch_size})
-    built = False
 
-    def build(tmp: Path) -> None:
-        nonlocal built
+    def compute() -> dict:
         reference = compute_reference(model, tokenizer, records, batch_size=batch_size)
         evaluation = evaluate_records(model, tokenizer, records, reference=reference, batch_size=batch_size,
                                       progress=progress)
-        tmp.write_text(json.dumps({"reference": reference.to_dict(), "metrics": evaluation.metrics,
-                                   "per_record": evaluation.per_record}))
-        built = True
+        return {"reference": reference.to_dict(), "metrics": evaluation.metrics, "per_record": evaluation.per_record}
 
-    path = cached_path(Path(cache_dir), "pre_edit", key, build, suffix=".json")
-    saved = json.loads(path.read_text())
+    saved, from_cache = _cached_json(cache_dir, key, ".json", compute)
     return PreEditOutputs(reference=PreEditReference.from_dict(saved["reference"]),
                           evaluation=EvalResult(metrics=saved["metrics"], per_record=saved["per_record"]),
-                          from_cache=not built)
+                          from_cache=from_cache)
 
 
 def pre_edit_answers(model: torch.nn.Module, tokenizer, records: list[EditRecord], settings: GenerationSettings,
@@ -74,13 +84,8 @@ def pre_edit_answers(model: torch.nn.Module, tokenizer, records: list[EditRecord
     prompts = list(dict.fromkeys(q.prompt for q in answer_queries(records)))
     key = content_key({"format": FORMAT_VERSION, "model": model_key, "records": records_key(records),
                        "generation": settings.describe(), "batch_size": batch_size})
-    built = False
 
-    def build(tmp: Path) -> None:
-        nonlocal built
-        answers = generate_answers(model, tokenizer, prompts, settings, batch_size, progress=progress)
-        tmp.write_text(json.dumps(dict(zip(prompts, answers))))
-        built = True
+    def compute() -> dict:
+        return dict(zip(prompts, generate_answers(model, tokenizer, prompts, settings, batch_size, progress=progress)))
 
-    path = cached_path(Path(cache_dir), "pre_edit", key, build, suffix=".answers.json")
-    return json.loads(path.read_text()), not built
+    return _cached_json(cache_dir, key, ".answers.json", compute)

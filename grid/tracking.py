@@ -427,11 +427,14 @@ class TrialTracker:
                 continue
             values[str(name)] = _metric_float(name, value)
         _check_key_lengths(values, "metric")
-        entries = [Metric(name, value, timestamp_ms, step) for name, value in values.items()]
-        for start in range(0, len(entries), MAX_METRICS_PER_BATCH):
-            self._client.log_batch(run_id, metrics=entries[start:start + MAX_METRICS_PER_BATCH])
-        for name, value in values.items():
-            self._history.setdefault(name, []).append((step, value))
+        self._log_points(run_id, [Metric(name, value, timestamp_ms, step) for name, value in values.items()])
+
+    def _log_points(self, run_id: str, points: list) -> None:
+        """Metric points (mlflow Metric) to the run in MLflow-sized batches, and into :attr:`metric_history`."""
+        for start in range(0, len(points), MAX_METRICS_PER_BATCH):
+            self._client.log_batch(run_id, metrics=points[start:start + MAX_METRICS_PER_BATCH])
+        for m in points:
+            self._history.setdefault(m.key, []).append((m.step, m.value))
 
     def carry_over(self, source_run_id: str, up_to_step: int) -> int:
         """Copy into this run what ``source_run_id`` (an earlier, interrupted attempt of the same trial) logged up to
@@ -450,10 +453,7 @@ class TrialTracker:
                 if m.step <= up_to_step:
                     points.append(Metric(m.key, m.value, m.timestamp, m.step))
         points.sort(key=lambda m: (m.step, m.timestamp))
-        for start in range(0, len(points), MAX_METRICS_PER_BATCH):
-            self._client.log_batch(run_id, metrics=points[start:start + MAX_METRICS_PER_BATCH])
-        for m in points:
-            self._history.setdefault(m.key, []).append((m.step, m.value))
+        self._log_points(run_id, points)
         with tempfile.TemporaryDirectory() as folder:
             local = Path(self._client.download_artifacts(source_run_id, "", folder))
             for path in sorted(local.rglob("*")):
