@@ -156,11 +156,19 @@ def test_killed_driver_resumes_with_exactly_one_child_per_cell(tmp_path):
     command = [sys.executable, str(ROOT / "grid" / "launch.py"), "--no-ray", "--no-progress", "--tracking-uri", uri,
                *_sets([*TINY, "grid={hparams.scr_top_k: [1, 2, 3]}"])]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_path = tmp_path / "driver.log"
+    with open(log_path, "w") as log:
+        driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def driver_output() -> str:
+        return log_path.read_text(errors="replace")[-3000:]
+
     deadline = time.time() + 600
     try:
         while time.time() < deadline:  # kill it once one trial finished and the next one is running
             time.sleep(2)
+            # Checked before anything else, so a driver that died early is reported with its output.
+            assert driver.poll() is None, f"the driver ended before it could be killed mid-grid:\n{driver_output()}"
             if not (tmp_path / "mlflow.db").exists():
                 continue
             try:
@@ -175,9 +183,8 @@ def test_killed_driver_resumes_with_exactly_one_child_per_cell(tmp_path):
                 if {"FINISHED", "RUNNING"} <= {c.info.status for c in children}:
                     break
                 driver.send_signal(signal.SIGCONT)
-            assert driver.poll() is None, "the driver ended before it could be killed mid-grid"
         else:
-            pytest.fail("no trial finished within 10 minutes")
+            pytest.fail(f"no trial finished within 10 minutes; the driver's output:\n{driver_output()}")
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()
