@@ -7,8 +7,7 @@ deepest requested layer's keys were read (the layers above it are never run).
 Cache: one entry per layer, ``<cache_dir>/stats/<key>.pt`` (``torch.save`` of {"moment", "tokens",
 "description"}) plus ``<key>.json`` describing it for humans. The key hashes everything the numbers depend on: the
 caller's model key (id + weights fingerprint), the weights' dtype, layer, module path, corpus identity, token
-count, truncation length and accumulation dtype. Batch size and padding side are left out: they do not change
-the result. Missing layers are computed while holding every missing entry's lock (taken in a fixed order), so
+count, truncation length and accumulation dtype. The batch size is left out: it does not change the result. Missing layers are computed while holding every missing entry's lock (taken in a fixed order), so
 two processes asking for the same statistics never compute them twice: the second waits, then reads.
 """
 
@@ -74,18 +73,15 @@ def stats_description(editable: EditableModel, layer: int, corpus: dict, model_k
 
 def second_moments(editable: EditableModel, tokenizer, layers: Iterable[int], corpus: CorpusSpec, num_tokens: int,
                    model_key: str, cache_dir: Path | None = None, batch_tokens: int = 4096, max_length: int = 256,
-                   accumulate_dtype: torch.dtype = torch.float64, progress: bool = True, corpus_seed: int = 0,
-                   padding_side: str = "right") -> StatsResult:
+                   accumulate_dtype: torch.dtype = torch.float64, progress: bool = True, corpus_seed: int = 0) -> StatsResult:
     """C = E[k kᵀ] per requested layer, from the cache where present, the rest computed in one corpus pass.
 
-    ``num_tokens`` non-pad tokens are read from the start of the corpus (documents truncated to ``max_length``
-    tokens, the last one cut so the count is exact; fewer, with a warning, if the corpus is shorter). Batches hold
-    documents of similar length, at most ``batch_tokens`` padded tokens each (a single longer document still
-    gets a batch of its own).
+    ``num_tokens`` tokens are read from the start of the corpus (documents truncated to ``max_length`` tokens, the
+    last one cut so the count is exact; fewer, with a warning, if the corpus is shorter). Batches hold documents
+    of one length, at most ``batch_tokens`` tokens each (a single longer document gets a batch of its own).
     """
     layers = sorted({int(layer) for layer in layers})
-    _check_arguments(editable, layers, num_tokens, batch_tokens, max_length, accumulate_dtype, padding_side,
-                     model_key)
+    _check_arguments(editable, layers, num_tokens, batch_tokens, max_length, accumulate_dtype, model_key)
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     stats_dir = cache_root / "stats"
     identity = corpus_identity(corpus, model_fingerprint=model_key, seed=corpus_seed)
@@ -116,7 +112,7 @@ def second_moments(editable: EditableModel, tokenizer, layers: Iterable[int], co
                 started = time.perf_counter()
                 computed, tokens, corpus_seconds = _compute(
                     editable, tokenizer, missing, corpus, num_tokens, model_key, cache_root, corpus_seed,
-                    batch_tokens, max_length, accumulate_dtype, padding_side, progress)
+                    batch_tokens, max_length, accumulate_dtype, progress)
                 seconds = time.perf_counter() - started
                 for layer in missing:
                     _save_entry(paths[layer], computed[layer], tokens, descriptions[layer], corpus.source, seconds)
@@ -132,8 +128,7 @@ def second_moments(editable: EditableModel, tokenizer, layers: Iterable[int], co
                        corpus_seconds=corpus_seconds, paths=paths)
 
 
-def _check_arguments(editable, layers, num_tokens, batch_tokens, max_length, accumulate_dtype, padding_side,
-                     model_key):
+def _check_arguments(editable, layers, num_tokens, batch_tokens, max_length, accumulate_dtype, model_key):
     if not layers:
         raise StatsError("second_moments needs at least one layer")
     bad = [layer for layer in layers if not 0 <= layer < editable.num_layers]
@@ -144,8 +139,6 @@ def _check_arguments(editable, layers, num_tokens, batch_tokens, max_length, acc
             raise StatsError(f"{name} must be a positive integer, got {value!r}")
     if accumulate_dtype not in ACCUMULATE_DTYPES:
         raise StatsError(f"accumulate_dtype must be one of {list(ACCUMULATE_DTYPES.values())}, got {accumulate_dtype}")
-    if padding_side not in ("left", "right"):
-        raise StatsError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if not model_key:
         raise StatsError("model_key (model id + weights fingerprint) must be non-empty: it keys the cache")
 
@@ -213,31 +206,21 @@ def _add_tokenized(group, tokenizer, max_length, num_tokens, sequences, total, b
 
 
 def pack_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length, each at most ``batch_tokens`` once padded."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches, current = [], []
-    for index in order:
-        longest = lengths[current[0]] if current else lengths[index]  # descending: the first is the longest
-        if current and (len(current) + 1) * longest > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
+    """Indices grouped into batches of documents of one length each, at most ``batch_tokens`` tokens per batch.
+
+    Equal lengths mean no padding at all: no wasted tokens, and an all-ones mask lets the model take its plain
+    causal attention path (8 % faster on the statistics corpus than length-sorted padded batches). Longest first,
+    so a memory problem shows at once.
+    """
+    by_length: dict[int, list[int]] = {}
+    for index, length in enumerate(lengths):
+        by_length.setdefault(length, []).append(index)
+    batches = []
+    for length in sorted(by_length, reverse=True):
+        indices = by_length[length]
+        per_batch = max(1, batch_tokens // max(length, 1))
+        batches.extend(indices[start:start + per_batch] for start in range(0, len(indices), per_batch))
     return batches
-
-
-def _pad_batch(sequences: list[list[int]], pad_id: int, padding_side: str, device) -> tuple[torch.Tensor, ...]:
-    width = max(len(ids) for ids in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        span = slice(width - len(ids), width) if padding_side == "left" else slice(0, len(ids))
-        input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
-        mask[row, span] = 1
-    # Explicit positions: with left padding, positions must count real tokens only, as with right padding.
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    return input_ids.to(device), mask.to(device), positions.to(device)
 
 
 def _first_tensor(args, kwargs) -> torch.Tensor:
@@ -249,8 +232,31 @@ def _first_tensor(args, kwargs) -> torch.Tensor:
     raise StatsError("the MLP output projection was called without a tensor input")
 
 
+GRAM_BLOCKS = 4  # column blocks of the Gram's upper block-triangle: (k+1)/2k of a full GEMM's FLOPs
+
+
+def add_gram_upper(total: torch.Tensor, rows: torch.Tensor) -> None:
+    """``total += XᵀX`` on and above the diagonal only, for a float32 [tokens, m] batch X.
+
+    C is symmetric, so each block-row i of XᵀX is formed only from column block i rightwards: with 4 blocks that
+    is 62.5 % of a full GEMM's FLOPs (measured 64 vs 100 ms for 4096×1536 here; the Gram is ~30 % of a
+    statistics pass). Each block product is float32 (≤ batch_tokens terms) and is added in ``total``'s dtype.
+    BLAS syrk would halve the FLOPs but, called through scipy, its OpenBLAS threads fight torch's OpenMP threads.
+    """
+    width = rows.shape[1]
+    step = -(-width // GRAM_BLOCKS)
+    for begin in range(0, width, step):
+        end = min(begin + step, width)
+        total[begin:end, begin:] += (rows[:, begin:end].T @ rows[:, begin:]).to(total.dtype)
+
+
+def upper_to_full(matrix: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) ``matrix`` holds."""
+    return matrix.triu() + matrix.triu(1).T
+
+
 def _compute(editable, tokenizer, layers, corpus, num_tokens, model_key, cache_root, corpus_seed, batch_tokens,
-             max_length, accumulate_dtype, padding_side, progress):
+             max_length, accumulate_dtype, progress):
     model = editable.model
     device = editable.parameter_device()
     corpus_started = time.perf_counter()
@@ -265,19 +271,17 @@ def _compute(editable, tokenizer, layers, corpus, num_tokens, model_key, cache_r
         warnings.warn(f"corpus {corpus.source!r} holds only {tokens} tokens (at max_length {max_length}); "
                       f"the statistics average over those instead of the {num_tokens} asked for")
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pad_id = 0 if pad_id is None else pad_id  # any valid id: padded positions are masked and never read
     # Each sum lives beside its layer's weights (a model split over devices keeps its keys where they are).
     sums = {layer: torch.zeros(editable.key_dim(layer), editable.key_dim(layer), dtype=accumulate_dtype,
                                device=editable.mlp_out(layer).weight.device) for layer in layers}
     deepest = max(layers)
-    current = {}  # the batch's token mask, read by the hooks
 
     def make_hook(layer):
         def hook(module, args, kwargs):
-            keys = _first_tensor(args, kwargs)
-            real = keys[current["mask"].to(keys.device)].to(sums[layer].device, accumulate_dtype)  # [tokens, m]
-            sums[layer].addmm_(real.T, real)
+            keys = _first_tensor(args, kwargs)  # batches have no padding: every position is a corpus token
+            # Each batch's Gram in float32 (≤ batch_tokens terms, relative error ~1e-6), added to a running sum
+            # in the accumulation dtype: float64 accuracy over the corpus at float32 GEMM speed (~3× float64's).
+            add_gram_upper(sums[layer], keys.reshape(-1, keys.shape[-1]).to(sums[layer].device, torch.float32))
             if layer == deepest:
                 raise _DeepestLayerDone
         return hook
@@ -288,21 +292,20 @@ def _compute(editable, tokenizer, layers, corpus, num_tokens, model_key, cache_r
     model.eval()  # dropout (GPT-2) would otherwise perturb the keys
     bar = tqdm(total=tokens, desc=f"second moments, layers {layers}", unit="tok", disable=not progress)
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             for batch in pack_batches([len(ids) for ids in sequences], batch_tokens):
-                input_ids, mask, positions = _pad_batch([sequences[i] for i in batch], pad_id, padding_side, device)
-                current["mask"] = mask.bool()
+                input_ids = torch.tensor([sequences[i] for i in batch], dtype=torch.long, device=device)
                 try:
-                    model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False)
+                    model(input_ids=input_ids, use_cache=False)
                 except _DeepestLayerDone:
                     pass
                 else:
                     raise StatsError(f"the forward pass never reached {editable.mlp_out_name(deepest)}")
-                bar.update(int(mask.sum()))
+                bar.update(input_ids.numel())
     finally:
         bar.close()
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    moments = {layer: (sums[layer] / tokens).cpu() for layer in layers}
+    moments = {layer: upper_to_full(sums[layer] / tokens).cpu() for layer in layers}
     return moments, tokens, corpus_seconds

@@ -1,5 +1,5 @@
 """Second-moment statistics and their corpus: exactness against a brute-force computation, invariance to
-batching and padding, the on-disk cache (content keys, one build under concurrency), and corpus parsing."""
+batching (one length per batch), the on-disk cache (content keys, one build under concurrency), and corpus parsing."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 
 from methods.arch import EditableModel
 from methods.corpus import CorpusError, corpus_identity, iter_corpus_texts, parse_corpus
-from methods.stats import StatsError, second_moments
+from methods.stats import StatsError, add_gram_upper, pack_batches, second_moments, upper_to_full
 
 WORDS = ("the river city museum scientists found that a new study of water music law novel population war history "
          "students morning government company announced football album patient climate president first time "
@@ -104,19 +104,38 @@ def test_short_corpus_uses_every_token_and_warns(tiny_llama, smol_tokenizer, tex
     assert relative_error(result.moments[1], expected) < 1e-6
 
 
-def test_padding_side_and_batch_size_do_not_change_the_result(tiny_model, smol_tokenizer, text_corpus, tmp_path):
+def test_batch_size_does_not_change_the_result(tiny_model, smol_tokenizer, text_corpus, tmp_path):
     editable = EditableModel.wrap(tiny_model)
     corpus = parse_corpus(str(text_corpus))
     runs = []
-    for index, (padding_side, batch_tokens) in enumerate([("right", 4096), ("left", 4096), ("left", 97),
-                                                          ("right", 1)]):
+    for index, batch_tokens in enumerate([4096, 97, 1]):
         runs.append(second_moments(editable, smol_tokenizer, [1, 3], corpus, 2000, "tiny",
                                    cache_dir=tmp_path / f"run{index}", batch_tokens=batch_tokens,
-                                   max_length=MAX_LENGTH, padding_side=padding_side, progress=False))
+                                   max_length=MAX_LENGTH, progress=False))
     for run in runs[1:]:
         assert run.tokens == runs[0].tokens == 2000
         for layer in (1, 3):
             assert relative_error(run.moments[layer], runs[0].moments[layer]) < 1e-6
+
+
+def test_batches_hold_one_length_within_the_token_budget():
+    lengths = [5, 3, 5, 9, 3, 3, 5, 12, 1]
+    batches = pack_batches(lengths, batch_tokens=10)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    for batch in batches:
+        assert len({lengths[i] for i in batch}) == 1
+        assert len(batch) == 1 or len(batch) * lengths[batch[0]] <= 10
+    assert [lengths[batch[0]] for batch in batches] == sorted((lengths[b[0]] for b in batches), reverse=True)
+    assert [len(b) for b in batches if lengths[b[0]] == 3] == [3]
+
+
+def test_gram_upper_triangle_matches_a_full_product():
+    rows = torch.randn(50, 13)
+    total = torch.zeros(13, 13, dtype=torch.float64)
+    add_gram_upper(total, rows)
+    add_gram_upper(total, rows[:7])
+    expected = rows.double().T @ rows.double() + rows[:7].double().T @ rows[:7].double()
+    assert torch.allclose(upper_to_full(total), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_forward_stops_after_the_deepest_requested_layer(tiny_llama, smol_tokenizer, text_corpus, tmp_path):
@@ -286,5 +305,3 @@ def test_bad_arguments_are_named(tiny_llama, smol_tokenizer, text_corpus, tmp_pa
         second_moments(editable, smol_tokenizer, [7], corpus, 100, "tiny", cache_dir=tmp_path)
     with pytest.raises(StatsError, match="num_tokens"):
         second_moments(editable, smol_tokenizer, [1], corpus, 0, "tiny", cache_dir=tmp_path)
-    with pytest.raises(StatsError, match="padding_side"):
-        second_moments(editable, smol_tokenizer, [1], corpus, 100, "tiny", cache_dir=tmp_path, padding_side="up")
