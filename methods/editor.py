@@ -104,7 +104,7 @@ class LocateThenEditEditor:
         start = time.perf_counter()
         site = self._site()
         target = compute_target_values(self.editable.model, self.tokenizer, site, requests, self.context_groups,
-                                       self.target_hparams)
+                                       self.target_hparams, blocks=self.editable.blocks, site_layer=self.layers[-1])
         target_seconds = time.perf_counter() - start
         solve_start = time.perf_counter()
         values = target.values.t().double()  # [d, n]

@@ -14,6 +14,7 @@ Everything runs on the tiny random models of conftest.py; tests that edit weight
 from __future__ import annotations
 
 import copy
+import random
 
 import pytest
 import torch
@@ -379,20 +380,33 @@ FEW_STEPS = TargetHParams(v_lr=0.5, v_num_grad_steps=4, clamp_norm_factor=0.75, 
                           v_weight_decay=0.5)  # 4 forward passes, 3 Adam steps
 
 
+def _replay(editable: EditableModel, site_layer: int, replay: bool) -> dict:
+    """compute_target_values' keywords that replay the blocks below the site (as the editor calls it), or none."""
+    return {"blocks": editable.blocks, "site_layer": site_layer} if replay else {}
+
+
+@pytest.mark.parametrize("replay", [True, False], ids=["replayed-blocks", "every-block"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("model_name", MODELS)
-def test_target_values_match_unpadded_reference(request, monkeypatch, smol_tokenizer, model_name, padding_side):
-    """(a) prefix cache + suffix re-runs == whole unpadded prompts, step for step; (b) batch == alone; (c) clamp."""
+def test_target_values_match_unpadded_reference(request, monkeypatch, smol_tokenizer, model_name, padding_side,
+                                                replay):
+    """(a) prefix cache + suffix re-runs (+ replayed lower blocks) == whole unpadded prompts, step for step;
+    (b) batch == alone; (c) clamp."""
     monkeypatch.setattr(smol_tokenizer, "padding_side", padding_side)
     model = request.getfixturevalue(model_name)
     editable = EditableModel.wrap(model)
     site = editable.block(2)
-    together = compute_target_values(model, smol_tokenizer, site, V_REQUESTS, CONTEXT_GROUPS, FEW_STEPS)
+    blocks_before = list(editable.blocks)
+    together = compute_target_values(model, smol_tokenizer, site, V_REQUESTS, CONTEXT_GROUPS, FEW_STEPS,
+                                     **_replay(editable, 2, replay))
+    assert list(editable.blocks) == blocks_before  # the stand-ins are gone again
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert together.values.shape == (len(V_REQUESTS), model.config.hidden_size)
     assert together.steps == FEW_STEPS.v_num_grad_steps
     # the loss trajectory: a run with s steps reports the loss of the s-th forward pass
     trajectory = [compute_target_values(model, smol_tokenizer, site, V_REQUESTS, CONTEXT_GROUPS,
-                                        TargetHParams(**{**FEW_STEPS.__dict__, "v_num_grad_steps": s})).final_loss
+                                        TargetHParams(**{**FEW_STEPS.__dict__, "v_num_grad_steps": s}),
+                                        **_replay(editable, 2, replay)).final_loss
                   for s in (1, 2, 3)] + [together.final_loss]
     for j, req in enumerate(V_REQUESTS):
         v_star, h, losses, prob = _reference_target(model, smol_tokenizer, site, req, CONTEXT_GROUPS, FEW_STEPS)
@@ -403,7 +417,8 @@ def test_target_values_match_unpadded_reference(request, monkeypatch, smol_token
         assert [float(t[j]) for t in trajectory] == pytest.approx(losses, abs=1e-4)
         assert float(together.target_prob[j]) == pytest.approx(prob, rel=1e-4, abs=1e-9)
         # (b) independence: the same request optimised alone gives the same v*
-        alone = compute_target_values(model, smol_tokenizer, site, [req], CONTEXT_GROUPS, FEW_STEPS)
+        alone = compute_target_values(model, smol_tokenizer, site, [req], CONTEXT_GROUPS, FEW_STEPS,
+                                      **_replay(editable, 2, replay))
         torch.testing.assert_close(alone.values[0], together.values[j], rtol=0, atol=1e-4)
         # (c) the clamp
         assert float((together.values[j] - h).norm()) <= FEW_STEPS.clamp_norm_factor * float(h.norm()) * (1 + 1e-5)
@@ -411,15 +426,20 @@ def test_target_values_match_unpadded_reference(request, monkeypatch, smol_token
 
 @pytest.mark.parametrize("model_name", MODELS)
 def test_target_values_other_sites_and_no_prefix(request, monkeypatch, smol_tokenizer, model_name):
-    """The MLP site (AdaEdit's FFN-only target) and a batch in which no row has a prefix at all (bare template,
-    one-token subject first: nothing is cached)."""
+    """The MLP site (AdaEdit's FFN-only target: its own block runs live, those below are replayed), a batch in
+    which no row has a prefix at all (bare template, one-token subject first: nothing is cached), and the first
+    block as the site (only the site block itself is replayed)."""
     monkeypatch.setattr(smol_tokenizer, "padding_side", "left")
     model = request.getfixturevalue(model_name)
     editable = EditableModel.wrap(model)
     hp = TargetHParams(**{**FEW_STEPS.__dict__, "v_num_grad_steps": 3})
-    cases = [(editable.mlp(1), REQUESTS[:2], CONTEXT_GROUPS), (editable.block(1), REQUESTS[:1], [["{}"]])]
-    for site, requests, groups in cases:
-        result = compute_target_values(model, smol_tokenizer, site, requests, groups, hp)
+    cases = [(editable.mlp(1), REQUESTS[:2], CONTEXT_GROUPS, replay)
+             for replay in (True, False)] + [(editable.block(1), REQUESTS[:1], [["{}"]], True),
+                                             (editable.block(0), REQUESTS[:1], CONTEXT_GROUPS, True)]
+    for site, requests, groups, replay in cases:
+        site_layer = next(i for i, block in enumerate(editable.blocks) if any(m is site for m in block.modules()))
+        result = compute_target_values(model, smol_tokenizer, site, requests, groups, hp,
+                                       **_replay(editable, site_layer, replay))
         for j, req in enumerate(requests):
             v_star, h, losses, _ = _reference_target(model, smol_tokenizer, site, req, groups, hp)
             torch.testing.assert_close(result.initial[j], h, rtol=0, atol=1e-5)
@@ -432,9 +452,11 @@ def test_target_kl_term_matches_reference(monkeypatch, smol_tokenizer, tiny_llam
     (KL(p_initial ‖ p_now), as the reference code) and its position (the subject's last token of "{} is a") show."""
     monkeypatch.setattr(smol_tokenizer, "padding_side", "left")
     model = _sharpened(tiny_llama)
-    site = EditableModel.wrap(model).block(1)
+    editable = EditableModel.wrap(model)
+    site = editable.block(1)
     hp = TargetHParams(v_lr=0.5, v_num_grad_steps=4, kl_factor=5.0)
-    result = compute_target_values(model, smol_tokenizer, site, V_REQUESTS, CONTEXT_GROUPS, hp)
+    result = compute_target_values(model, smol_tokenizer, site, V_REQUESTS, CONTEXT_GROUPS, hp,
+                                   **_replay(editable, 1, True))
     for j, req in enumerate(V_REQUESTS):
         v_star, h, losses, prob = _reference_target(model, smol_tokenizer, site, req, CONTEXT_GROUPS, hp)
         torch.testing.assert_close(result.values[j], v_star, rtol=0, atol=1e-4)
@@ -478,9 +500,11 @@ def test_target_clamp_binds(request, monkeypatch, smol_tokenizer, model_name):
     the reference (whose clamp is the obvious one)."""
     monkeypatch.setattr(smol_tokenizer, "padding_side", "left")
     model = request.getfixturevalue(model_name)
-    site = EditableModel.wrap(model).block(1)
+    editable = EditableModel.wrap(model)
+    site = editable.block(1)
     hp = TargetHParams(v_lr=2.0, v_num_grad_steps=4, clamp_norm_factor=0.05, kl_factor=0.0625, v_weight_decay=0.5)
-    result = compute_target_values(model, smol_tokenizer, site, REQUESTS[:2], CONTEXT_GROUPS, hp)
+    result = compute_target_values(model, smol_tokenizer, site, REQUESTS[:2], CONTEXT_GROUPS, hp,
+                                   **_replay(editable, 1, True))
     for j, req in enumerate(REQUESTS[:2]):
         h = result.initial[j]
         norm = float((result.values[j] - h).norm())
@@ -723,7 +747,13 @@ def test_editor_memit_end_to_end(monkeypatch, smol_tokenizer, tiny_llama):
     texts = ["The quick brown fox jumps over the lazy dog.", "In 1990 the city council voted to build a bridge.",
              "She plays the violin and speaks three languages.", "Water boils at one hundred degrees Celsius.",
              "My favourite food is pasta with tomato sauce and basil."]
+    words = " ".join(texts).replace(".", "").split()
+    shuffler = random.Random(0)
+    texts += [" ".join(shuffler.sample(words, 12)) + "." for _ in range(25)]
+    # Enough tokens (~400) that C has full rank (key width 96): with fewer, λC + KKᵀ is singular and the update
+    # depends on rounding (it differed between 1 and 2 threads).
     moments = _second_moments(editable, smol_tokenizer, layers, texts)
+    assert all(int(torch.linalg.matrix_rank(c)) == c.shape[0] for c in moments.values())
     requests = END_REQUESTS
     before = [_sequence_logprob(model, smol_tokenizer, r.filled_prompt, r.target_with_space) for r in requests]
     original = {name: t.detach().clone() for name, t in model.state_dict().items()}
