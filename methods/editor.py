@@ -20,7 +20,7 @@ from typing import Literal, Protocol
 import torch
 
 from methods.arch import EditableModel
-from methods.keys import compute_keys, compute_site_outputs
+from methods.keys import compute_keys, compute_keys_and_site_outputs
 from methods.requests import EditRequest
 from methods.solvers.base import Solver
 from methods.targets import TargetHParams, compute_target_values
@@ -110,12 +110,16 @@ class LocateThenEditEditor:
         values = target.values.t().double()  # [d, n]
         residual_norm, update_norm = {}, {}
         for i, layer in enumerate(self.layers):
-            keys = compute_keys(self.editable, self.tokenizer, requests, [layer], self.context_groups)[layer]
+            # Keys of this layer and h_L, both read with the earlier layers of this batch already updated.
+            keys, site_outputs = compute_keys_and_site_outputs(
+                self.editable, self.tokenizer, requests, [layer], self.context_groups,
+                None if self.solver.residuals_from_keys else site)
+            keys = keys[layer]
             weight = self.editable.weight(layer)
             if self.solver.residuals_from_keys:  # ROME: R = V* − W K at the averaged keys
                 current = weight.detach().double() @ keys.double().to(weight.device)
             else:
-                current = compute_site_outputs(self.editable, self.tokenizer, requests, site).double()
+                current = site_outputs.double()
             residuals = (values.to(current.device) - current) / (len(self.layers) - i)
             delta = self.solver.solve(layer, keys, residuals, weight)
             for transform in self.transforms:

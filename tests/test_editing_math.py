@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from methods.arch import EditableModel
 from methods.editor import LocateThenEditEditor
-from methods.keys import compute_keys, compute_site_outputs
+from methods.keys import compute_keys, compute_site_outputs, compute_keys_and_site_outputs
 from methods.requests import EditRequest
 from methods.solvers.alphaedit import AlphaEditSolver, nullspace_projector
 from methods.solvers.memit import MemitSolver
@@ -781,3 +781,92 @@ def test_editor_memit_end_to_end(monkeypatch, smol_tokenizer, tiny_llama):
     # the fixture's model was not touched
     assert torch.equal(tiny_llama.state_dict()[editable.mlp_out_name(1) + ".weight"],
                        original[editable.mlp_out_name(1) + ".weight"])
+
+
+@pytest.mark.parametrize("groups", [CONTEXT_GROUPS, [["I heard it. {}"], ["The weather was nice today. {}"]]],
+                         ids=["with-plain-template", "without-plain-template"])
+def test_keys_and_site_outputs_in_one_pass_equal_separate_passes(monkeypatch, smol_tokenizer, tiny_llama, groups):
+    """The editor reads each layer's keys and h_L in one forward; h_L comes from the "{}" rows (or, when the
+    templates have none, from a pass of its own) and must equal the plain-prompt site outputs."""
+    monkeypatch.setattr(smol_tokenizer, "padding_side", "left")
+    editable = EditableModel.wrap(tiny_llama)
+    site = editable.block(2)
+    keys, h = compute_keys_and_site_outputs(editable, smol_tokenizer, V_REQUESTS, [1], groups, site)
+    torch.testing.assert_close(keys[1], compute_keys(editable, smol_tokenizer, V_REQUESTS, [1], groups)[1],
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(h, compute_site_outputs(editable, smol_tokenizer, V_REQUESTS, site), rtol=0, atol=1e-5)
+    assert compute_keys_and_site_outputs(editable, smol_tokenizer, V_REQUESTS, [1], groups, None)[1] is None
+
+
+def _plain_site_output(model, tokenizer, site, request: EditRequest) -> torch.Tensor:
+    """h: the site's output at the subject's last token of the plain prompt, one unpadded forward."""
+    at = request.prompt.find("{}")
+    text = request.prompt.replace("{}", request.subject, 1)
+    return _site_output(model, site, _ids(tokenizer, text),
+                        _subject_last_position(tokenizer, text, at + len(request.subject)))
+
+
+def _straightforward_sequential_edit(model, tokenizer, layers, batches, groups, hp, moments, solver: str,
+                                     projectors=None, l2: float = 0.0):
+    """The editor's whole computation, the obvious way (ALGORITHMS.md §1–3): per batch, v* per request with the
+    unpadded reference; per layer (ascending) keys and h_L read one prompt at a time on the current model,
+    R = (V* − H)/(L − i), and Δ from the papers' closed forms with explicit inverses in float64:
+    MEMIT Δ = R Kᵀ (λC + KKᵀ)⁻¹;  AlphaEdit Δ = R Kᵀ P (K_pK_pᵀP + KKᵀP + l2·I)⁻¹, K_pK_pᵀ += KKᵀ after a batch."""
+    editable = EditableModel.wrap(model)
+    site = editable.block(layers[-1])
+    lam = {layer: float(editable.key_dim(layer)) for layer in layers}  # mom2_update_weight_per_key_dim = 1
+    past = {layer: torch.zeros_like(moments[layer]) for layer in layers}
+    for batch in batches:
+        values = torch.stack([_reference_target(model, tokenizer, site, r, groups, hp)[0] for r in batch], 1)
+        for i, layer in enumerate(layers):
+            keys = torch.stack([_reference_keys(editable, tokenizer, r, layer, groups) for r in batch], 1).double()
+            current = torch.stack([_plain_site_output(model, tokenizer, site, r) for r in batch], 1)
+            residuals = (values - current).double() / (len(layers) - i)
+            eye = torch.eye(keys.shape[0], dtype=torch.float64)
+            if solver == "memit":
+                delta = residuals @ keys.T @ torch.linalg.inv(lam[layer] * moments[layer] + keys @ keys.T)
+            else:
+                p = projectors[layer]
+                delta = residuals @ keys.T @ p @ torch.linalg.inv(past[layer] @ p + keys @ keys.T @ p + l2 * eye)
+            with torch.no_grad():
+                editable.weight(layer).add_(delta.to(editable.weight(layer).dtype))
+        if solver == "alphaedit":
+            for layer in layers:
+                keys = torch.stack([_reference_keys(editable, tokenizer, r, layer, groups) for r in batch], 1)
+                past[layer] += keys.double() @ keys.double().T
+    return {layer: editable.weight(layer).detach().clone() for layer in layers}
+
+
+@pytest.mark.parametrize("solver", ["memit", "alphaedit"])
+def test_sequential_edits_equal_the_straightforward_computation(monkeypatch, smol_tokenizer, tiny_llama, solver):
+    """Issue 7's guard: everything made fast (prefix cache, replayed lower blocks, chunked head, one pass for keys
+    and h_L, Cholesky / incremental solves) leaves the edited weights equal to the plain computation, over two
+    sequential batches (so AlphaEdit's past-edit memory is exercised)."""
+    monkeypatch.setattr(smol_tokenizer, "padding_side", "left")
+    layers = [1, 2]
+    hp = TargetHParams(v_lr=0.5, v_num_grad_steps=4)
+    batches = [V_REQUESTS[:2], V_REQUESTS[2:3]]
+    texts = [" ".join(random.Random(seed).sample(
+        "the of a city river bridge council violin languages water boils degrees food pasta tomato sauce basil "
+        "quick brown fox jumps lazy dog voted build plays speaks three hundred favourite".split(), 14)) + "."
+        for seed in range(30)]
+    reference_model, editor_model = _sharpened(tiny_llama), _sharpened(tiny_llama)
+    moments = _second_moments(EditableModel.wrap(reference_model), smol_tokenizer, layers, texts)
+    projectors = {layer: nullspace_projector(moments[layer], "energy", 0.0, 0.3)[0] for layer in layers}
+    assert all(0 < int(torch.linalg.matrix_rank(p)) < p.shape[0] for p in projectors.values())
+    expected = _straightforward_sequential_edit(reference_model, smol_tokenizer, layers, batches, CONTEXT_GROUPS, hp,
+                                                moments, solver, projectors, l2=0.1)
+
+    editable = EditableModel.wrap(editor_model)
+    original = {layer: editable.weight(layer).detach().clone() for layer in layers}
+    if solver == "memit":
+        chosen = MemitSolver()
+    else:
+        chosen = AlphaEditSolver(l2=0.1, nullspace_mode="energy", nullspace_energy=0.3)
+    editor = LocateThenEditEditor(editable, smol_tokenizer, layers, chosen, moments, CONTEXT_GROUPS, hp)
+    for batch in batches:
+        editor.apply(batch)
+    for layer in layers:
+        change = expected[layer] - original[layer]
+        assert float(change.norm()) > 1e-2  # the edit really changed the layer
+        assert _rel(editable.weight(layer) - original[layer], change) < 1e-4, layer
