@@ -5,14 +5,26 @@ For one model it measures, separately:
 * second-moment statistics: seconds and tokens/s (and whether they came from the cache; ``--fresh-stats``
   computes them in a temporary cache folder so that the figure is an honest compute time);
 * per method × batch size cell, repeated ``--repeats`` times on the restored unedited weights: seconds per edit
-  in total, of which v* (target values) and solves (keys, residuals, Δ), from ``BatchReport``; the mean v* target
+  in total (``s/edit``: median over repeats of the run's mean; ``batch median/min/max``: over every batch of every
+  repeat, per edit), of which v* (target values) and solves (keys, residuals, Δ), from ``BatchReport``; the mean v* target
   probability; teacher-forced evaluation throughput on the edited records (scored prompt/continuation pairs per
   second); peak memory (ru_maxrss on CPU, CUDA max allocated on GPU).
+
+* autoregressive evaluation throughput (``--eval-generations N``): greedy answers to the first N evaluation
+  prompts of the edited records per second, and the same model judging those answers (judgments/s);
+* ``eval/edit``: seconds of one teacher-forced evaluation of all N edited records divided by the seconds it took
+  to make those N edits (a checkpoint should cost less than the editing it checks).
 
 Repeated figures are reported as median and min–max. The machine and library versions go into the JSON.
 
     .venv/bin/python benchmarks/bench_editing.py                      # SmolLM2, memit + alphaedit, 10 edits
     .venv/bin/python benchmarks/bench_editing.py --methods memit --batch-sizes 1,5 --repeats 3 --fresh-stats
+    .venv/bin/python benchmarks/bench_editing.py --reference-workload ../shared/data   # issue 7's side-by-side
+
+``--reference-workload DATA`` is the setting the reference toolkit was timed on (README "Speed"): layers 4–8,
+the first 50 records of DATA/counterfact/counterfact-edit.json, batch 1, v* with v_lr 0.1 and 25 steps, and
+statistics from every sentence field longer than 20 characters of DATA/general/*.jsonl, one per line (8,920
+lines, 325k tokens), computed fresh. Options given explicitly still win.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +47,9 @@ if str(ROOT) not in sys.path:
 
 import torch
 
+from evals.autoregressive import GenerationSettings, answer_queries, generate_answers
 from evals.datasets import load_records
+from evals.judge import Judge, JudgeItem, TransformersJudge
 from evals.teacher_forced import count_scored_pairs, evaluate_records
 from grid.config import method_settings
 from grid.tracking import TrialTracker, format_summary_table, resolve_tracking_uri
@@ -47,8 +62,15 @@ from methods.stages import build_editor
 from methods.stats import second_moments
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "bench_editing.json"
-TABLE_COLUMNS = ["method", "batch", "edits", "s/edit", "s/edit min", "s/edit max", "v* s/edit", "solve s/edit",
-                 "v* p", "eval pairs/s", "peak MB"]
+TABLE_COLUMNS = ["method", "batch", "edits", "s/edit", "batch median", "batch min", "batch max", "v* s/edit",
+                 "solve s/edit",
+                 "v* p", "eval pairs/s", "eval/edit", "gen/s", "judge/s", "peak MB"]
+REFERENCE = {  # what --reference-workload sets (README "Speed"), unless given explicitly
+    "methods": ["memit", "alphaedit", "rome"], "num_edits": 50, "layers": [4, 5, 6, 7, 8],
+    "hparams": {"v_lr": 0.1, "v_num_grad_steps": 25}, "stats_max_length": 1024, "stats_tokens": 10**7,
+    "fresh_stats": True,
+}
+REFERENCE_CORPUS_MIN_CHARS = 20
 
 
 def _comma_list(text: str) -> list[str]:
@@ -72,19 +94,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="hub id, local folder or embedded name")
-    parser.add_argument("--methods", type=_comma_list, default=["memit", "alphaedit"],
+    parser.add_argument("--methods", type=_comma_list, default=None,
                         help="comma list of presets in configs/presets (default memit,alphaedit)")
     parser.add_argument("--batch-sizes", type=_int_list, default=[1], help="comma list of edits per step")
-    parser.add_argument("--num-edits", type=int, default=10, help="edits per cell (default 10)")
-    parser.add_argument("--data", default="builtin", help="builtin, a JSON/JSONL file, or hf:<dataset>")
+    parser.add_argument("--num-edits", type=int, default=None, help="edits per cell (default 10)")
+    parser.add_argument("--data", default=None, help="builtin (default), a JSON/JSONL file, or hf:<dataset>")
     parser.add_argument("--offset", type=int, default=0, help="first record of --data to use")
-    parser.add_argument("--stats-corpus", default="model-samples", help="statistics corpus (as stats.corpus)")
-    parser.add_argument("--stats-tokens", type=int, default=20_000, help="tokens averaged into C")
-    parser.add_argument("--fresh-stats", action="store_true",
+    parser.add_argument("--stats-corpus", default=None,
+                        help="statistics corpus (as stats.corpus; default model-samples)")
+    parser.add_argument("--stats-tokens", type=int, default=None, help="tokens averaged into C (default 20000)")
+    parser.add_argument("--stats-max-length", type=int, default=None,
+                        help="statistics documents are cut to this many tokens (default 256)")
+    parser.add_argument("--fresh-stats", action="store_true", default=None,
                         help="compute the statistics in a temporary cache folder (measures compute, not the cache)")
+    parser.add_argument("--set", dest="hparams", action="append", default=[], metavar="NAME=VALUE",
+                        help="a hyper-parameter for every method (YAML value), e.g. --set v_lr=0.1; repeatable")
+    parser.add_argument("--reference-workload", metavar="DATA", default=None,
+                        help="the reference toolkit's timed setting, from the shared data folder DATA (see above)")
+    parser.add_argument("--eval-generations", type=int, default=8,
+                        help="prompts answered by greedy generation and then judged, per cell (0: skip)")
     parser.add_argument("--repeats", type=int, default=1, help="repeats of each method × batch-size cell")
     parser.add_argument("--layers", type=_int_list, default=None,
-                        help="comma list of layers to edit (default: each preset's / the architecture's)")
+                        help="comma list of layers to edit (default: each preset's / the architecture's); "
+                             "one-layer solvers (ROME) edit the last of them")
     parser.add_argument("--cache-dir", default=None, help="EditGrid cache folder (default the normal cache)")
     parser.add_argument("--json-out", default=str(DEFAULT_JSON), help="where to write the results JSON")
     parser.add_argument("--tracking-uri", default=None,
@@ -95,6 +127,62 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+DEFAULTS = {"methods": ["memit", "alphaedit"], "num_edits": 10, "data": "builtin", "stats_corpus": "model-samples",
+            "stats_tokens": 20_000, "stats_max_length": 256, "fresh_stats": False}
+
+
+def _parse_hparams(items: list[str]) -> tuple[dict, list[str]]:
+    import yaml
+
+    values, problems = {}, []
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or not name.strip():
+            problems.append(f"--set expects NAME=VALUE, got {item!r}")
+            continue
+        values[name.strip()] = yaml.safe_load(raw)
+    return values, problems
+
+
+def write_reference_corpus(data_dir: Path, out: Path) -> Path:
+    """DATA/general/*.jsonl → one line per sentence field (a string with a space, longer than 20 characters): the
+    reference's statistics corpus."""
+    files = sorted((data_dir / "general").glob("*.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"--reference-workload: no {data_dir / 'general'}/*.jsonl files")
+    lines = []
+    for path in files:
+        for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):  # not splitlines: \u2028 in text
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not JSON ({error})") from error
+            # Sentences, not labels: a category such as "high_school_macroeconomics" is long but has no space.
+            lines += [" ".join(value.split()) for value in record.values()
+                      if isinstance(value, str) and len(value) > REFERENCE_CORPUS_MIN_CHARS and " " in value.strip()]
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+def apply_reference_workload(args: argparse.Namespace, corpus_dir: Path) -> None:
+    """Fill the options the user left unset with the reference setting (explicit options win)."""
+    data_dir = Path(args.reference_workload).expanduser().resolve()
+    edits = data_dir / "counterfact" / "counterfact-edit.json"
+    if not edits.is_file():
+        raise FileNotFoundError(f"--reference-workload: {edits} does not exist")
+    for name, value in REFERENCE.items():
+        if name == "hparams":
+            args.hparam_values = {**value, **args.hparam_values}
+        elif getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.data is None:
+        args.data = str(edits)
+    if args.stats_corpus is None:
+        args.stats_corpus = str(write_reference_corpus(data_dir, corpus_dir / "general_sentences.txt"))
 
 
 def _check_args(args: argparse.Namespace) -> list[str]:
@@ -109,6 +197,10 @@ def _check_args(args: argparse.Namespace) -> list[str]:
         problems.append(f"--batch-sizes must all be >= 1, got {args.batch_sizes}")
     if args.threads is not None and args.threads < 1:
         problems.append(f"--threads must be >= 1, got {args.threads}")
+    if args.stats_max_length < 1:
+        problems.append(f"--stats-max-length must be >= 1, got {args.stats_max_length}")
+    if args.eval_generations < 0:
+        problems.append(f"--eval-generations must be >= 0, got {args.eval_generations}")
     return problems
 
 
@@ -163,8 +255,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     settings, layers_of = {}, {}
     for method in args.methods:
-        overrides = {"layers": list(args.layers)} if args.layers else {}
-        spec = method_settings(method, overrides)
+        spec = method_settings(method, args.hparam_values)
+        if args.layers:  # a one-layer solver (ROME) edits the last layer of the given window
+            window = sorted(args.layers)
+            spec = method_settings(method, {**args.hparam_values,
+                                            "layers": window[-spec.max_layers:] if spec.max_layers else window})
         layers = spec.layers(editable.default_layers())
         outside = [layer for layer in layers if layer >= editable.num_layers]
         if outside:
@@ -183,9 +278,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         stats_cache = Path(fresh) if args.fresh_stats else cache_dir
         _reset_peak(device)
         started = time.perf_counter()
-        stats = second_moments(editable, tokenizer, all_layers, parse_corpus(args.stats_corpus), args.stats_tokens,
-                               model_key=f"{loaded.model_id}@{loaded.fingerprint}", cache_dir=stats_cache,
-                               progress=progress)
+        with warnings.catch_warnings():  # the reference workload asks for "every token" on purpose
+            warnings.filterwarnings("ignore", message=".*the statistics average over those.*")
+            stats = second_moments(editable, tokenizer, all_layers, parse_corpus(args.stats_corpus), args.stats_tokens,
+                                   model_key=f"{loaded.model_id}@{loaded.fingerprint}", cache_dir=stats_cache,
+                                   max_length=args.stats_max_length, progress=progress)
         stats_wall = time.perf_counter() - started
     from_cache = all(stats.from_cache.values())
     computed_layers = [layer for layer in all_layers if not stats.from_cache[layer]]
@@ -225,12 +322,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 editor = build_editor(spec, editable, tokenizer, layers, moments, context_groups, seed=args.seed)
                 total = target = solve = 0.0
                 probs: list[float] = []
+                batch_seconds: list[float] = []  # per edit, batch by batch
                 for start, end in batches(len(requests), batch_size):
                     if progress:
                         print(f"[{method} b={batch_size} r={repeat + 1}/{args.repeats}] edits {start + 1}–{end}",
                               file=sys.stderr, flush=True)
                     report = editor.apply(requests[start:end])
                     total += report.seconds
+                    batch_seconds.append(report.seconds / (end - start))
                     target += report.target_seconds
                     solve += report.solve_seconds
                     probs.extend(report.target_prob)
@@ -240,16 +339,23 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 evaluation = evaluate_records(loaded.model, tokenizer, records, batch_size=args.eval_batch_size)
                 eval_seconds = time.perf_counter() - eval_started
                 n = len(requests)
-                runs.append({"seconds_per_edit": total / n, "target_seconds_per_edit": target / n,
+                runs.append({"seconds_per_edit": total / n, "batch_seconds_per_edit": batch_seconds,
+                             "target_seconds_per_edit": target / n,
                              "solve_seconds_per_edit": solve / n, "vstar_target_prob": sum(probs) / len(probs),
                              "vstar_target_prob_min": min(probs), "eval_seconds": eval_seconds,
                              "eval_pairs_per_s": num_pairs / eval_seconds if eval_seconds > 0 else None,
+                             "eval_to_edit_ratio": eval_seconds / total if total > 0 else None,
+                             **_generation_throughput(loaded.model, tokenizer, records, args.eval_generations,
+                                                      args.eval_batch_size),
                              "peak_memory_mb": peak_memory_mb(device),
                              "metrics": {k: v for k, v in evaluation.metrics.items() if k.startswith("edit/")}})
             restore()
             keys = ["seconds_per_edit", "target_seconds_per_edit", "solve_seconds_per_edit", "vstar_target_prob",
-                    "eval_seconds", "eval_pairs_per_s", "peak_memory_mb"]
+                    "eval_seconds", "eval_pairs_per_s", "eval_to_edit_ratio", "generations_per_s",
+                    "judgments_per_s", "peak_memory_mb"]
+            every_batch = [value for run in runs for value in run["batch_seconds_per_edit"]]
             cell = {"method": method, "solver": spec.solver, "batch_size": batch_size, "edits": len(requests),
+                    "batch_seconds_per_edit": _summary(every_batch),
                     "layers": layers, "repeats": args.repeats, "eval_pairs": num_pairs,
                     **{key: _summary([run[key] for run in runs if run[key] is not None]) for key in keys},
                     "runs": runs}
@@ -260,7 +366,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "config": {"model": args.model, "model_id": loaded.model_id, "fingerprint": loaded.fingerprint,
                        "methods": args.methods, "batch_sizes": args.batch_sizes, "num_edits": args.num_edits,
                        "data": args.data, "offset": args.offset, "stats_corpus": args.stats_corpus,
-                       "stats_tokens": args.stats_tokens, "fresh_stats": bool(args.fresh_stats),
+                       "stats_tokens": args.stats_tokens, "stats_max_length": args.stats_max_length,
+                       "fresh_stats": bool(args.fresh_stats), "hparams": args.hparam_values,
+                       "reference_workload": args.reference_workload, "eval_generations": args.eval_generations,
                        "repeats": args.repeats, "layers": args.layers, "eval_batch_size": args.eval_batch_size,
                        "seed": args.seed, "cache_dir": str(cache_dir) if cache_dir else None},
             "machine": machine_info(device, dtype),
@@ -268,16 +376,36 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "stats": stats_info, "cells": cells}
 
 
+def _generation_throughput(model, tokenizer, records, count: int, batch_size: int) -> dict:
+    """Greedy answers to the first ``count`` evaluation prompts, then the same model judging them (no cache)."""
+    if count == 0:
+        return {"generations_per_s": None, "judgments_per_s": None}
+    queries = answer_queries(records)[:count]
+    started = time.perf_counter()
+    answers = generate_answers(model, tokenizer, [q.prompt for q in queries], GenerationSettings(),
+                               batch_size=batch_size)
+    generation_seconds = time.perf_counter() - started
+    judge = Judge(TransformersJudge(model, tokenizer, name="bench-self-judge"), cache=None)
+    judge.grade([JudgeItem(q.prompt, q.answers[0], a) for q, a in zip(queries, answers)])
+    return {"generations_per_s": len(queries) / generation_seconds if generation_seconds > 0 else None,
+            "judgments_per_s": judge.stats.judgments_per_second}
+
+
 def table_rows(results: dict) -> list[dict]:
     rows = []
     for cell in results["cells"]:
         rows.append({"method": cell["method"], "batch": cell["batch_size"], "edits": cell["edits"],
-                     "s/edit": cell["seconds_per_edit"]["median"], "s/edit min": cell["seconds_per_edit"]["min"],
-                     "s/edit max": cell["seconds_per_edit"]["max"],
+                     "s/edit": cell["seconds_per_edit"]["median"],
+                     "batch median": cell["batch_seconds_per_edit"]["median"],
+                     "batch min": cell["batch_seconds_per_edit"]["min"],
+                     "batch max": cell["batch_seconds_per_edit"]["max"],
                      "v* s/edit": cell["target_seconds_per_edit"]["median"],
                      "solve s/edit": cell["solve_seconds_per_edit"]["median"],
                      "v* p": cell["vstar_target_prob"]["median"],
                      "eval pairs/s": cell["eval_pairs_per_s"].get("median"),
+                     "eval/edit": cell["eval_to_edit_ratio"].get("median"),
+                     "gen/s": cell["generations_per_s"].get("median"),
+                     "judge/s": cell["judgments_per_s"].get("median"),
                      "peak MB": cell["peak_memory_mb"]["median"]})
     return rows
 
@@ -328,11 +456,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    problems = _check_args(args)
-    if problems:
-        parser.error("; ".join(problems))
-    args.argv = argv
-    results = run_benchmark(args)
+    args.hparam_values, problems = _parse_hparams(args.hparams)
+    with tempfile.TemporaryDirectory(prefix="editgrid-bench-corpus-") as corpus_dir:
+        if args.reference_workload:
+            try:
+                apply_reference_workload(args, Path(corpus_dir))
+            except (OSError, ValueError) as error:
+                parser.error(str(error))
+        for name, value in DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        problems += _check_args(args)
+        if problems:
+            parser.error("; ".join(problems))
+        args.argv = argv
+        results = run_benchmark(args)
     out = Path(args.json_out)
     if args.tracking_uri:
         results["mlflow_run_id"] = _log_to_mlflow(results, args.tracking_uri, args.experiment)

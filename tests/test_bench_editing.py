@@ -23,7 +23,8 @@ def test_bench_editing_smoke(tmp_path, tiny_llama_dir, small_corpus):
     bench = _load_bench()
     code = bench.main(["--model", str(model_dir), "--num-edits", "2", "--data", "builtin",
                        "--stats-corpus", str(corpus), "--stats-tokens", "2000", "--cache-dir", str(tmp_path / "cache"),
-                       "--layers", "1,2", "--json-out", str(out), "--quiet",
+                       "--layers", "1,2", "--json-out", str(out), "--quiet", "--set", "v_num_grad_steps=3",
+                       "--eval-generations", "2",
                        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
     assert code == 0
     results = json.loads(out.read_text())
@@ -35,13 +36,14 @@ def test_bench_editing_smoke(tmp_path, tiny_llama_dir, small_corpus):
     assert stats["tokens"] == 2000 and stats["from_cache"] is False
     assert stats["seconds"] > 0 and stats["tokens_per_s"] > 0 and stats["pass_tokens_per_s"] > 0
     assert stats["layers"] == [1, 2]
+    assert results["config"]["hparams"] == {"v_num_grad_steps": 3}
 
     cells = results["cells"]
     assert [(c["method"], c["batch_size"]) for c in cells] == [("memit", 1), ("alphaedit", 1)]
     for cell in cells:
         assert cell["edits"] == 2 and cell["layers"] == [1, 2] and cell["eval_pairs"] > 0
         for key in ("seconds_per_edit", "target_seconds_per_edit", "solve_seconds_per_edit", "eval_pairs_per_s",
-                    "peak_memory_mb"):
+                    "eval_to_edit_ratio", "generations_per_s", "judgments_per_s", "peak_memory_mb"):
             summary = cell[key]
             assert summary["median"] > 0 and summary["min"] <= summary["median"] <= summary["max"], (key, summary)
         assert 0 < cell["vstar_target_prob"]["median"] <= 1
@@ -56,3 +58,34 @@ def test_bench_editing_smoke(tmp_path, tiny_llama_dir, small_corpus):
 
     table = bench.format_results(results)
     assert "memit" in table and "alphaedit" in table and "s/edit" in table
+
+
+def test_reference_workload_fills_unset_options_only(tmp_path):
+    bench = _load_bench()
+    data = tmp_path / "data"
+    (data / "counterfact").mkdir(parents=True)
+    (data / "general").mkdir()
+    (data / "counterfact" / "counterfact-edit.json").write_text("[]")
+    (data / "general" / "b.jsonl").write_text(json.dumps({"sentence1": "A sentence long enough to be kept.",
+                                                          "sentence2": "too short", "label": 1}) + "\n\n")
+    (data / "general" / "a.jsonl").write_text(json.dumps({"question": "What is\nthe capital of France, then?",
+                                                          "subject": "high_school_geography", "choices": ["Paris is it"]}) + "\n")
+    parser = bench.build_parser()
+    args = parser.parse_args(["--reference-workload", str(data), "--methods", "memit", "--set", "v_lr=0.3"])
+    args.hparam_values, problems = bench._parse_hparams(args.hparams)
+    assert not problems
+    bench.apply_reference_workload(args, tmp_path)
+    assert args.methods == ["memit"]  # given explicitly: kept
+    assert args.num_edits == 50 and args.layers == [4, 5, 6, 7, 8] and args.fresh_stats is True
+    assert args.hparam_values == {"v_lr": 0.3, "v_num_grad_steps": 25}
+    assert args.data == str(data / "counterfact" / "counterfact-edit.json")
+    # every sentence field (with a space) longer than 20 characters, one per line, files in sorted order, whitespace folded
+    assert Path(args.stats_corpus).read_text().splitlines() == ["What is the capital of France, then?",
+                                                                "A sentence long enough to be kept."]
+    assert bench._parse_hparams(["novalue"])[1] == ["--set expects NAME=VALUE, got 'novalue'"]
+
+
+def test_reference_corpus_of_the_shared_data_is_the_issues_corpus(shared_data, tmp_path):
+    """The side-by-side's statistics corpus: ≈ 8.9k lines of ../shared/data/general/*.jsonl (issue 7)."""
+    corpus = _load_bench().write_reference_corpus(shared_data, tmp_path / "corpus.txt")
+    assert len(corpus.read_text(encoding="utf-8").splitlines()) == 8920
