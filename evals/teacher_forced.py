@@ -1,8 +1,9 @@
 """Teacher-forced evaluation of edits (ALGORITHMS.md §10, "Teacher-forced").
 
-``score_continuations`` is the one place that runs the model: one forward pass over ``prompt + continuation`` per
-pair, batched, returning per continuation token its log-probability and whether it is the argmax of the
-next-token distribution. ``evaluate_records`` turns those scores into the edit metrics of both protocols:
+``score_continuations`` is the one place that runs the model: batched forward passes over ``prompt +
+continuation`` pairs (each distinct prompt run once, its continuations on top of its cached keys/values),
+returning per continuation token its log-probability and whether it is the argmax of the next-token
+distribution. ``evaluate_records`` turns those scores into the edit metrics of both protocols:
 
 * ``probability`` (CounterFact): a prompt counts as edited when the mean per-token NLL of the new target is below
   that of the true target (specificity: the reverse, on neighbourhood prompts).
@@ -103,16 +104,34 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def _accepts_past_key_values(model: torch.nn.Module) -> bool:
+    return "past_key_values" in inspect.signature(model.forward).parameters
+
+
+def _score(pair: _TokenisedPair, log_probs: torch.Tensor, argmax: torch.Tensor, prompt: str,
+           continuation: str) -> ContinuationScore:
+    """The score of one pair from the log-probs / argmax rows that predict its continuation tokens, in order."""
+    targets = pair.input_ids[pair.continuation_start:]
+    target_tensor = torch.tensor(targets, dtype=torch.long, device=log_probs.device)
+    token_log_probs = log_probs.gather(-1, target_tensor[:, None])[:, 0].cpu().tolist()
+    argmax_ids = argmax.tolist()
+    return ContinuationScore(prompt=prompt, continuation=continuation, token_ids=tuple(targets),
+                             token_logprobs=tuple(token_log_probs), argmax_ids=tuple(argmax_ids),
+                             is_argmax=tuple(a == t for a, t in zip(argmax_ids, targets)),
+                             mean_nll=-sum(token_log_probs) / len(targets))
+
+
 @torch.inference_mode()
 def score_continuations(model: torch.nn.Module, tokenizer, prompts: list[str], continuations: list[str],
                         batch_size: int = 32, progress: str | None = None) -> list[ContinuationScore]:
     """Teacher-forced log-probs of each ``continuation`` after its ``prompt`` (same order as the inputs).
 
-    ``continuation`` carries its own separating space (e.g. ``" Paris"``). Each pair is one forward pass over the
-    tokenised ``prompt + continuation``. Batches are padded here, always on the left with explicit position ids,
-    so the tokenizer's ``padding_side`` does not change the numbers; left padding puts every continuation at the
-    end of its row, so only the last few positions go through the LM head (``logits_to_keep`` where the model
-    supports it). Pairs are sorted by length to keep padding small.
+    ``continuation`` carries its own separating space (e.g. ``" Paris"``). Each pair is tokenised whole
+    (``prompt + continuation``). Pairs whose prompt tokens agree (CounterFact's new and true target after the same
+    prompt; MMLU's four choices) share one pass over the prompt: its keys/values are cached and only each
+    continuation is run on top (``_score_shared_prompts``). Models whose forward takes no ``past_key_values`` get
+    one pass per pair. Batches are left-padded with explicit position ids, so the tokenizer's ``padding_side``
+    does not change the numbers.
     """
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
@@ -121,13 +140,24 @@ def score_continuations(model: torch.nn.Module, tokenizer, prompts: list[str], c
     if not prompts:
         return []
     pairs = [_tokenise_pair(tokenizer, p, c) for p, c in zip(prompts, continuations)]
-    device = model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out; any id works
-    use_logits_to_keep = _accepts_logits_to_keep(model)
+    if _accepts_past_key_values(model) and hasattr(model, "base_model"):
+        scored = _score_shared_prompts(model, pairs, pad_id, batch_size, progress)
+    else:
+        scored = _score_whole_pairs(model, pairs, pad_id, batch_size, progress)
+    return [_score(pairs[i], log_probs, argmax, prompts[i], continuations[i])
+            for i, (log_probs, argmax) in enumerate(scored)]
 
+
+def _score_whole_pairs(model, pairs: list[_TokenisedPair], pad_id: int, batch_size: int, progress):
+    """(log-probs, argmax) rows per pair, one forward over each whole pair. Left padding puts every continuation
+    at the end of its row, so only the last few positions go through the LM head (``logits_to_keep`` where the
+    model supports it)."""
+    device = model_device(model)
+    use_logits_to_keep = _accepts_logits_to_keep(model)
     # Longest first, so running out of memory shows up on the first batch.
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].input_ids), reverse=True)
-    results: list[ContinuationScore | None] = [None] * len(pairs)
+    results: list = [None] * len(pairs)
     starts = range(0, len(order), batch_size)
     for batch_start in tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None):
         batch = order[batch_start:batch_start + batch_size]
@@ -142,21 +172,71 @@ def score_continuations(model: torch.nn.Module, tokenizer, prompts: list[str], c
         log_probs = torch.log_softmax(logits, dim=-1)
         argmax = logits.argmax(dim=-1).cpu()
         for row, index in enumerate(batch):
-            pair = pairs[index]
-            targets = pair.input_ids[pair.continuation_start:]
-            n_targets = len(targets)
+            n_targets = len(pairs[index].input_ids) - pairs[index].continuation_start
             # Token at padded position p is predicted at p - 1; kept index = position - (width - kept).
             first = kept - 1 - n_targets
-            target_tensor = torch.tensor(targets, dtype=torch.long, device=log_probs.device)
-            token_log_probs = log_probs[row, first:first + n_targets].gather(-1, target_tensor[:, None])[:, 0]
-            token_log_probs = token_log_probs.cpu().tolist()
-            argmax_ids = argmax[row, first:first + n_targets].tolist()
-            results[index] = ContinuationScore(
-                prompt=prompts[index], continuation=continuations[index], token_ids=tuple(targets),
-                token_logprobs=tuple(token_log_probs), argmax_ids=tuple(argmax_ids),
-                is_argmax=tuple(a == t for a, t in zip(argmax_ids, targets)),
-                mean_nll=-sum(token_log_probs) / n_targets)
-    return results  # type: ignore[return-value]
+            results[index] = (log_probs[row, first:first + n_targets], argmax[row, first:first + n_targets])
+    return results
+
+
+def _score_shared_prompts(model, pairs: list[_TokenisedPair], pad_id: int, batch_size: int, progress):
+    """(log-probs, argmax) rows per pair, each distinct prompt run once.
+
+    A pair's tokens split into a shared prefix (the prompt without its last token) and a suffix (the prompt's last
+    token + the continuation without its last token), whose outputs predict exactly the continuation tokens. Per
+    batch: the distinct prefixes, left-padded, in one forward that fills a key/value cache; the cache rows are
+    repeated per pair; then every pair's suffix, right-padded after it, in a second forward.
+    """
+    from transformers import DynamicCache
+
+    device = model_device(model)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, pair in enumerate(pairs):
+        groups.setdefault(tuple(pair.input_ids[:pair.continuation_start - 1]), []).append(index)
+    # Longest prefix first (memory problems show on the first batch); about batch_size pairs per batch.
+    prefixes = sorted(groups, key=len, reverse=True)
+    batches, current, count = [], [], 0
+    for prefix in prefixes:
+        if current and count + len(groups[prefix]) > batch_size:
+            batches.append(current)
+            current, count = [], 0
+        current.append(prefix)
+        count += len(groups[prefix])
+    batches.append(current)
+
+    results: list = [None] * len(pairs)
+    for batch in tqdm(batches, desc=progress, unit="batch", leave=False, disable=progress is None):
+        members = [index for prefix in batch for index in groups[prefix]]
+        prefix_row = torch.tensor([row for row, prefix in enumerate(batch) for _ in groups[prefix]])
+        width = max(len(prefix) for prefix in batch)
+        cache = None
+        if width:
+            prefix_ids, prefix_mask = left_padded([list(prefix) for prefix in batch], pad_id)
+            cache = DynamicCache()
+            model.base_model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
+                             position_ids=(prefix_mask.cumsum(dim=-1) - 1).clamp(min=0).to(device),
+                             past_key_values=cache, use_cache=True)
+            cache.reorder_cache(prefix_row.to(device))  # one cache row per pair
+            prefix_mask = prefix_mask[prefix_row]
+        else:
+            prefix_mask = torch.zeros((len(members), 0), dtype=torch.long)
+        suffixes = [pairs[i].input_ids[pairs[i].continuation_start - 1:-1] for i in members]
+        suffix_width = max(len(suffix) for suffix in suffixes)
+        suffix_ids = torch.full((len(members), suffix_width), pad_id, dtype=torch.long)
+        suffix_mask = torch.zeros((len(members), suffix_width), dtype=torch.long)
+        for row, suffix in enumerate(suffixes):
+            suffix_ids[row, :len(suffix)] = torch.tensor(suffix, dtype=torch.long)
+            suffix_mask[row, :len(suffix)] = 1
+        mask = torch.cat([prefix_mask, suffix_mask], dim=1)
+        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)[:, width:]
+        output = model(input_ids=suffix_ids.to(device), attention_mask=mask.to(device),
+                       position_ids=positions.to(device), past_key_values=cache, use_cache=cache is not None)
+        logits = output.logits.float()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        argmax = logits.argmax(dim=-1).cpu()
+        for row, (index, suffix) in enumerate(zip(members, suffixes)):
+            results[index] = (log_probs[row, :len(suffix)], argmax[row, :len(suffix)])
+    return results
 
 
 def answer_continuation(prompt: str, answer: str) -> str:

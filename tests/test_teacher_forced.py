@@ -341,3 +341,26 @@ def test_prompt_builder_scores_the_shown_prompt_against_the_same_targets(tiny_ll
     assert built.metrics["edit/generalization"] == plain.metrics["edit/generalization"]  # untouched prompts
     with pytest.raises(ValueError, match="prompt_builder returned 1 prompts"):
         evaluate_records(tiny_llama, smol_tokenizer, [record], prompt_builder=lambda ps: ps[:1])
+
+
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gpt2"])
+def test_prompts_shared_by_continuations_are_run_once(request, smol_tokenizer, model_name):
+    """Two continuations after the same prompt (CounterFact's new and true targets) cost one pass over the prompt:
+    the distinct prompts go through the model once, then all continuations on their cached keys/values — with the
+    same numbers as whole unpadded pairs."""
+    model = request.getfixturevalue(model_name)
+    prompts = ["The capital of France is"] * 2 + ["Hi"] * 2 + ["The Eiffel Tower stands in"]
+    continuations = [" Paris", " Rome, of course", " there", " you", " Paris"]
+    shapes = []
+    handle = model.get_input_embeddings().register_forward_hook(
+        lambda module, inputs, output: shapes.append(tuple(inputs[0].shape)))
+    try:
+        scores = score_continuations(model, smol_tokenizer, prompts, continuations, batch_size=8)
+    finally:
+        handle.remove()
+    assert [rows for rows, _ in shapes] == [3, 5]  # 3 distinct prompts, then 5 continuations
+    for score, prompt, continuation in zip(scores, prompts, continuations):
+        n = len(score.token_ids)
+        targets, log_probs, argmax = _unbatched_scores(model, smol_tokenizer, prompt, continuation, n)
+        assert list(score.token_ids) == targets and list(score.argmax_ids) == argmax
+        assert list(score.token_logprobs) == pytest.approx(log_probs, abs=1e-5)
