@@ -17,7 +17,7 @@ def _load_bench():
     return module
 
 
-def test_bench_editing_smoke(tmp_path, tiny_llama_dir, small_corpus):
+def test_bench_editing_smoke(tmp_path, tiny_llama_dir, small_corpus, capsys):
     model_dir, corpus = tiny_llama_dir, small_corpus
     out = tmp_path / "bench.json"
     bench = _load_bench()
@@ -58,6 +58,8 @@ def test_bench_editing_smoke(tmp_path, tiny_llama_dir, small_corpus):
 
     table = bench.format_results(results)
     assert "memit" in table and "alphaedit" in table and "s/edit" in table
+    with capsys.disabled():  # the regression guard's figures, in the CI log (tiny random model: it must run, not be fast)
+        print("\nbench_editing smoke (tiny random Llama):\n" + table)
 
 
 def test_reference_workload_fills_unset_options_only(tmp_path):
