@@ -298,8 +298,8 @@ def compute_target_values(model, tokenizer, site_module: torch.nn.Module, reques
         for step in range(hp.v_num_grad_steps):
             steps = step + 1
             hidden = run_suffix()
-            # Answer positions and KL positions through the output head in one product: at batch 1 the head's
-            # weight read (vocab × d) is what costs, so one read per direction instead of two.
+            # Answer positions and KL positions through the output head together: one pass over its vocab × d
+            # weight per direction instead of two.
             log_probs = F.log_softmax(_final_hidden_to_logits(model, hidden[read_rows, read_cols]).float(), dim=-1)
             num_labels = label_rows.shape[0]
             token_logp = log_probs[:num_labels].gather(1, label_tok[:, None]).squeeze(1)
