@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from evals.generation import cut_at_stop, generate_greedy
+from evals.answer_backends import AnswerBackend, InProcessAnswers
+from evals.generation import cut_at_stop
 from evals.judge import Judge, JudgeItem
 from evals.records import EditRecord
 
@@ -73,20 +74,39 @@ def final_answer(text: str, settings: GenerationSettings) -> str:
 
 
 def generate_answers(model, tokenizer, prompts: list[str], settings: GenerationSettings, batch_size: int = 16,
-                     progress: str | None = None) -> list[str]:
-    """Greedy answers to ``prompts`` under ``settings`` (the model as it is in memory: edited or not)."""
+                     progress: str | None = None, backend: AnswerBackend | None = None) -> list[str]:
+    """Greedy answers to ``prompts`` under ``settings``: by ``backend`` if given (evals/answer_backends.py; it must
+    serve this model's weights), else by the model as it is in memory, edited or not."""
+    backend = backend or InProcessAnswers(model, tokenizer, batch_size, progress)
     shown = prompts
     if settings.chat_template:
         shown = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                add_generation_prompt=True) for p in prompts]
     if settings.reasoning:
         # The reasoning runs over several lines and sentences: generate it whole, then keep the answer's first line.
-        raw = generate_greedy(model, tokenizer, shown, max_new_tokens=settings.reasoning_max_new_tokens, stop=(),
-                              batch_size=batch_size, progress=progress)
-        answers = [final_answer(g.raw, settings) for g in raw]
-        return [cut_at_stop(a, settings.stop) for a in answers]
-    return [g.text for g in generate_greedy(model, tokenizer, shown, max_new_tokens=settings.max_new_tokens,
-                                            stop=settings.stop, batch_size=batch_size, progress=progress)]
+        raw = backend.continuations(shown, settings.reasoning_max_new_tokens, ())
+        return [cut_at_stop(final_answer(text, settings), settings.stop) for text in raw]
+    return [cut_at_stop(text, settings.stop)
+            for text in backend.continuations(shown, settings.max_new_tokens, settings.stop)]
+
+
+@dataclass
+class BackendAgreement:
+    share: float  # probe prompts answered exactly as the in-process model answers them
+    rows: list[dict]  # prompt, in-process answer, backend answer, same
+
+
+def agreement_with_in_process(backend: AnswerBackend, model, tokenizer, prompts: list[str],
+                              settings: GenerationSettings, batch_size: int = 16) -> BackendAgreement:
+    """Do ``backend``'s answers equal the in-process (unedited) model's on ``prompts``? A backend serving other
+    weights (another model, a stale copy) disagrees on nearly every prompt; the same weights run by other kernels
+    may flip a rare near-tie of greedy decoding."""
+    if not prompts:
+        raise ValueError("agreement_with_in_process needs at least one probe prompt")
+    here = generate_answers(model, tokenizer, prompts, settings, batch_size)
+    there = generate_answers(model, tokenizer, prompts, settings, batch_size, backend=backend)
+    rows = [{"prompt": p, "in_process": a, "backend": b, "same": a == b} for p, a, b in zip(prompts, here, there)]
+    return BackendAgreement(sum(r["same"] for r in rows) / len(rows), rows)
 
 
 def contains_answer(generation: str, answers: tuple[str, ...]) -> bool:

@@ -24,17 +24,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import sqlite3
-import threading
 import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
+
+from evals.openai_endpoint import EndpointUnavailable, OpenAIEndpoint
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +105,7 @@ class JudgeBackend(Protocol):
     def complete(self, prompts: list[str]) -> list[str]: ...
 
 
-class JudgeUnavailable(RuntimeError):
+class JudgeUnavailable(EndpointUnavailable):
     """The judge endpoint could not be reached or kept failing (named with its URL, never its key)."""
 
 
@@ -238,10 +235,10 @@ class VllmJudge:
         self.name = name or model
         self.chat_template = chat_template
         if engine is None:
-            from vllm import LLM  # noqa: PLC0415 - optional dependency
+            from evals.answer_backends import offline_engine  # noqa: PLC0415 - imports vllm
 
-            engine = LLM(model=model, dtype=dtype, max_model_len=max_model_len, enforce_eager=True,
-                         gpu_memory_utilization=gpu_memory_utilization)
+            engine = offline_engine(model, dtype=dtype, max_model_len=max_model_len,
+                                    gpu_memory_utilization=gpu_memory_utilization)
         self.engine = engine
 
     def complete(self, prompts: list[str]) -> list[str]:
@@ -255,26 +252,9 @@ class VllmJudge:
         return [o.outputs[0].text for o in outputs]
 
 
-class _RateLimiter:
-    """At most ``per_second`` request starts per second across threads (0 = unlimited)."""
-
-    def __init__(self, per_second: float):
-        self.interval = 1.0 / per_second if per_second > 0 else 0.0
-        self._next = 0.0
-        self._lock = threading.Lock()
-
-    def wait(self) -> None:
-        if not self.interval:
-            return
-        with self._lock:
-            now = time.monotonic()
-            start = max(now, self._next)
-            self._next = start + self.interval
-        time.sleep(max(0.0, start - now))
-
-
 class OpenAIJudge:
-    """An OpenAI-compatible chat-completions endpoint as the judge.
+    """An OpenAI-compatible chat-completions endpoint as the judge (evals/openai_endpoint.py: key, rate limit,
+    retries, one clear error).
 
     ``constrained_choice`` adds vLLM's ``structured_outputs: {choice: [A, B]}`` (forces a letter; leave it off for
     endpoints that reject unknown fields, and to measure how often the judge answers off-format).
@@ -283,49 +263,22 @@ class OpenAIJudge:
     def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY",
                  requests_per_second: float = 0.0, max_retries: int = 4, timeout_s: float = 60.0,
                  concurrency: int = 8, constrained_choice: bool = False):
-        self.base_url = base_url.rstrip("/")
+        self.endpoint = OpenAIEndpoint(base_url, model, "judge", api_key_env=api_key_env,
+                                       requests_per_second=requests_per_second, max_retries=max_retries,
+                                       timeout_s=timeout_s, concurrency=concurrency, error=JudgeUnavailable)
         self.model = model
         self.name = f"openai:{model}"
-        self._api_key = os.environ.get(api_key_env, "") if api_key_env else ""
-        self.max_retries, self.timeout_s, self.concurrency = max_retries, timeout_s, concurrency
         self.constrained_choice = constrained_choice
-        self._limiter = _RateLimiter(requests_per_second)
 
     def __repr__(self) -> str:  # never show the key
-        return f"OpenAIJudge({self.base_url!r}, model={self.model!r})"
+        return f"OpenAIJudge({self.endpoint.base_url!r}, model={self.model!r})"
 
     def _request(self, prompt: str) -> str:
-        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": 0.0,
-                "max_tokens": JUDGE_MAX_TOKENS}
+        body = {"messages": [{"role": "user", "content": prompt}], "temperature": 0.0, "max_tokens": JUDGE_MAX_TOKENS}
         if self.constrained_choice:
             body["structured_outputs"] = {"choice": [CORRECT, INCORRECT]}
-        headers = {"Content-Type": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        url = f"{self.base_url}/chat/completions"
-        last_error = ""
-        for attempt in range(self.max_retries + 1):
-            self._limiter.wait()
-            request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    payload = json.loads(response.read())
-                return payload["choices"][0]["message"]["content"] or ""
-            except urllib.error.HTTPError as err:
-                detail = err.read()[:300].decode(errors="replace")
-                last_error = f"HTTP {err.code}: {detail}"
-                if err.code not in (408, 409, 429) and err.code < 500:
-                    raise JudgeUnavailable(f"judge endpoint {url} refused the request ({last_error})") from None
-            except (urllib.error.URLError, OSError, TimeoutError) as err:
-                last_error = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
-            except (KeyError, IndexError, ValueError) as err:
-                raise JudgeUnavailable(f"judge endpoint {url} answered something that is not a chat completion "
-                                       f"({type(err).__name__}: {err})") from None
-            if attempt < self.max_retries:
-                time.sleep(min(0.5 * 2 ** attempt, 8.0))
-        raise JudgeUnavailable(f"judge endpoint {url} (model {self.model!r}) is not answering after "
-                               f"{self.max_retries + 1} attempts: {last_error}")
+        return self.endpoint.post("chat/completions", body, lambda payload: payload["choices"][0]["message"]["content"]
+                                  or "", "a chat completion")
 
     def complete(self, prompts: list[str]) -> list[str]:
-        with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
-            return list(pool.map(self._request, prompts))
+        return self.endpoint.map(self._request, prompts)

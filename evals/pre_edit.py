@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from evals.answer_backends import AnswerBackend
 from evals.autoregressive import GenerationSettings, answer_queries, generate_answers
 from evals.records import EditRecord
 from evals.teacher_forced import EvalResult, PreEditReference, compute_reference, evaluate_records
@@ -77,15 +78,18 @@ def pre_edit_outputs(model: torch.nn.Module, tokenizer, records: list[EditRecord
 
 
 def pre_edit_answers(model: torch.nn.Module, tokenizer, records: list[EditRecord], settings: GenerationSettings,
-                     model_key: str, batch_size: int, cache_dir: Path,
-                     progress: str | None = None) -> tuple[dict[str, str], bool]:
+                     model_key: str, batch_size: int, cache_dir: Path, progress: str | None = None,
+                     backend: AnswerBackend | None = None) -> tuple[dict[str, str], bool]:
     """The unedited model's generated answer to every prompt of ``records`` (prompt → answer) and whether it came
-    from the cache."""
+    from the cache. ``backend``: generate them there instead of in process (a vLLM engine or endpoint serving the
+    same weights; the caller checks that); its name enters the cache key."""
     prompts = list(dict.fromkeys(q.prompt for q in answer_queries(records)))
+    where = {"batch_size": batch_size} if backend is None else {"backend": backend.name}
     key = content_key({"format": FORMAT_VERSION, "model": model_key, "records": records_key(records),
-                       "generation": settings.describe(), "batch_size": batch_size})
+                       "generation": settings.describe(), **where})
 
     def compute() -> dict:
-        return dict(zip(prompts, generate_answers(model, tokenizer, prompts, settings, batch_size, progress=progress)))
+        return dict(zip(prompts, generate_answers(model, tokenizer, prompts, settings, batch_size, progress=progress,
+                                                  backend=backend)))
 
     return _cached_json(cache_dir, key, ".answers.json", compute)

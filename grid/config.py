@@ -41,7 +41,16 @@ DEFAULTS: dict[str, Any] = {
         # The autoregressive protocol (evals/autoregressive.py): generated answers graded by an LLM judge, at the
         # same checkpoints as the teacher-forced metrics. Off by default (it needs a judge).
         "generate": {"enabled": False, "max_new_tokens": 50, "chat_template": False, "reasoning": False,
-                     "reasoning_max_new_tokens": 1024, "batch_size": 16},
+                     "reasoning_max_new_tokens": 1024, "batch_size": 16,
+                     # Where the UNEDITED model's answers come from (evals/answer_backends.py): hf = in process;
+                     # vllm = vLLM's offline engine on ``model`` (null = the trial model's HF folder); openai = a
+                     # completions endpoint at base_url serving ``model``. Edited models always answer in process.
+                     # Before use, the backend's answers to ``verify_prompts`` prompts are compared with the
+                     # in-process model's; below ``min_agreement`` the trial stops (it serves other weights).
+                     "unedited_answers": {"backend": "hf", "model": None, "base_url": None,
+                                          "api_key_env": "OPENAI_API_KEY", "requests_per_second": 0,
+                                          "max_retries": 4, "concurrency": 8, "timeout_s": 60,
+                                          "verify_prompts": 8, "min_agreement": 0.75}},
         # The judge (evals/judge.py). backend hf: a local transformers model (model null = the trial's model,
         # loaded a second time and never edited); vllm: vLLM's offline engine on ``model`` (an HF folder);
         # openai: an OpenAI-compatible endpoint at base_url serving ``model``, key from $<api_key_env>.
@@ -315,6 +324,7 @@ def trial_problems(cfg: dict) -> list[str]:
 
 
 JUDGE_BACKENDS = ("hf", "vllm", "openai")
+ANSWER_BACKENDS = ("hf", "vllm", "openai")
 
 
 def _protocol_problems(ev: dict, checkpoints) -> list[str]:
@@ -331,30 +341,49 @@ def _protocol_problems(ev: dict, checkpoints) -> list[str]:
         if not isinstance(value, bool):
             problems.append(f"eval.{name}: {value!r} must be true or false")
 
+    def endpoint_url(name: str, value) -> None:
+        if not (isinstance(value, str) and value.startswith(("http://", "https://"))):
+            problems.append(f"eval.{name}: {value!r} must be the endpoint's http(s) URL, e.g. http://127.0.0.1:8000/v1")
+
+    def endpoint_numbers(name: str, section: dict) -> None:
+        positive_int(f"{name}.concurrency", section.get("concurrency"))
+        positive_int(f"{name}.max_retries", section.get("max_retries"), 0)
+        for key in ("requests_per_second", "timeout_s"):
+            value = section.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                problems.append(f"eval.{name}.{key}: {value!r} must be a number >= 0")
+
     gen = ev.get("generate") or {}
     for key in ("enabled", "chat_template", "reasoning"):
         flag(f"generate.{key}", gen.get(key))
     for key in ("max_new_tokens", "reasoning_max_new_tokens", "batch_size"):
         positive_int(f"generate.{key}", gen.get(key))
+    unedited = gen.get("unedited_answers") or {}
+    if unedited.get("backend") not in ANSWER_BACKENDS:
+        problems.append(f"eval.generate.unedited_answers.backend: {unedited.get('backend')!r} is not one of "
+                        f"{list(ANSWER_BACKENDS)}")
+    if gen.get("enabled") is True and unedited.get("backend") in ("vllm", "openai"):
+        if unedited["backend"] == "openai":
+            if not unedited.get("model"):
+                problems.append("eval.generate.unedited_answers.model: the openai backend needs the model it serves")
+            endpoint_url("generate.unedited_answers.base_url", unedited.get("base_url"))
+        endpoint_numbers("generate.unedited_answers", unedited)
+        positive_int("generate.unedited_answers.verify_prompts", unedited.get("verify_prompts"))
+        share = unedited.get("min_agreement")
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+            problems.append(f"eval.generate.unedited_answers.min_agreement: {share!r} must be a number in [0, 1]")
     judge = ev.get("judge") or {}
     if judge.get("backend") not in JUDGE_BACKENDS:
         problems.append(f"eval.judge.backend: {judge.get('backend')!r} is not one of {list(JUDGE_BACKENDS)}")
     if gen.get("enabled") is True:
         if judge.get("backend") in ("vllm", "openai") and not judge.get("model"):
             problems.append(f"eval.judge.model: the {judge.get('backend')} judge needs the model it serves")
-        if judge.get("backend") == "openai" and not (isinstance(judge.get("base_url"), str)
-                                                     and judge["base_url"].startswith(("http://", "https://"))):
-            problems.append(f"eval.judge.base_url: {judge.get('base_url')!r} must be the endpoint's http(s) URL, "
-                            f"e.g. http://127.0.0.1:8000/v1")
+        if judge.get("backend") == "openai":
+            endpoint_url("judge.base_url", judge.get("base_url"))
     for key in ("chat_template", "constrained_choice"):
         flag(f"judge.{key}", judge.get(key))
-    for key in ("batch_size", "concurrency"):
-        positive_int(f"judge.{key}", judge.get(key))
-    positive_int("judge.max_retries", judge.get("max_retries"), 0)
-    for key in ("requests_per_second", "timeout_s"):
-        value = judge.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            problems.append(f"eval.judge.{key}: {value!r} must be a number >= 0")
+    positive_int("judge.batch_size", judge.get("batch_size"))
+    endpoint_numbers("judge", judge)
     general = ev.get("general") or {}
     flag("general.enabled", general.get("enabled"))
     flag("general.generate", general.get("generate"))

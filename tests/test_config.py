@@ -169,3 +169,23 @@ def test_stage_axes_expand_into_trials():
 def test_rome_layer_beyond_the_model_is_rejected_before_it_loads(capsys):
     assert main(["--set", "method=rome", "--set", "hparams.layers=[31]", "--list"]) == 2
     assert "reach beyond the 30 layers" in capsys.readouterr().err
+
+
+def test_protocol_sections_are_validated_with_every_problem_listed(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        _expand("eval.generate.enabled=true", "eval.generate.unedited_answers.backend=openai",
+                "eval.generate.unedited_answers.base_url=localhost:8000", "eval.generate.unedited_answers.min_agreement=2",
+                "eval.generate.unedited_answers.concurrency=0", "eval.judge.backend=openai", "eval.judge.timeout_s=-1",
+                "eval.general.enabled=true", f"eval.general.path={tmp_path}", "eval.general.tasks=[sst2, poetry]")
+    text = str(info.value)
+    for expected in ("eval.generate.unedited_answers.model: the openai backend needs the model it serves",
+                     "eval.generate.unedited_answers.base_url: 'localhost:8000' must be the endpoint's http(s) URL",
+                     "eval.generate.unedited_answers.min_agreement: 2 must be a number in [0, 1]",
+                     "eval.generate.unedited_answers.concurrency: 0 must be an integer >= 1",
+                     "eval.judge.model: the openai judge needs the model it serves",
+                     "eval.judge.base_url: None must be the endpoint's http(s) URL",
+                     "eval.judge.timeout_s: -1 must be a number >= 0", "eval.general.tasks"):
+        assert expected in text, text
+    with pytest.raises(ConfigError, match=r"eval.generate.unedited_answers.backend: 'tgi' is not one of"):
+        _expand("eval.generate.unedited_answers.backend=tgi")
+    _expand("eval.generate.enabled=true", "eval.generate.unedited_answers.backend=vllm")  # model null: the trial's

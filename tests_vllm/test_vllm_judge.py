@@ -5,27 +5,9 @@ exactly, temperature 0 reproducible, constrained choice always a verdict — and
 
 from __future__ import annotations
 
-import gc
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
+from conftest import MODEL  # tests_vllm/ is on sys.path (pytest prepend import mode)
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from evals.judge import Judge, JudgeItem, JudgmentCache, OpenAIJudge, VllmJudge, parse_verdict  # noqa: E402
-
-MODEL = os.environ.get("EDITGRID_VLLM_MODEL")
-pytestmark = pytest.mark.skipif(not MODEL, reason="EDITGRID_VLLM_MODEL (an HF model folder) is not set; "
-                                                  "run `make test-vllm`")
-SERVER_START_S = 600
-MEMORY_SHARE = 0.15  # on CPU: the share of host RAM vLLM reserves for its KV cache
+from evals.judge import Judge, JudgeItem, JudgmentCache, OpenAIJudge, VllmJudge, parse_verdict
 
 FACTS = [("What is the capital of France?", "Paris"), ("Who wrote Hamlet?", "William Shakespeare"),
          ("What is the largest planet?", "Jupiter"), ("What language is spoken in Brazil?", "Portuguese"),
@@ -45,59 +27,16 @@ def _report(label: str, judge: Judge, verdicts) -> None:
           f"unparsable={counts[None]}")
 
 
-def test_offline_engine_judges_reproducibly(tmp_path):
-    backend = VllmJudge(MODEL, name="vllm:smollm2", dtype="float32", max_model_len=1024,
-                        gpu_memory_utilization=MEMORY_SHARE)
-    try:
-        judge = Judge(backend, JudgmentCache.in_folder(tmp_path), batch_size=64)
-        first = judge.grade(ITEMS)
-        _report("vllm offline engine", judge, first)
-        assert all(j.verdict == parse_verdict(j.reply) and not j.from_cache for j in first)
-        again = Judge(backend).grade(ITEMS)  # no cache: the engine is asked again, temperature 0
-        assert [j.reply for j in again] == [j.reply for j in first]
-        cached = Judge(backend, JudgmentCache.in_folder(tmp_path)).grade(ITEMS)
-        assert all(j.from_cache for j in cached)
-    finally:
-        del backend
-        gc.collect()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def vllm_server(tmp_path_factory):
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("vllm") / "server.log"
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", MODEL, "--host", "127.0.0.1",
-               "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
-               "--gpu-memory-utilization", str(MEMORY_SHARE), "--served-model-name", "smollm2"]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + SERVER_START_S
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"vLLM server exited ({process.returncode}):\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"vLLM server not ready in {SERVER_START_S} s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+def test_offline_engine_judges_reproducibly(engine, tmp_path):
+    backend = VllmJudge(MODEL, name="vllm:smollm2", engine=engine)
+    judge = Judge(backend, JudgmentCache.in_folder(tmp_path), batch_size=64)
+    first = judge.grade(ITEMS)
+    _report("vllm offline engine", judge, first)
+    assert all(j.verdict == parse_verdict(j.reply) and not j.from_cache for j in first)
+    again = Judge(backend).grade(ITEMS)  # no cache: the engine is asked again, temperature 0
+    assert [j.reply for j in again] == [j.reply for j in first]
+    cached = Judge(backend, JudgmentCache.in_folder(tmp_path)).grade(ITEMS)
+    assert all(j.from_cache for j in cached)
 
 
 def test_openai_backend_against_the_vllm_server(vllm_server, tmp_path):
