@@ -59,7 +59,7 @@ from methods.context import generate_context_templates
 from methods.corpus import parse_corpus
 from methods.models import load_model
 from methods.stages import build_editor
-from methods.stats import second_moments
+from methods.stats import FORWARD_DTYPE_BY_NAME, second_moments
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "bench_editing.json"
 TABLE_COLUMNS = ["method", "batch", "edits", "s/edit", "batch median", "batch min", "batch max", "v* s/edit",
@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stats-tokens", type=int, default=None, help="tokens averaged into C (default 20000)")
     parser.add_argument("--stats-max-length", type=int, default=None,
                         help="statistics documents are cut to this many tokens (default 256)")
+    parser.add_argument("--stats-forward-dtype", choices=["bfloat16", "float16"], default=None,
+                        help="the statistics' forward pass under autocast in this dtype (as stats.forward_dtype; "
+                             "default: the weights' dtype)")
     parser.add_argument("--fresh-stats", action="store_true", default=None,
                         help="compute the statistics in a temporary cache folder (measures compute, not the cache)")
     parser.add_argument("--set", dest="hparams", action="append", default=[], metavar="NAME=VALUE",
@@ -282,11 +285,13 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             warnings.filterwarnings("ignore", message=".*the statistics average over those.*")
             stats = second_moments(editable, tokenizer, all_layers, parse_corpus(args.stats_corpus), args.stats_tokens,
                                    model_key=f"{loaded.model_id}@{loaded.fingerprint}", cache_dir=stats_cache,
-                                   max_length=args.stats_max_length, progress=progress)
+                                   max_length=args.stats_max_length, progress=progress,
+                                   forward_dtype=FORWARD_DTYPE_BY_NAME.get(args.stats_forward_dtype))
         stats_wall = time.perf_counter() - started
     from_cache = all(stats.from_cache.values())
     computed_layers = [layer for layer in all_layers if not stats.from_cache[layer]]
     stats_info = {"layers": all_layers, "tokens": stats.tokens, "corpus": args.stats_corpus,
+                  "forward_dtype": args.stats_forward_dtype or "weights",
                   "from_cache": from_cache, "computed_layers": computed_layers, "fresh_cache": bool(args.fresh_stats),
                   "from_cache_by_layer": {str(k): v for k, v in stats.from_cache.items()},
                   "seconds": stats.seconds, "corpus_seconds": stats.corpus_seconds, "wall_seconds": stats_wall,
@@ -427,7 +432,7 @@ def format_results(results: dict) -> str:
             f"{machine['torch_threads']} torch threads), {results['config']['num_edits']} edits of "
             f"{results['config']['data']}, repeats={results['config']['repeats']}\n"
             f"statistics: {stats['tokens']} tokens, layers {stats['layers']}, {stats['seconds']:.1f} s ({source}, "
-            f"{rate})")
+            f"{rate}; forward pass in {stats.get('forward_dtype', 'weights')} precision)")
     return head + "\n" + format_summary_table(table_rows(results), TABLE_COLUMNS)
 
 

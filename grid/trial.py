@@ -59,7 +59,7 @@ from methods.corpus import parse_corpus
 from methods.models import load_model
 from methods.requests import EditRequest
 from methods.stages import MethodSpec, build_editor, build_restraint
-from methods.stats import second_moments
+from methods.stats import FORWARD_DTYPE_BY_NAME, second_moments
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,8 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
         stats = second_moments(editable, tokenizer, layers, parse_corpus(stats_cfg["corpus"]),
                                stats_cfg["num_tokens"], model_key=model_key,
                                cache_dir=cache_dir, max_length=stats_cfg["max_length"], progress=progress,
-                               corpus_seed=stats_cfg["seed"])
+                               corpus_seed=stats_cfg["seed"],
+                               forward_dtype=FORWARD_DTYPE_BY_NAME.get(stats_cfg["forward_dtype"]))
         tracker.log_dict({"corpus": stats.corpus, "tokens": stats.tokens, "from_cache": stats.from_cache},
                          "stats/second_moments.json")
         context_groups = generate_context_templates(loaded.model, tokenizer, seed=cfg["seed"])

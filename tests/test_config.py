@@ -186,6 +186,8 @@ def test_protocol_sections_are_validated_with_every_problem_listed(tmp_path):
                      "eval.judge.base_url: None must be the endpoint's http(s) URL",
                      "eval.judge.timeout_s: -1 must be a number >= 0", "eval.general.tasks"):
         assert expected in text, text
+    with pytest.raises(ConfigError, match=r"stats.forward_dtype: 'float64' must be null, bfloat16 or float16"):
+        _expand("stats.forward_dtype=float64")
     with pytest.raises(ConfigError, match=r"eval.generate.unedited_answers.backend: 'tgi' is not one of"):
         _expand("eval.generate.unedited_answers.backend=tgi")
     _expand("eval.generate.enabled=true", "eval.generate.unedited_answers.backend=vllm")  # model null: the trial's

@@ -172,6 +172,26 @@ def test_second_call_reads_the_cache(tiny_llama, smol_tokenizer, text_corpus, tm
         assert second_moments(editable, smol_tokenizer, [1], corpus, **options).from_cache == {1: False}
 
 
+def test_lower_precision_forward_is_close_keyed_apart_and_opt_in(tiny_llama, smol_tokenizer, text_corpus, tmp_path):
+    editable = EditableModel.wrap(tiny_llama)
+    corpus = parse_corpus(str(text_corpus))
+    arguments = dict(cache_dir=tmp_path, max_length=MAX_LENGTH, progress=False)
+    exact = second_moments(editable, smol_tokenizer, [1, 3], corpus, 1500, "tiny", **arguments)
+    lowered = second_moments(editable, smol_tokenizer, [1, 3], corpus, 1500, "tiny", forward_dtype=torch.bfloat16,
+                             **arguments)
+    assert lowered.from_cache == {1: False, 3: False}  # its own cache entries
+    for layer in (1, 3):
+        error = relative_error(lowered.moments[layer], exact.moments[layer])
+        assert 1e-5 < error < 3e-2, error  # the bfloat16 forward really ran, and moved C by a few per mille
+        assert lowered.moments[layer].dtype == torch.float64 and torch.equal(lowered.moments[layer],
+                                                                              lowered.moments[layer].T)
+        description = json.loads(lowered.paths[layer].with_suffix(".json").read_text())["description"]
+        assert description["forward_dtype"] == "bfloat16"
+        assert "forward_dtype" not in json.loads(exact.paths[layer].with_suffix(".json").read_text())["description"]
+    with pytest.raises(StatsError, match="forward_dtype"):
+        second_moments(editable, smol_tokenizer, [1], corpus, 1500, "tiny", forward_dtype=torch.float64, **arguments)
+
+
 def test_corpus_identity_follows_file_content_not_path(tiny_llama, smol_tokenizer, tmp_path):
     editable = EditableModel.wrap(tiny_llama)
     original = write_text_corpus(tmp_path / "a.txt", seed=1)
