@@ -67,6 +67,10 @@ DEFAULTS: dict[str, Any] = {
         # gen/fluency (evals/fluency.py): n-gram entropy of greedy continuations of the records' generation
         # prompts (their rewrite prompts when they have none).
         "fluency": {"enabled": False, "num_prompts": 20, "max_new_tokens": 100},
+        # lm-evaluation-harness tasks on the in-memory model (evals/lm_eval_bridge.py; pip install
+        # 'editgrid[lm-eval]'): hub tasks need their datasets cached; include_path = a folder of local task YAMLs.
+        "lm_eval": {"enabled": False, "tasks": [], "limit": None, "num_fewshot": None, "batch_size": 16,
+                    "include_path": None, "steps": None},
     },
     "seed": 0,
     "cache_dir": None,
@@ -404,12 +408,33 @@ def _protocol_problems(ev: dict, checkpoints) -> list[str]:
             missing = [t for t in tasks if t in TASKS and not (Path(folder) / f"{t}.jsonl").is_file()]
             if missing:
                 problems.append(f"eval.general.path: {folder} has no {', '.join(f'{t}.jsonl' for t in missing)}")
-    steps = general.get("steps")
-    if steps is not None:
-        allowed = {0, *(checkpoints if isinstance(checkpoints, list) else [])}
-        if not isinstance(steps, list) or any(not _is_int(x) or x not in allowed for x in steps):
-            problems.append(f"eval.general.steps: {steps!r} must be null or a list of 0 and edits.checkpoints "
-                            f"values {sorted(allowed)}")
+    def steps_subset(name: str, steps) -> None:
+        if steps is not None:
+            allowed = {0, *(checkpoints if isinstance(checkpoints, list) else [])}
+            if not isinstance(steps, list) or any(not _is_int(x) or x not in allowed for x in steps):
+                problems.append(f"eval.{name}: {steps!r} must be null or a list of 0 and edits.checkpoints "
+                                f"values {sorted(allowed)}")
+
+    steps_subset("general.steps", general.get("steps"))
+    harness = ev.get("lm_eval") or {}
+    flag("lm_eval.enabled", harness.get("enabled"))
+    positive_int("lm_eval.batch_size", harness.get("batch_size"))
+    for key, minimum in (("limit", 1), ("num_fewshot", 0)):
+        if harness.get(key) is not None:
+            positive_int(f"lm_eval.{key}", harness.get(key), minimum)
+    steps_subset("lm_eval.steps", harness.get("steps"))
+    if harness.get("enabled") is True:
+        from evals.lm_eval_bridge import lm_eval_installed
+
+        tasks = harness.get("tasks")
+        if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) and t for t in tasks):
+            problems.append(f"eval.lm_eval.tasks: {tasks!r} must be a non-empty list of task names")
+        folder = harness.get("include_path")
+        if folder is not None and not (isinstance(folder, str) and Path(folder).is_dir()):
+            problems.append(f"eval.lm_eval.include_path: {folder!r} must be a folder of task YAML files or null")
+        if not lm_eval_installed():
+            problems.append("eval.lm_eval.enabled: lm-evaluation-harness is not installed "
+                            "(pip install 'editgrid[lm-eval]')")
     fluency = ev.get("fluency") or {}
     flag("fluency.enabled", fluency.get("enabled"))
     positive_int("fluency.num_prompts", fluency.get("num_prompts"))
@@ -482,6 +507,9 @@ def _absolutize_paths(cfg: dict) -> None:
     general = cfg["eval"]["general"]
     if isinstance(general.get("path"), str):
         general["path"] = str(Path(general["path"]).expanduser().resolve())
+    harness = cfg["eval"].get("lm_eval") or {}
+    if isinstance(harness.get("include_path"), str):
+        harness["include_path"] = str(Path(harness["include_path"]).expanduser().resolve())
     if cfg["checkpoints"].get("dir"):
         cfg["checkpoints"]["dir"] = str(Path(cfg["checkpoints"]["dir"]).expanduser().resolve())
 

@@ -6,6 +6,7 @@ SCR builds; with PRUNE-once: on the restrained weights):
   judge/*, gen/*            ``eval.generate`` + ``eval.judge``  (evals/autoregressive.py, evals/judge.py)
   general/<task>[/...]      ``eval.general``, at ``eval.general.steps`` (evals/general.py)
   gen/fluency               ``eval.fluency`` (evals/fluency.py)
+  lm_eval/<task>/<metric>   ``eval.lm_eval``, at ``eval.lm_eval.steps`` (evals/lm_eval_bridge.py)
   cost/judge_*              judgments per second of the backend, share answered from the judgment cache
 
 Tables per checkpoint: ``tables/generations/step_<n>.json`` (prompt, generation, gold, contains, verdict, judge
@@ -27,6 +28,7 @@ from evals.autoregressive import (GenerationSettings, agreement_with_in_process,
 from evals.fluency import mean_fluency
 from evals.general import evaluate_general, load_task
 from evals.judge import Judge, JudgmentCache, OpenAIJudge, TransformersJudge, VllmJudge
+from evals.lm_eval_bridge import run_lm_eval
 from evals.pre_edit import pre_edit_answers
 from evals.records import EditRecord
 
@@ -89,6 +91,7 @@ class GenerationStage:
         self.general_steps = general["steps"]
         self.general_generate = general["generate"]
         self.fluency = eval_cfg["fluency"]
+        self.lm_eval = eval_cfg["lm_eval"]
         self.pre_answers: dict[str, str] | None = None
         self.step0_metrics: dict[str, float] = {}
         self.step0_tables: dict[str, list] = {}
@@ -122,7 +125,8 @@ class GenerationStage:
 
     @property
     def active(self) -> bool:
-        return self.judge is not None or bool(self.general_items) or self.fluency["enabled"]
+        return (self.judge is not None or bool(self.general_items) or self.fluency["enabled"]
+                or self.lm_eval["enabled"])
 
     def evaluate(self, step: int, subset: list[EditRecord],
                  prompt_builder: Callable[[list[str]], list[str]] | None) -> tuple[dict[str, float], dict[str, list]]:
@@ -150,6 +154,15 @@ class GenerationStage:
             tables[f"tables/general/step_{step:06d}.json"] = general.rows
         if self.fluency["enabled"]:
             metrics["gen/fluency"] = self._fluency(subset)
+        harness = self.lm_eval
+        if harness["enabled"] and (harness["steps"] is None or step in harness["steps"]):
+            harness_metrics, results = run_lm_eval(self.model, self.tokenizer, harness["tasks"], limit=harness["limit"],
+                                                   batch_size=harness["batch_size"],
+                                                   include_path=harness["include_path"],
+                                                   num_fewshot=harness["num_fewshot"])
+            metrics.update(harness_metrics)
+            tables[f"tables/lm_eval/step_{step:06d}.json"] = [{"task": task, **values}
+                                                              for task, values in results.items()]
         return metrics, tables
 
     def _fluency(self, subset: list[EditRecord]) -> float:

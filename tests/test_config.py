@@ -186,6 +186,12 @@ def test_protocol_sections_are_validated_with_every_problem_listed(tmp_path):
                      "eval.judge.base_url: None must be the endpoint's http(s) URL",
                      "eval.judge.timeout_s: -1 must be a number >= 0", "eval.general.tasks"):
         assert expected in text, text
+    with pytest.raises(ConfigError) as info:
+        _expand("eval.lm_eval.enabled=true", "eval.lm_eval.limit=0", f"eval.lm_eval.include_path={tmp_path / 'no'}",
+                "eval.lm_eval.steps=[3]")
+    for expected in ("eval.lm_eval.tasks: [] must be a non-empty list", "eval.lm_eval.limit: 0 must be an integer >= 1",
+                     "eval.lm_eval.include_path:", "eval.lm_eval.steps: [3] must be null or a list"):
+        assert expected in str(info.value), str(info.value)
     with pytest.raises(ConfigError, match=r"stats.forward_dtype: 'float64' must be null, bfloat16 or float16"):
         _expand("stats.forward_dtype=float64")
     with pytest.raises(ConfigError, match=r"eval.generate.unedited_answers.backend: 'tgi' is not one of"):
