@@ -51,7 +51,7 @@ from evals.autoregressive import GenerationSettings, answer_queries, generate_an
 from evals.datasets import load_records
 from evals.judge import Judge, JudgeItem, TransformersJudge
 from evals.teacher_forced import count_scored_pairs, evaluate_records
-from grid.config import method_settings
+from grid.config import method_settings, parse_override
 from grid.tracking import TrialTracker, format_summary_table, resolve_tracking_uri
 from grid.trial import batches, peak_memory_mb, to_request
 from methods.arch import EditableModel
@@ -137,15 +137,14 @@ DEFAULTS = {"methods": ["memit", "alphaedit"], "num_edits": 10, "data": "builtin
 
 
 def _parse_hparams(items: list[str]) -> tuple[dict, list[str]]:
-    import yaml
-
+    """``--set NAME=VALUE`` items, each value read as YAML exactly as ``grid/launch.py --set`` reads it."""
     values, problems = {}, []
     for item in items:
-        name, sep, raw = item.partition("=")
-        if not sep or not name.strip():
+        if "=" not in item or not item.partition("=")[0].strip():
             problems.append(f"--set expects NAME=VALUE, got {item!r}")
             continue
-        values[name.strip()] = yaml.safe_load(raw)
+        name, value = parse_override(item)
+        values[name] = value
     return values, problems
 
 

@@ -20,3 +20,9 @@ def left_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, 
         input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, width - len(ids):] = 1
     return input_ids, attention_mask
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens only (0 on padding), so a left-padded row gets the positions it would
+    have unpadded."""
+    return (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)

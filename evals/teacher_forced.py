@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from evals.batching import left_padded, model_device
+from evals.batching import left_padded, model_device, positions_from_mask
 from evals.records import EditRecord, PromptCase
 
 METRIC_ORDER = ("efficacy", "generalization", "specificity", "locality", "portability")
@@ -162,7 +162,7 @@ def _score_whole_pairs(model, pairs: list[_TokenisedPair], pad_id: int, batch_si
     for batch_start in tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None):
         batch = order[batch_start:batch_start + batch_size]
         input_ids, attention_mask = left_padded([pairs[i].input_ids for i in batch], pad_id)
-        position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+        position_ids = positions_from_mask(attention_mask)
         # The last `kept` positions hold every prediction of a continuation token (plus the final, unused one).
         kept = 1 + max(len(pairs[i].input_ids) - pairs[i].continuation_start for i in batch)
         extra = {"logits_to_keep": kept} if use_logits_to_keep else {}
@@ -214,7 +214,7 @@ def _score_shared_prompts(model, pairs: list[_TokenisedPair], pad_id: int, batch
             prefix_ids, prefix_mask = left_padded([list(prefix) for prefix in batch], pad_id)
             cache = DynamicCache()
             model.base_model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
-                             position_ids=(prefix_mask.cumsum(dim=-1) - 1).clamp(min=0).to(device),
+                             position_ids=positions_from_mask(prefix_mask).to(device),
                              past_key_values=cache, use_cache=True)
             cache.reorder_cache(prefix_row.to(device))  # one cache row per pair
             prefix_mask = prefix_mask[prefix_row]
@@ -228,7 +228,7 @@ def _score_shared_prompts(model, pairs: list[_TokenisedPair], pad_id: int, batch
             suffix_ids[row, :len(suffix)] = torch.tensor(suffix, dtype=torch.long)
             suffix_mask[row, :len(suffix)] = 1
         mask = torch.cat([prefix_mask, suffix_mask], dim=1)
-        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)[:, width:]
+        positions = positions_from_mask(mask)[:, width:]
         output = model(input_ids=suffix_ids.to(device), attention_mask=mask.to(device),
                        position_ids=positions.to(device), past_key_values=cache, use_cache=cache is not None)
         logits = output.logits.float()

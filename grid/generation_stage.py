@@ -35,14 +35,21 @@ from evals.records import EditRecord
 logger = logging.getLogger(__name__)
 
 
+ENDPOINT_SETTINGS = ("api_key_env", "requests_per_second", "max_retries", "timeout_s", "concurrency")
+
+
+def endpoint_settings(section: dict) -> dict:
+    """The OpenAI-endpoint keyword arguments of a config section (``eval.judge``, ``eval.generate.unedited_answers``;
+    validated alike in grid/config.py)."""
+    return {key: section[key] for key in ENDPOINT_SETTINGS}
+
+
 def build_judge(judge_cfg: dict, trial_model: str, model_args: dict, cache_dir: Path) -> Judge:
     """The judge of ``eval.judge`` with the shared judgment cache."""
     backend_name = judge_cfg["backend"]
     if backend_name == "openai":
-        backend = OpenAIJudge(judge_cfg["base_url"], judge_cfg["model"], api_key_env=judge_cfg["api_key_env"],
-                              requests_per_second=judge_cfg["requests_per_second"],
-                              max_retries=judge_cfg["max_retries"], timeout_s=judge_cfg["timeout_s"],
-                              concurrency=judge_cfg["concurrency"], constrained_choice=judge_cfg["constrained_choice"])
+        backend = OpenAIJudge(judge_cfg["base_url"], judge_cfg["model"],
+                              constrained_choice=judge_cfg["constrained_choice"], **endpoint_settings(judge_cfg))
     elif backend_name == "vllm":
         backend = VllmJudge(judge_cfg["model"], chat_template=judge_cfg["chat_template"])
     else:
@@ -62,10 +69,7 @@ class UneditedBackendMismatch(RuntimeError):
 def build_unedited_backend(section: dict, trial_model: str, model_args: dict, cache_dir: Path) -> AnswerBackend | None:
     """The backend of ``eval.generate.unedited_answers`` (None = in process)."""
     if section["backend"] == "openai":
-        return OpenAICompletionsAnswers(section["base_url"], section["model"], api_key_env=section["api_key_env"],
-                                        requests_per_second=section["requests_per_second"],
-                                        max_retries=section["max_retries"], timeout_s=section["timeout_s"],
-                                        concurrency=section["concurrency"])
+        return OpenAICompletionsAnswers(section["base_url"], section["model"], **endpoint_settings(section))
     if section["backend"] == "vllm":
         from methods.models import model_folder
 

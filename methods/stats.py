@@ -7,8 +7,10 @@ deepest requested layer's keys were read (the layers above it are never run).
 Cache: one entry per layer, ``<cache_dir>/stats/<key>.pt`` (``torch.save`` of {"moment", "tokens",
 "description"}) plus ``<key>.json`` describing it for humans. The key hashes everything the numbers depend on: the
 caller's model key (id + weights fingerprint), the weights' dtype, layer, module path, corpus identity, token
-count, truncation length and accumulation dtype. The batch size is left out: it does not change the result. Missing layers are computed while holding every missing entry's lock (taken in a fixed order), so
-two processes asking for the same statistics never compute them twice: the second waits, then reads.
+count, truncation length, accumulation dtype and a lowered forward dtype if one is set. The batch size is left
+out: it does not change the result. Missing layers are computed while holding every missing entry's lock (taken
+in a fixed order), so two processes asking for the same statistics never compute them twice: the second waits,
+then reads.
 """
 
 from __future__ import annotations
@@ -90,9 +92,8 @@ def second_moments(editable: EditableModel, tokenizer, layers: Iterable[int], co
     ``forward_dtype`` (bfloat16/float16; None = the weights' dtype) runs the forward pass under autocast.
     """
     layers = sorted({int(layer) for layer in layers})
-    _check_arguments(editable, layers, num_tokens, batch_tokens, max_length, accumulate_dtype, model_key)
-    if forward_dtype is not None and forward_dtype not in FORWARD_DTYPES:
-        raise StatsError(f"forward_dtype must be None or one of {list(FORWARD_DTYPES.values())}, got {forward_dtype}")
+    _check_arguments(editable, layers, num_tokens, batch_tokens, max_length, accumulate_dtype, forward_dtype,
+                     model_key)
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     stats_dir = cache_root / "stats"
     identity = corpus_identity(corpus, model_fingerprint=model_key, seed=corpus_seed)
@@ -139,7 +140,8 @@ def second_moments(editable: EditableModel, tokenizer, layers: Iterable[int], co
                        corpus_seconds=corpus_seconds, paths=paths)
 
 
-def _check_arguments(editable, layers, num_tokens, batch_tokens, max_length, accumulate_dtype, model_key):
+def _check_arguments(editable, layers, num_tokens, batch_tokens, max_length, accumulate_dtype, forward_dtype,
+                     model_key):
     if not layers:
         raise StatsError("second_moments needs at least one layer")
     bad = [layer for layer in layers if not 0 <= layer < editable.num_layers]
@@ -150,6 +152,8 @@ def _check_arguments(editable, layers, num_tokens, batch_tokens, max_length, acc
             raise StatsError(f"{name} must be a positive integer, got {value!r}")
     if accumulate_dtype not in ACCUMULATE_DTYPES:
         raise StatsError(f"accumulate_dtype must be one of {list(ACCUMULATE_DTYPES.values())}, got {accumulate_dtype}")
+    if forward_dtype is not None and forward_dtype not in FORWARD_DTYPES:
+        raise StatsError(f"forward_dtype must be None or one of {list(FORWARD_DTYPES.values())}, got {forward_dtype}")
     if not model_key:
         raise StatsError("model_key (model id + weights fingerprint) must be non-empty: it keys the cache")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import yaml
 
 pytest.importorskip("lm_eval")
 
@@ -16,37 +17,19 @@ from evals.lm_eval_bridge import LmEvalUnavailable, metric_name, run_lm_eval  # 
 
 N_ITEMS = 12
 
-SST2_TASK = """task: editgrid_sst2
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {folder}/sst2.jsonl
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Review: {{{{sentence.strip()}}}}\\nIs the sentiment of this review positive or negative?\\nAnswer:"
-doc_to_target: label
-doc_to_choice: ["negative", "positive"]
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
+# Our prompts of evals/general.py, in the harness' Jinja.
+SST2_TEXT = "Review: {{sentence.strip()}}\nIs the sentiment of this review positive or negative?\nAnswer:"
+MMLU_TEXT = ("Question: {{question.strip()}}\n{% for choice in choices %}{{'ABCD'[loop.index0]}}. {{choice}}\n"
+             "{% endfor %}Answer with the letter of the correct choice.\nAnswer:")
 
-MMLU_TASK = """task: editgrid_mmlu
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {folder}/mmlu.jsonl
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question.strip()}}}}\\n{{% for choice in choices %}}{{{{'ABCD'[loop.index0]}}}}. {{{{choice}}}}\\n{{% endfor %}}Answer with the letter of the correct choice.\\nAnswer:"
-doc_to_target: answer
-doc_to_choice: ["A", "B", "C", "D"]
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
+
+def _write_task(folder, name: str, jsonl, text: str, target: str, choices: list[str]) -> None:
+    """A local multiple-choice task over a JSONL file, scored by accuracy."""
+    task = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(jsonl)}},
+            "test_split": "test", "output_type": "multiple_choice", "doc_to_text": text, "doc_to_target": target,
+            "doc_to_choice": choices,
+            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
 
 
 @pytest.fixture
@@ -54,8 +37,8 @@ def task_folder(tmp_path, shared_data):
     folder = tmp_path / "lm_eval_tasks"
     folder.mkdir()
     general = shared_data / "general"
-    (folder / "editgrid_sst2.yaml").write_text(SST2_TASK.format(folder=general))
-    (folder / "editgrid_mmlu.yaml").write_text(MMLU_TASK.format(folder=general))
+    _write_task(folder, "editgrid_sst2", general / "sst2.jsonl", SST2_TEXT, "label", ["negative", "positive"])
+    _write_task(folder, "editgrid_mmlu", general / "mmlu.jsonl", MMLU_TEXT, "answer", ["A", "B", "C", "D"])
     return folder
 
 
