@@ -57,6 +57,7 @@ from grid.trial import batches, peak_memory_mb, to_request
 from methods.arch import EditableModel
 from methods.context import generate_context_templates
 from methods.corpus import parse_corpus
+from methods.cpu_linear import LINEAR_BACKENDS
 from methods.models import load_model
 from methods.stages import build_editor
 from methods.stats import FORWARD_DTYPE_BY_NAME, second_moments
@@ -108,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stats-forward-dtype", choices=["bfloat16", "float16"], default=None,
                         help="the statistics' forward pass under autocast in this dtype (as stats.forward_dtype; "
                              "default: the weights' dtype)")
+    parser.add_argument("--linear-backend", choices=list(LINEAR_BACKENDS), default="auto",
+                        help="kernel of the model's nn.Linear products (as model_args.linear_backend; "
+                             "auto = oneDNN on CPU, aten = PyTorch's default)")
     parser.add_argument("--fresh-stats", action="store_true", default=None,
                         help="compute the statistics in a temporary cache folder (measures compute, not the cache)")
     parser.add_argument("--set", dest="hparams", action="append", default=[], metavar="NAME=VALUE",
@@ -248,7 +252,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     cache_dir = Path(args.cache_dir).expanduser().resolve() if args.cache_dir else None
 
     started = time.perf_counter()
-    loaded = load_model(args.model, cache_dir=cache_dir)
+    loaded = load_model(args.model, cache_dir=cache_dir, linear_backend=args.linear_backend)
     load_seconds = time.perf_counter() - started
     editable = EditableModel.wrap(loaded.model)
     tokenizer = loaded.tokenizer
@@ -374,7 +378,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                        "fresh_stats": bool(args.fresh_stats), "hparams": args.hparam_values,
                        "reference_workload": args.reference_workload, "eval_generations": args.eval_generations,
                        "repeats": args.repeats, "layers": args.layers, "eval_batch_size": args.eval_batch_size,
-                       "seed": args.seed, "cache_dir": str(cache_dir) if cache_dir else None},
+                       "seed": args.seed, "cache_dir": str(cache_dir) if cache_dir else None,
+                       "linear_backend": loaded.linear_backend},
             "machine": machine_info(device, dtype),
             "model_load_seconds": load_seconds, "context_templates_seconds": context_seconds,
             "stats": stats_info, "cells": cells}
@@ -428,7 +433,8 @@ def format_results(results: dict) -> str:
     else:
         source = "computed in a fresh cache" if stats["fresh_cache"] else "computed"
     head = (f"{results['config']['model']} on {machine['device']} ({machine['dtype']}, {machine['cpu_count']} CPUs, "
-            f"{machine['torch_threads']} torch threads), {results['config']['num_edits']} edits of "
+            f"{machine['torch_threads']} torch threads, linear products on "
+            f"{results['config'].get('linear_backend', 'aten')}), {results['config']['num_edits']} edits of "
             f"{results['config']['data']}, repeats={results['config']['repeats']}\n"
             f"statistics: {stats['tokens']} tokens, layers {stats['layers']}, {stats['seconds']:.1f} s ({source}, "
             f"{rate}; forward pass in {stats.get('forward_dtype', 'weights')} precision)")

@@ -20,13 +20,16 @@ import yaml
 
 from evals.datasets import BUILTIN_NAME, DATASET_FORMATS, HUB_PREFIX
 from methods.corpus import CorpusError, parse_corpus
+from methods.cpu_linear import LINEAR_BACKENDS, onednn_available
 from methods.models import DTYPES, EMBEDDED_MODELS
 from methods.stages import MethodSpec, method_problems
 
 DEFAULTS: dict[str, Any] = {
     "experiment": "editgrid",
     "model": "smollm2-135m",
-    "model_args": {"dtype": "auto", "device": "auto", "blocks": None, "mlp": None, "mlp_out": None},
+    # linear_backend: the kernel of the model's nn.Linear products (methods/cpu_linear.py); auto = oneDNN on CPU
+    "model_args": {"dtype": "auto", "device": "auto", "blocks": None, "mlp": None, "mlp_out": None,
+                   "linear_backend": "auto"},
     "data": {"path": BUILTIN_NAME, "format": "auto", "limit": None, "offset": 0},
     "method": "memit",
     "hparams": {},
@@ -258,6 +261,12 @@ def trial_problems(cfg: dict) -> list[str]:
     margs = cfg.get("model_args", {})
     if margs.get("dtype") not in ("auto", *DTYPES):
         problems.append(f"model_args.dtype: {margs.get('dtype')!r} is not auto or one of {sorted(DTYPES)}")
+    if margs.get("linear_backend") not in LINEAR_BACKENDS:
+        problems.append(f"model_args.linear_backend: {margs.get('linear_backend')!r} is not one of "
+                        f"{list(LINEAR_BACKENDS)}")
+    elif margs.get("linear_backend") == "onednn" and not onednn_available():
+        problems.append("model_args.linear_backend: 'onednn' asked for, but this PyTorch build has no oneDNN linear; "
+                        "use auto or aten")
 
     data = cfg.get("data", {})
     path = data.get("path")

@@ -188,14 +188,16 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
          progress: bool, store: TrialCheckpoints | None = None, resume: TrialState | None = None) -> None:
     cache_dir = cache_root(cfg)
     margs = cfg["model_args"]
-    loaded = load_model(cfg["model"], dtype=margs["dtype"], device=margs["device"], cache_dir=cache_dir)
+    loaded = load_model(cfg["model"], dtype=margs["dtype"], device=margs["device"], cache_dir=cache_dir,
+                        linear_backend=margs["linear_backend"])
     editable = EditableModel.wrap(loaded.model, blocks=margs.get("blocks"), mlp=margs.get("mlp"),
                                   mlp_out=margs.get("mlp_out"))
     tokenizer = loaded.tokenizer
     model_key = f"{loaded.model_id}@{loaded.fingerprint}"  # names the unedited weights in every cache key
     device = editable.parameter_device()
     layers = resolve_layers(editable, spec, trial.name) if spec.edits_weights else []
-    tracker.set_tags({"editgrid.layers": ",".join(map(str, layers)), "editgrid.model_fingerprint": loaded.fingerprint})
+    tracker.set_tags({"editgrid.layers": ",".join(map(str, layers)), "editgrid.model_fingerprint": loaded.fingerprint,
+                      "editgrid.linear_backend": loaded.linear_backend})
 
     data = cfg["data"]
     checkpoints = cfg["edits"]["checkpoints"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from methods.cache import cached_path, content_key, default_cache_dir
+from methods.cpu_linear import LinearBackendError, resolve_linear_backend, route_linears
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class LoadedModel:
     tokenizer: object
     model_id: str  # what the user named (hub id, path or embedded name)
     fingerprint: str  # content hash of the weights the model was loaded with (part of every cache key)
+    linear_backend: str = "aten"  # which kernel runs its nn.Linear products (methods/cpu_linear.py)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -124,12 +126,19 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 
 def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto",
-               cache_dir: Path | None = None) -> LoadedModel:
-    """Load a causal LM and its tokenizer (hub id, local folder, or an embedded name such as ``smollm2-135m``)."""
+               cache_dir: Path | None = None, linear_backend: str = "auto") -> LoadedModel:
+    """Load a causal LM and its tokenizer (hub id, local folder, or an embedded name such as ``smollm2-135m``).
+
+    ``linear_backend`` picks the kernel of its ``nn.Linear`` products (methods/cpu_linear.py): ``auto`` is
+    oneDNN on CPU where available, PyTorch's default dispatch elsewhere."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    try:
+        backend = resolve_linear_backend(linear_backend, torch_device)
+    except LinearBackendError as err:
+        raise ModelLoadError(f"cannot load model {name_or_path!r}: {err}") from err
     folder = model_folder(name_or_path, cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -144,4 +153,6 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto",
     model.to(torch_device).eval()
     for param in model.parameters():
         param.requires_grad_(False)  # editing never needs weight gradients
-    return LoadedModel(model=model, tokenizer=tokenizer, model_id=name_or_path, fingerprint=weights_fingerprint(model))
+    route_linears(model, backend)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=name_or_path, fingerprint=weights_fingerprint(model),
+                       linear_backend=backend)

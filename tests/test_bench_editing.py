@@ -91,3 +91,24 @@ def test_reference_corpus_of_the_shared_data_is_the_issues_corpus(shared_data, t
     """The side-by-side's statistics corpus: ≈ 8.9k lines of ../shared/data/general/*.jsonl (issue 7)."""
     corpus = _load_bench().write_reference_corpus(shared_data, tmp_path / "corpus.txt")
     assert len(corpus.read_text(encoding="utf-8").splitlines()) == 8920
+
+
+def test_bench_linear_backend_smoke(tmp_path, tiny_llama_dir, shared_data, capsys):
+    from methods.cpu_linear import onednn_available
+
+    if not onednn_available():
+        import pytest
+        pytest.skip("this PyTorch build has no oneDNN linear")
+    spec = importlib.util.spec_from_file_location("bench_linear_backend", BENCH.parent / "bench_linear_backend.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "linear.json"
+    data = shared_data / "counterfact" / "counterfact-edit.json"
+    code = module.main(["--model", str(tiny_llama_dir), "--data", str(data), "--num-edits", "2", "--layers", "1,2",
+                        "--steps", "3", "--rows", "1,7", "--repeats", "1", "--json-out", str(out)])
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert results["vstar"]["requests"] == 2 and results["vstar"]["vstar_relative_difference_max"] < 1e-4
+    assert {row["rows"] for row in results["products"]} == {1, 7}
+    assert all(row["aten_us"] > 0 and row["onednn_us"] > 0 for row in results["products"])
+    assert "speedup per request" in capsys.readouterr().out

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from methods.arch import EditableModel
+from methods import cpu_linear
+from methods.cpu_linear import onednn_available, route_linears
 from methods.editor import LocateThenEditEditor
 from methods.keys import compute_keys, compute_site_outputs, compute_keys_and_site_outputs
 from methods.requests import EditRequest
@@ -837,11 +839,17 @@ def _straightforward_sequential_edit(model, tokenizer, layers, batches, groups, 
     return {layer: editable.weight(layer).detach().clone() for layer in layers}
 
 
+@pytest.mark.parametrize("linear_backend", ["aten", "onednn"])
 @pytest.mark.parametrize("solver", ["memit", "alphaedit"])
-def test_sequential_edits_equal_the_straightforward_computation(monkeypatch, smol_tokenizer, tiny_llama, solver):
+def test_sequential_edits_equal_the_straightforward_computation(monkeypatch, smol_tokenizer, tiny_llama, solver,
+                                                                linear_backend):
     """Issue 7's guard: everything made fast (prefix cache, replayed lower blocks, chunked head, one pass for keys
-    and h_L, Cholesky / incremental solves) leaves the edited weights equal to the plain computation, over two
-    sequential batches (so AlphaEdit's past-edit memory is exercised)."""
+    and h_L, Cholesky / incremental solves, and, with onednn, every linear product on oneDNN) leaves the edited
+    weights equal to the plain computation, over two sequential batches (so AlphaEdit's past-edit memory is
+    exercised)."""
+    if linear_backend == "onednn" and not onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN linear")
+    monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 0)  # the tiny model's weights are all small
     monkeypatch.setattr(smol_tokenizer, "padding_side", "left")
     layers = [1, 2]
     hp = TargetHParams(v_lr=0.5, v_num_grad_steps=4)
@@ -857,6 +865,7 @@ def test_sequential_edits_equal_the_straightforward_computation(monkeypatch, smo
     expected = _straightforward_sequential_edit(reference_model, smol_tokenizer, layers, batches, CONTEXT_GROUPS, hp,
                                                 moments, solver, projectors, l2=0.1)
 
+    route_linears(editor_model, linear_backend)  # the reference model keeps PyTorch's own products
     editable = EditableModel.wrap(editor_model)
     original = {layer: editable.weight(layer).detach().clone() for layer in layers}
     if solver == "memit":

@@ -1,0 +1,147 @@
+"""oneDNN against PyTorch's own dispatch for the model's linear products: a paired comparison.
+
+This machine's speed drifts by 10–20 % over minutes, so two benchmark runs taken at different times cannot tell
+a 1.2× kernel gain from drift. Here both backends run interleaved in one process on the same model
+(``methods.cpu_linear.route_linears`` switches them): first single products of the model's own shapes (weights
+not in cache, as in a forward pass), then whole v* requests of the reference setting (layers 4–8, 25 steps,
+v_lr 0.1, the first N CounterFact records), each request timed under ``aten`` and then ``onednn``, and the v* of
+both compared.
+
+    .venv/bin/python benchmarks/bench_linear_backend.py --data ../shared/data/counterfact/counterfact-edit.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from grid.trial import to_request  # noqa: E402
+from evals.datasets import load_records  # noqa: E402
+from methods.arch import EditableModel  # noqa: E402
+from methods.context import generate_context_templates  # noqa: E402
+from methods.cpu_linear import LinearBackendError, resolve_linear_backend, route_linears  # noqa: E402
+from methods.models import load_model  # noqa: E402
+from methods.targets import TargetHParams, compute_target_values  # noqa: E402
+
+BACKENDS = ("aten", "onednn")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def product_timings(model: torch.nn.Module, rows: list[int], repeats: int) -> list[dict]:
+    """Seconds per product (forward, and the input gradient's product) for each distinct weight shape of the
+    model's linear layers, cycling through every layer of that shape so the weights are not in cache."""
+    by_shape: dict[tuple[int, int], list[torch.nn.Linear]] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            by_shape.setdefault(tuple(module.weight.shape), []).append(module)
+    results = []
+    for (out_features, in_features), layers in sorted(by_shape.items()):
+        for count in rows:
+            x = torch.randn(count, in_features)
+            grad = torch.randn(count, out_features)
+            row = {"shape": f"{in_features}->{out_features}", "rows": count, "layers": len(layers)}
+            for backend in BACKENDS:
+                route_linears(model, backend)
+
+                def forward_and_grad():
+                    for layer in layers:
+                        x_in = x.clone().requires_grad_(True)
+                        layer(x_in).backward(grad)
+
+                forward_and_grad()  # warm-up (oneDNN builds its primitive for the shape here)
+                started = time.perf_counter()
+                for _ in range(repeats):
+                    forward_and_grad()
+                row[f"{backend}_us"] = (time.perf_counter() - started) / (repeats * len(layers)) * 1e6
+            row["speedup"] = row["aten_us"] / row["onednn_us"]
+            results.append(row)
+    return results
+
+
+def paired_vstar(loaded, data: str, num_edits: int, layers: list[int], steps: int, v_lr: float) -> dict:
+    model, tokenizer = loaded.model, loaded.tokenizer
+    editable = EditableModel.wrap(model)
+    context = generate_context_templates(model, tokenizer, seed=0)
+    requests = [to_request(record) for record in load_records(data, limit=num_edits)]
+    hparams = TargetHParams(v_lr=v_lr, v_num_grad_steps=steps, early_stop_loss=0.0)
+    site = layers[-1]
+
+    def one(request):
+        return compute_target_values(model, tokenizer, editable.block(site), [request], context, hparams,
+                                     blocks=editable.blocks, site_layer=site)
+
+    one(requests[0])  # warm-up
+    seconds: dict[str, list[float]] = {backend: [] for backend in BACKENDS}
+    differences = []
+    for request in requests:
+        values = {}
+        for backend in BACKENDS:
+            route_linears(model, backend)
+            started = time.perf_counter()
+            values[backend] = one(request).values
+            seconds[backend].append(time.perf_counter() - started)
+        differences.append(float((values["onednn"] - values["aten"]).norm() / values["aten"].norm()))
+    ratios = [a / o for a, o in zip(seconds["aten"], seconds["onednn"])]
+    return {"requests": len(requests), "seconds": seconds,
+            "median_s": {b: statistics.median(s) for b, s in seconds.items()},
+            "total_s": {b: sum(s) for b, s in seconds.items()},
+            "speedup_median": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
+            "vstar_relative_difference_max": max(differences)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", required=True, help="CounterFact-style records (the first --num-edits are used)")
+    parser.add_argument("--num-edits", type=int, default=10)
+    parser.add_argument("--layers", default="4,5,6,7,8", help="edited layers; v* sits on the last")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--v-lr", type=float, default=0.1)
+    parser.add_argument("--rows", default="1,7,14,42,128", help="row counts of the single-product table")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json-out", default=None)
+    args = parser.parse_args(argv)
+    try:
+        resolve_linear_backend("onednn", torch.device("cpu"))
+    except LinearBackendError as err:
+        print(f"bench_linear_backend: {err}", file=sys.stderr)
+        return 2
+    loaded = load_model(args.model, device="cpu", linear_backend="aten")
+    layers = [int(v) for v in args.layers.split(",")]
+    products = product_timings(loaded.model, [int(v) for v in args.rows.split(",")], args.repeats)
+    vstar = paired_vstar(loaded, args.data, args.num_edits, layers, args.steps, args.v_lr)
+
+    print(f"{args.model}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print("single products (forward + input gradient), µs per layer, weights cycled through every layer:")
+    print(f"  {'shape':>12} {'rows':>5} {'aten':>9} {'onednn':>9} {'speedup':>8}")
+    for row in products:
+        print(f"  {row['shape']:>12} {row['rows']:>5} {row['aten_us']:9.0f} {row['onednn_us']:9.0f} "
+              f"{row['speedup']:8.2f}")
+    print(f"v* (layer {layers[-1]}, {args.steps} steps, v_lr {args.v_lr}), {vstar['requests']} requests, each timed "
+          f"under aten then onednn:")
+    for backend in BACKENDS:
+        print(f"  {backend:>7}: median {vstar['median_s'][backend]:.2f} s, total {vstar['total_s'][backend]:.1f} s")
+    print(f"  speedup per request: median {vstar['speedup_median']:.2f} (min {vstar['speedup_min']:.2f}, max "
+          f"{vstar['speedup_max']:.2f}); v* differs by at most {vstar['vstar_relative_difference_max']:.1e} "
+          f"(relative); peak RSS {_peak_rss_mb():.0f} MB")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"config": vars(args), "products": products, "vstar": vstar,
+                                                   "peak_rss_mb": _peak_rss_mb()}, indent=2))
+        print(f"results written to {args.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""oneDNN linear products (methods/cpu_linear.py): the same numbers as PyTorch's own, gradients included, and
+out of the way wherever they would not be the same computation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from methods.cpu_linear import (LinearBackendError, OneDnnLinear, onednn_available, resolve_linear_backend,
+                                route_linears)
+from methods.models import ModelLoadError, load_model
+
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN linear")
+
+
+def _tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def _logits_and_input_grad(model, ids):
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeds).logits
+    (logits.log_softmax(-1)[..., 7].sum()).backward()
+    return logits.detach(), embeds.grad
+
+
+def test_routed_model_gives_the_same_logits_and_input_gradients(monkeypatch):
+    import methods.cpu_linear as cpu_linear
+
+    calls = []
+    real = cpu_linear._onednn_product
+    monkeypatch.setattr(cpu_linear, "_onednn_product", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 0)  # the tiny model's weights are all small
+    model = _tiny_llama()
+    ids = torch.randint(0, 96, (3, 9))
+    plain_logits, plain_grad = _logits_and_input_grad(model, ids)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert route_linears(model, "onednn") == len(linears) == 3 * 7 + 1
+    assert all(type(m) is OneDnnLinear for m in linears)
+    routed_logits, routed_grad = _logits_and_input_grad(model, ids)
+    torch.testing.assert_close(routed_logits, plain_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(routed_grad, plain_grad, rtol=1e-4, atol=1e-6)
+    assert len(calls) == 2 * (3 * 7 + 1)  # every product, forward and backward, ran on oneDNN
+    assert route_linears(model, "aten") == len(linears)
+    assert all(type(m) is torch.nn.Linear for m in linears)
+    again_logits, _ = _logits_and_input_grad(model, ids)
+    assert torch.equal(again_logits, plain_logits)
+
+
+def test_the_kernel_is_called_only_where_it_computes_the_same_product(monkeypatch):
+    import methods.cpu_linear as cpu_linear
+
+    calls = []
+    real = cpu_linear._onednn_product
+    monkeypatch.setattr(cpu_linear, "_onednn_product", lambda *a: calls.append(a[0].shape) or real(*a))
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 5)
+    route_linears(layer, "onednn")
+    x = torch.randn(4, 8)
+    layer(x)  # a small weight stays with PyTorch (see MIN_WEIGHT_ELEMENTS)
+    assert calls == []
+    monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 0)
+
+    layer.weight.requires_grad_(True)  # fine-tuning: the weight needs its gradient, so PyTorch's own path
+    layer(x).sum().backward()
+    assert calls == [] and layer.weight.grad is not None
+
+    layer.weight.requires_grad_(False)
+    layer.bias.requires_grad_(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast would run the product in bf16
+        assert layer(x).dtype == torch.bfloat16
+    assert calls == []
+    assert layer(x[:0]).shape == (0, 5) and calls == []
+    many_rows = torch.randn(cpu_linear.MAX_ROWS + 1, 8)  # large products stay with PyTorch (see MAX_ROWS)
+    torch.testing.assert_close(layer(many_rows), F.linear(many_rows, layer.weight, layer.bias))
+    assert calls == []
+
+    expected = F.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(layer(x), expected)
+    assert calls == [(4, 8)]
+    grad_x = x.clone().requires_grad_(True)
+    layer(grad_x).pow(2).sum().backward()
+    reference = x.clone().requires_grad_(True)
+    F.linear(reference, layer.weight, layer.bias).pow(2).sum().backward()
+    torch.testing.assert_close(grad_x.grad, reference.grad)
+    assert len(calls) == 3  # the forward, and the backward's product with the transposed weight
+
+
+def test_backend_choice_and_errors(monkeypatch):
+    assert resolve_linear_backend("auto", torch.device("cpu")) == "onednn"
+    assert resolve_linear_backend("auto", torch.device("cuda")) == "aten"
+    assert resolve_linear_backend("aten", torch.device("cpu")) == "aten"
+    with pytest.raises(LinearBackendError, match="'mkl' is not one of"):
+        resolve_linear_backend("mkl", torch.device("cpu"))
+    import methods.cpu_linear as cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "onednn_available", lambda: False)
+    assert resolve_linear_backend("auto", torch.device("cpu")) == "aten"
+    with pytest.raises(ModelLoadError, match="no oneDNN linear"):
+        load_model("smollm2-135m", linear_backend="onednn")
+
+
+def test_loaded_model_records_its_backend(smollm2):
+    assert smollm2.linear_backend == "onednn"
+    assert type(smollm2.model.get_output_embeddings()) is OneDnnLinear
