@@ -77,19 +77,32 @@ def pre_edit_outputs(model: torch.nn.Module, tokenizer, records: list[EditRecord
                           from_cache=from_cache)
 
 
+@dataclass
+class PreEditAnswers:
+    answers: dict[str, str]  # prompt → the unedited model's answer
+    from_cache: bool
+    backend_check: dict | None  # what ``check_backend`` returned when the answers were generated (None: no check)
+
+
 def pre_edit_answers(model: torch.nn.Module, tokenizer, records: list[EditRecord], settings: GenerationSettings,
                      model_key: str, batch_size: int, cache_dir: Path, progress: str | None = None,
-                     backend: AnswerBackend | None = None) -> tuple[dict[str, str], bool]:
-    """The unedited model's generated answer to every prompt of ``records`` (prompt → answer) and whether it came
-    from the cache. ``backend``: generate them there instead of in process (a vLLM engine or endpoint serving the
-    same weights; the caller checks that); its name enters the cache key."""
+                     backend: AnswerBackend | None = None,
+                     check_backend: Callable[[], dict] | None = None) -> PreEditAnswers:
+    """The unedited model's generated answer to every prompt of ``records``, from the cache or generated now.
+
+    ``backend``: generate them there instead of in process (a vLLM engine or endpoint serving the same weights);
+    its name enters the cache key. ``check_backend`` runs first, only when the answers are generated (it raises to
+    refuse the backend, and then nothing is stored); what it returns is stored with the answers, so a later trial
+    reading them from the cache gets the check they passed instead of asking the backend again."""
     prompts = list(dict.fromkeys(q.prompt for q in answer_queries(records)))
     where = {"batch_size": batch_size} if backend is None else {"backend": backend.name}
-    key = content_key({"format": FORMAT_VERSION, "model": model_key, "records": records_key(records),
-                       "generation": settings.describe(), **where})
+    key = content_key({"format": FORMAT_VERSION, "layout": "answers+check", "model": model_key,
+                       "records": records_key(records), "generation": settings.describe(), **where})
 
     def compute() -> dict:
-        return dict(zip(prompts, generate_answers(model, tokenizer, prompts, settings, batch_size, progress=progress,
-                                                  backend=backend)))
+        check = check_backend() if check_backend is not None else None
+        answers = generate_answers(model, tokenizer, prompts, settings, batch_size, progress=progress, backend=backend)
+        return {"answers": dict(zip(prompts, answers)), "backend_check": check}
 
-    return _cached_json(cache_dir, key, ".answers.json", compute)
+    saved, from_cache = _cached_json(cache_dir, key, ".answers.json", compute)
+    return PreEditAnswers(saved["answers"], from_cache, saved["backend_check"])

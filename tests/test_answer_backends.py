@@ -100,14 +100,18 @@ def test_unedited_answers_are_cached_per_backend(smollm2, smollm2_endpoint, tmp_
     records = load_records("builtin", limit=1)
     settings = GenerationSettings(max_new_tokens=8)
     backend = OpenAICompletionsAnswers(url, "smollm2", api_key_env=None)
-    served, from_cache = pre_edit_answers(smollm2.model, smollm2.tokenizer, records, settings, "smollm2@x", 1,
-                                          tmp_path, backend=backend)
-    assert not from_cache and len(seen["bodies"]) == len(served)
-    again, from_cache = pre_edit_answers(smollm2.model, smollm2.tokenizer, records, settings, "smollm2@x", 1,
-                                         tmp_path, backend=backend)
-    assert from_cache and again == served and len(seen["bodies"]) == len(served)  # the endpoint was not asked
-    here, from_cache = pre_edit_answers(smollm2.model, smollm2.tokenizer, records, settings, "smollm2@x", 1, tmp_path)
-    assert not from_cache and here == served  # the in-process answers are an entry of their own, and equal
+    checks = []
+    first = pre_edit_answers(smollm2.model, smollm2.tokenizer, records, settings, "smollm2@x", 1, tmp_path,
+                             backend=backend, check_backend=lambda: checks.append(1) or {"share": 1.0, "rows": []})
+    served = first.answers
+    assert not first.from_cache and len(seen["bodies"]) == len(served) and checks == [1]
+    again = pre_edit_answers(smollm2.model, smollm2.tokenizer, records, settings, "smollm2@x", 1, tmp_path,
+                             backend=backend, check_backend=lambda: checks.append(2) or {"share": 0.0, "rows": []})
+    assert again.from_cache and again.answers == served and len(seen["bodies"]) == len(served)  # not asked again
+    assert checks == [1] and again.backend_check == {"share": 1.0, "rows": []}  # the check the answers passed
+    here = pre_edit_answers(smollm2.model, smollm2.tokenizer, records, settings, "smollm2@x", 1, tmp_path)
+    assert not here.from_cache and here.answers == served  # the in-process answers are an entry of their own
+    assert here.backend_check is None
 
 
 def _stage_config(url: str) -> dict:
@@ -147,10 +151,18 @@ def test_generation_stage_checks_the_unedited_backend(serves, tiny_llama, smol_t
             return
         stage = GenerationStage(_stage_config(url), tiny_llama, smol_tokenizer, records, "tiny@x", "tiny",
                                 model_args, tmp_path)
+        asked = len(seen["bodies"])
+        # A second trial on the same weights and records reads the answers from the cache: the endpoint is not
+        # asked again (not even the probe), and the trial logs the check those answers passed.
+        cached = GenerationStage(_stage_config(url), tiny_llama, smol_tokenizer, records, "tiny@x", "tiny",
+                                 model_args, tmp_path)
+        assert len(seen["bodies"]) == asked
     finally:
         server.shutdown()
     assert stage.step0_metrics == {"gen/unedited_backend_agreement": 1.0}
     assert len(stage.step0_tables["tables/generations/unedited_backend_probe.json"]) == 4
+    assert cached.step0_metrics == stage.step0_metrics and cached.step0_tables == stage.step0_tables
+    assert cached.pre_answers == stage.pre_answers
     prompts = list(stage.pre_answers)
     assert stage.pre_answers == dict(zip(prompts, generate_answers(tiny_llama, smol_tokenizer, prompts,
                                                                    stage.settings)))
