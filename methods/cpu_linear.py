@@ -6,8 +6,8 @@ whose few-row kernel is slow on this project's CPU machines (AMD EPYC, 2 cores).
 (``torch.ops.mkldnn._linear_pointwise``, the kernel PyTorch's own compiler uses on CPU) computes the same
 product faster there. Measured on SmolLM2's shapes, weights not in cache, 14 rows: 576→1536 forward 301 µs
 against MKL's 411 µs, its input gradient 254 µs against 456 µs; the 49,152-word output head on 7 rows 6.6 ms
-against 12.7 ms in MKL's best (chunked) form. A whole v* request took 1.24× less time in a paired run
-(README, "Benchmark and speed"; ``--linear-backend`` in benchmarks/bench_editing.py compares the two).
+against 12.7 ms in MKL's best (chunked) form. Whole v* requests took a median 1.12–1.22× less time in three
+paired runs (benchmarks/bench_linear_backend.py; README, "Benchmark and speed").
 
 ``route_linears(model, "onednn")`` turns every plain ``nn.Linear`` of ``model`` into a ``OneDnnLinear``, a
 subclass whose ``forward`` calls that kernel (its class is swapped, nothing else: same parameters, state dict and
