@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stats-tokens", type=int, default=None, help="tokens averaged into C (default 20000)")
     parser.add_argument("--stats-max-length", type=int, default=None,
                         help="statistics documents are cut to this many tokens (default 256)")
-    parser.add_argument("--stats-forward-dtype", choices=["bfloat16", "float16"], default=None,
+    parser.add_argument("--stats-forward-dtype", choices=list(FORWARD_DTYPE_BY_NAME), default=None,
                         help="the statistics' forward pass under autocast in this dtype (as stats.forward_dtype; "
                              "default: the weights' dtype)")
     parser.add_argument("--linear-backend", choices=list(LINEAR_BACKENDS), default="auto",

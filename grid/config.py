@@ -16,13 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from evals.datasets import BUILTIN_NAME, DATASET_FORMATS, HUB_PREFIX
 from methods.corpus import CorpusError, parse_corpus
-from methods.cpu_linear import LINEAR_BACKENDS, onednn_available
+from methods.cpu_linear import LinearBackendError, resolve_linear_backend
 from methods.models import DTYPES, EMBEDDED_MODELS
 from methods.stages import MethodSpec, method_problems
+from methods.stats import FORWARD_DTYPE_BY_NAME
 
 DEFAULTS: dict[str, Any] = {
     "experiment": "editgrid",
@@ -261,12 +263,10 @@ def trial_problems(cfg: dict) -> list[str]:
     margs = cfg.get("model_args", {})
     if margs.get("dtype") not in ("auto", *DTYPES):
         problems.append(f"model_args.dtype: {margs.get('dtype')!r} is not auto or one of {sorted(DTYPES)}")
-    if margs.get("linear_backend") not in LINEAR_BACKENDS:
-        problems.append(f"model_args.linear_backend: {margs.get('linear_backend')!r} is not one of "
-                        f"{list(LINEAR_BACKENDS)}")
-    elif margs.get("linear_backend") == "onednn" and not onednn_available():
-        problems.append("model_args.linear_backend: 'onednn' asked for, but this PyTorch build has no oneDNN linear; "
-                        "use auto or aten")
+    try:  # the same check load_model makes; the device only matters for "auto", which is always valid
+        resolve_linear_backend(margs.get("linear_backend"), torch.device("cpu"))
+    except LinearBackendError as err:
+        problems.append(f"model_args.linear_backend: {err}")
 
     data = cfg.get("data", {})
     path = data.get("path")
@@ -324,8 +324,9 @@ def trial_problems(cfg: dict) -> list[str]:
         problems.append(f"stats.num_tokens: {stats.get('num_tokens')!r} must be an integer >= 1000")
     if not _is_int(stats.get("max_length")) or stats["max_length"] < 8:
         problems.append(f"stats.max_length: {stats.get('max_length')!r} must be an integer >= 8")
-    if stats.get("forward_dtype") not in (None, "bfloat16", "float16"):
-        problems.append(f"stats.forward_dtype: {stats.get('forward_dtype')!r} must be null, bfloat16 or float16")
+    if stats.get("forward_dtype") is not None and stats.get("forward_dtype") not in FORWARD_DTYPE_BY_NAME:
+        problems.append(f"stats.forward_dtype: {stats.get('forward_dtype')!r} must be null, "
+                        f"{' or '.join(FORWARD_DTYPE_BY_NAME)}")
     if not _is_int(stats.get("seed")):
         problems.append(f"stats.seed: {stats.get('seed')!r} must be an integer")
     if not _is_int(cfg.get("eval", {}).get("batch_size")) or cfg["eval"]["batch_size"] < 1:

@@ -171,7 +171,7 @@ def test_rome_layer_beyond_the_model_is_rejected_before_it_loads(capsys):
     assert "reach beyond the 30 layers" in capsys.readouterr().err
 
 
-def test_protocol_sections_are_validated_with_every_problem_listed(tmp_path):
+def test_protocol_sections_are_validated_with_every_problem_listed(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as info:
         _expand("eval.generate.enabled=true", "eval.generate.unedited_answers.backend=openai",
                 "eval.generate.unedited_answers.base_url=localhost:8000", "eval.generate.unedited_answers.min_agreement=2",
@@ -194,6 +194,16 @@ def test_protocol_sections_are_validated_with_every_problem_listed(tmp_path):
         assert expected in str(info.value), str(info.value)
     with pytest.raises(ConfigError, match=r"stats.forward_dtype: 'float64' must be null, bfloat16 or float16"):
         _expand("stats.forward_dtype=float64")
+    with pytest.raises(ConfigError, match=r"model_args.linear_backend: linear backend 'mkl' is not one of "
+                                          r"\['auto', 'onednn', 'aten'\]"):
+        _expand("model_args.linear_backend=mkl")
+    import methods.cpu_linear as cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "onednn_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"model_args.linear_backend: linear backend 'onednn' asked for, but this "
+                                          r"PyTorch build has no oneDNN linear"):
+        _expand("model_args.linear_backend=onednn")
+    _expand("model_args.linear_backend=auto")  # auto falls back to PyTorch's own products
     with pytest.raises(ConfigError, match=r"eval.generate.unedited_answers.backend: 'tgi' is not one of"):
         _expand("eval.generate.unedited_answers.backend=tgi")
     _expand("eval.generate.enabled=true", "eval.generate.unedited_answers.backend=vllm")  # model null: the trial's
