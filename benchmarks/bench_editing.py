@@ -294,6 +294,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     from_cache = all(stats.from_cache.values())
     computed_layers = [layer for layer in all_layers if not stats.from_cache[layer]]
     stats_info = {"layers": all_layers, "tokens": stats.tokens, "corpus": args.stats_corpus,
+                  "tokens_run": stats.tokens_run,  # distinct documents' tokens: a repeated document runs once
                   "forward_dtype": args.stats_forward_dtype or "weights",
                   "from_cache": from_cache, "computed_layers": computed_layers, "fresh_cache": bool(args.fresh_stats),
                   "from_cache_by_layer": {str(k): v for k, v in stats.from_cache.items()},
@@ -432,6 +433,8 @@ def format_results(results: dict) -> str:
         source = f"computed for layers {computed} in one pass, the others from the cache"
     else:
         source = "computed in a fresh cache" if stats["fresh_cache"] else "computed"
+    if stats.get("tokens_run") and stats["tokens_run"] < stats["tokens"]:
+        source += f", {stats['tokens_run']} of them run: repeated documents run once"
     head = (f"{results['config']['model']} on {machine['device']} ({machine['dtype']}, {machine['cpu_count']} CPUs, "
             f"{machine['torch_threads']} torch threads, linear products on "
             f"{results['config'].get('linear_backend', 'aten')}), {results['config']['num_edits']} edits of "

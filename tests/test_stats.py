@@ -14,7 +14,8 @@ import torch
 
 from methods.arch import EditableModel
 from methods.corpus import CorpusError, corpus_identity, iter_corpus_texts, parse_corpus
-from methods.stats import StatsError, add_gram_upper, pack_batches, second_moments, upper_to_full
+from methods.stats import (GramAccumulator, StatsError, add_gram_upper, count_repeats, pack_batches,
+                           second_moments, upper_to_full)
 
 WORDS = ("the river city museum scientists found that a new study of water music law novel population war history "
          "students morning government company announced football album patient climate president first time "
@@ -138,6 +139,50 @@ def test_gram_upper_triangle_matches_a_full_product():
     assert torch.allclose(upper_to_full(total), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_gram_accumulator_buffers_rows_and_weights_them():
+    torch.manual_seed(0)
+    rows, weights = torch.randn(23, 9), torch.tensor([1.0, 3.0, 2.0] * 7 + [1.0, 5.0])
+    expected = (rows.double() * weights.double()[:, None]).T @ rows.double()
+    for buffer_rows in (1, 4, 7, 64):  # smaller than, across and larger than the chunks added
+        gram = GramAccumulator(9, torch.float64, "cpu", buffer_rows=buffer_rows)
+        for start, stop in ((0, 5), (5, 6), (6, 6), (6, 23)):
+            gram.add(rows[start:stop], weights[start:stop].sqrt())
+        assert torch.allclose(gram.mean(4), expected / 4, rtol=1e-5, atol=1e-6)
+    unweighted = GramAccumulator(9, torch.float64, "cpu", buffer_rows=10)
+    unweighted.add(rows.to(torch.bfloat16))  # lower-precision keys are widened to float32 in the buffer
+    assert torch.allclose(unweighted.mean(1), rows.to(torch.bfloat16).double().T @ rows.to(torch.bfloat16).double(),
+                          rtol=1e-5, atol=1e-5)
+
+
+def test_count_repeats_keeps_first_occurrences_in_order():
+    unique, counts = count_repeats([[1, 2], [3], [1, 2], [1], [3], [1, 2]])
+    assert unique == [[1, 2], [3], [1]] and counts == [3, 2, 1]
+
+
+def test_repeated_documents_run_once_and_count_with_their_multiplicity(tiny_model, smol_tokenizer, tmp_path):
+    lines = write_text_corpus(tmp_path / "distinct.txt", lines=12).read_text(encoding="utf-8").splitlines()
+    repeated = [lines[0]] * 3 + lines[1:6] + [lines[2], lines[4]] + lines[6:] + [lines[0]]
+    corpus_path = tmp_path / "repeated.txt"
+    corpus_path.write_text("\n".join(repeated) + "\n", encoding="utf-8")
+    editable = EditableModel.wrap(tiny_model)
+    rows_run = []
+    handle = editable.mlp_out(0).register_forward_pre_hook(
+        lambda module, args: rows_run.append(args[0].shape[:2].numel()))
+    try:
+        with pytest.warns(UserWarning, match="holds only"):  # every token of the corpus is asked for
+            result = second_moments(editable, smol_tokenizer, [0, 1], parse_corpus(str(corpus_path)), 10**6, "tiny",
+                                    cache_dir=tmp_path / "cache", batch_tokens=64, max_length=MAX_LENGTH, progress=False)
+    finally:
+        handle.remove()
+    token_lengths = [len(smol_tokenizer(line, truncation=True, max_length=MAX_LENGTH)["input_ids"]) for line in lines]
+    assert sum(rows_run) == sum(token_lengths)  # each distinct document went through the model once
+    assert result.tokens_run == sum(token_lengths)
+    for layer in (0, 1):
+        expected, counted = brute_force_moment(tiny_model, editable, smol_tokenizer, corpus_path, layer, 10**6)
+        assert result.tokens == counted > sum(token_lengths)  # the mean still counts every occurrence
+        assert relative_error(result.moments[layer], expected) < 1e-6
+
+
 def test_forward_stops_after_the_deepest_requested_layer(tiny_llama, smol_tokenizer, text_corpus, tmp_path):
     editable = EditableModel.wrap(tiny_llama)
     calls = []
@@ -158,6 +203,7 @@ def test_second_call_reads_the_cache(tiny_llama, smol_tokenizer, text_corpus, tm
     second = second_moments(editable, smol_tokenizer, [2, 1], corpus, 1200, "tiny", **arguments)
     assert first.seconds > 0 and second.seconds == 0.0
     assert second.from_cache == {1: True, 2: True} and second.tokens == first.tokens == 1200
+    assert first.tokens_run == 1200 and second.tokens_run == 0  # the test corpus repeats no document
     for layer in (1, 2):
         assert torch.equal(first.moments[layer], second.moments[layer])
         sidecar = json.loads(first.paths[layer].with_suffix(".json").read_text())
