@@ -253,7 +253,7 @@ def _first_tensor(args, kwargs) -> torch.Tensor:
     raise StatsError("the MLP output projection was called without a tensor input")
 
 
-GRAM_BUFFER_ROWS = 4096  # key rows per Gram product at least (GramAccumulator)
+GRAM_BUFFER_ROWS = 4096  # key rows per Gram product (GramAccumulator): enough to run the GEMM at full speed
 GRAM_BLOCKS = 4  # column blocks of the Gram's upper block-triangle: (k+1)/2k of a full GEMM's FLOPs
 
 
@@ -359,15 +359,15 @@ def _compute(editable, tokenizer, layers, corpus, num_tokens, model_key, cache_r
 
     # Each sum lives beside its layer's weights (a model split over devices keeps its keys where they are).
     grams = {layer: GramAccumulator(editable.key_dim(layer), accumulate_dtype, editable.mlp_out(layer).weight.device,
-                                    buffer_rows=max(batch_tokens, GRAM_BUFFER_ROWS)) for layer in layers}
+                                    buffer_rows=GRAM_BUFFER_ROWS) for layer in layers}
     deepest = max(layers)
     batch_row_scales: list[torch.Tensor | None] = [None]  # √count per key row of the batch running now
 
     def make_hook(layer):
         def hook(module, args, kwargs):
             keys = _first_tensor(args, kwargs)  # batches have no padding: every position is a corpus token
-            # Gram products in float32 (≤ batch_tokens terms each, relative error ~1e-6), added to a running sum in
-            # the accumulation dtype: float64 accuracy over the corpus at float32 GEMM speed (~3× float64's).
+            # Gram products in float32 (≤ GRAM_BUFFER_ROWS terms each, relative error ~1e-6), added to a running sum
+            # in the accumulation dtype: float64 accuracy over the corpus at float32 GEMM speed (~3× float64's).
             grams[layer].add(keys.reshape(-1, keys.shape[-1]), batch_row_scales[0])
             if layer == deepest:
                 raise _DeepestLayerDone

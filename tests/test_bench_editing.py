@@ -112,3 +112,22 @@ def test_bench_linear_backend_smoke(tmp_path, tiny_llama_dir, shared_data, capsy
     assert {row["rows"] for row in results["products"]} == {1, 7}
     assert all(row["aten_us"] > 0 and row["onednn_us"] > 0 for row in results["products"])
     assert "speedup per request" in capsys.readouterr().out
+
+
+def test_bench_stats_paired_smoke(tmp_path, tiny_llama_dir, small_corpus, capsys):
+    spec = importlib.util.spec_from_file_location("bench_stats_paired", BENCH.parent / "bench_stats_paired.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "paired.json"
+    current = BENCH.parents[1] / "methods" / "stats.py"
+    code = module.main(["--against", str(current), "--model", str(tiny_llama_dir), "--corpus", str(small_corpus),
+                        "--layers", "1,2", "--tokens", "1500", "--max-length", "64", "--rounds", "2",
+                        "--json-out", str(out)])
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert all(len(values) == 2 and min(values) > 0 for values in results["seconds"].values())
+    assert results["tokens"] == {"against": 1500, "current": 1500} and len(results["ratio_per_round"]) == 2
+    assert max(results["moment_relative_difference"].values()) < 1e-12  # the same file against itself
+    assert "current / against per round" in capsys.readouterr().out
+    assert module.main(["--against", str(tmp_path / "missing.py"), "--corpus", str(small_corpus)]) == 2
+    assert "no such file" in capsys.readouterr().err

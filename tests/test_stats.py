@@ -174,7 +174,8 @@ def test_repeated_documents_run_once_and_count_with_their_multiplicity(tiny_mode
                                     cache_dir=tmp_path / "cache", batch_tokens=64, max_length=MAX_LENGTH, progress=False)
     finally:
         handle.remove()
-    token_lengths = [len(smol_tokenizer(line, truncation=True, max_length=MAX_LENGTH)["input_ids"]) for line in lines]
+    token_lengths = [len(smol_tokenizer(line, truncation=True, max_length=MAX_LENGTH)["input_ids"])
+                     for line in lines]
     assert sum(rows_run) == sum(token_lengths)  # each distinct document went through the model once
     assert result.tokens_run == sum(token_lengths)
     for layer in (0, 1):
