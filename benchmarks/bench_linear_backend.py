@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from grid.trial import to_request  # noqa: E402
+from grid.trial import peak_memory_mb, to_request  # noqa: E402
 from evals.datasets import load_records  # noqa: E402
 from methods.arch import EditableModel  # noqa: E402
 from methods.context import generate_context_templates  # noqa: E402
@@ -33,10 +32,6 @@ from methods.models import load_model  # noqa: E402
 from methods.targets import TargetHParams, compute_target_values  # noqa: E402
 
 BACKENDS = ("aten", "onednn")
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def product_timings(model: torch.nn.Module, rows: list[int], repeats: int) -> list[dict]:
@@ -135,10 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {backend:>7}: median {vstar['median_s'][backend]:.2f} s, total {vstar['total_s'][backend]:.1f} s")
     print(f"  speedup per request: median {vstar['speedup_median']:.2f} (min {vstar['speedup_min']:.2f}, max "
           f"{vstar['speedup_max']:.2f}); v* differs by at most {vstar['vstar_relative_difference_max']:.1e} "
-          f"(relative); peak RSS {_peak_rss_mb():.0f} MB")
+          f"(relative); peak RSS {peak_memory_mb(torch.device('cpu')):.0f} MB")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"config": vars(args), "products": products, "vstar": vstar,
-                                                   "peak_rss_mb": _peak_rss_mb()}, indent=2))
+                                                   "peak_rss_mb": peak_memory_mb(torch.device("cpu"))}, indent=2))
         print(f"results written to {args.json_out}")
     return 0
 

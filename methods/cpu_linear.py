@@ -13,8 +13,8 @@ paired runs (benchmarks/bench_linear_backend.py; README, "Benchmark and speed").
 subclass whose ``forward`` calls that kernel (its class is swapped, nothing else: same parameters, state dict and
 hooks). It only takes over where the result is the same product up to summation order (relative differences
 ~1e-6 in fp32): fp32 weights and input on CPU, no autocast, at most ``MAX_ROWS`` rows, weights of at least
-``MIN_WEIGHT_ELEMENTS``, and no weight or bias that wants a gradient (fine-tuning falls back to ``F.linear``). The input's gradient is a second oneDNN product, with
-the transposed weight.
+``MIN_WEIGHT_ELEMENTS``, and no weight or bias that wants a gradient (fine-tuning falls back to ``F.linear``).
+The input's gradient is a second oneDNN product, with the transposed weight.
 """
 
 from __future__ import annotations

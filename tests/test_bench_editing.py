@@ -10,8 +10,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_editing.py"
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_editing", BENCH)
+def _load_bench(script: str = "bench_editing.py"):
+    spec = importlib.util.spec_from_file_location(Path(script).stem, BENCH.parent / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -99,9 +99,7 @@ def test_bench_linear_backend_smoke(tmp_path, tiny_llama_dir, shared_data, capsy
     if not onednn_available():
         import pytest
         pytest.skip("this PyTorch build has no oneDNN linear")
-    spec = importlib.util.spec_from_file_location("bench_linear_backend", BENCH.parent / "bench_linear_backend.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_bench("bench_linear_backend.py")
     out = tmp_path / "linear.json"
     data = shared_data / "counterfact" / "counterfact-edit.json"
     code = module.main(["--model", str(tiny_llama_dir), "--data", str(data), "--num-edits", "2", "--layers", "1,2",
@@ -115,9 +113,7 @@ def test_bench_linear_backend_smoke(tmp_path, tiny_llama_dir, shared_data, capsy
 
 
 def test_bench_stats_paired_smoke(tmp_path, tiny_llama_dir, small_corpus, capsys):
-    spec = importlib.util.spec_from_file_location("bench_stats_paired", BENCH.parent / "bench_stats_paired.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_bench("bench_stats_paired.py")
     out = tmp_path / "paired.json"
     current = BENCH.parents[1] / "methods" / "stats.py"
     code = module.main(["--against", str(current), "--model", str(tiny_llama_dir), "--corpus", str(small_corpus),
