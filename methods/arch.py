@@ -138,8 +138,10 @@ class EditableModel:
         raise ArchitectureError(f"{self.mlp_out_name(layer)} is a {type(module).__name__}, expected nn.Linear or Conv1D")
 
     def weight(self, layer: int) -> torch.Tensor:
-        """The edited matrix W (d×m) as a view of the parameter's data."""
-        param = self.mlp_out(layer).weight.data
+        """The edited matrix W (d×m) as a view of the parameter. A ``detach()`` view, not ``.data``: in-place edits
+        through it advance the parameter's version counter, by which derived copies (methods/cpu_linear.py's packed
+        weights) notice that the weight changed."""
+        param = self.mlp_out(layer).weight.detach()
         return param.t() if self.is_transposed(layer) else param
 
     def key_dim(self, layer: int) -> int:

@@ -2,12 +2,14 @@
 
 The v* optimisation (methods/targets.py) feeds 7–50 tokens per step through every block above the edit site, and
 decoding feeds one token per answer: ``nn.Linear`` products with few rows. PyTorch sends fp32 products to MKL,
-whose few-row kernel is slow on this project's CPU machines (AMD EPYC, 2 cores). oneDNN's linear
-(``torch.ops.mkldnn._linear_pointwise``, the kernel PyTorch's own compiler uses on CPU) computes the same
-product faster there. Measured on SmolLM2's shapes, weights not in cache, 14 rows: 576→1536 forward 301 µs
-against MKL's 411 µs, its input gradient 254 µs against 456 µs; the 49,152-word output head on 7 rows 6.6 ms
-against 12.7 ms in MKL's best (chunked) form. Whole v* requests took a median 1.12–1.22× less time in three
-paired runs (benchmarks/bench_linear_backend.py; README, "Benchmark and speed").
+whose few-row kernel is slow on this project's CPU machines (AMD EPYC, 2 cores): at 14 rows it spends more time
+rearranging the weight than multiplying. oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, the kernel
+PyTorch's own compiler uses on CPU) computes the same product faster there, and faster still from a weight it
+has laid out in its own blocked format once ("packed", ``torch.ops.mkldnn._reorder_linear_weight``). Measured on
+SmolLM2's shapes, weights not in cache, 14 rows: 576→1536 forward 439 µs on MKL, 338 µs on oneDNN, 227 µs
+packed; its input gradient 468, 269 and 235 µs; the 576→576 projections 174 µs on MKL, 89 µs packed; the
+49,152-word output head on 7 rows 33.7 ms on MKL, 7.9 ms on oneDNN, 4.7 ms packed
+(``benchmarks/bench_linear_backend.py`` times the model's products and whole v* requests).
 
 ``route_linears(model, "onednn")`` turns every plain ``nn.Linear`` of ``model`` into a ``OneDnnLinear``, a
 subclass whose ``forward`` calls that kernel (its class is swapped, nothing else: same parameters, state dict and
@@ -15,6 +17,14 @@ hooks). It only takes over where the result is the same product up to summation 
 ~1e-6 in fp32): fp32 weights and input on CPU, no autocast, at most ``MAX_ROWS`` rows, weights of at least
 ``MIN_WEIGHT_ELEMENTS``, and no weight or bias that wants a gradient (fine-tuning falls back to ``F.linear``).
 The input's gradient is a second oneDNN product, with the transposed weight.
+
+Packed weights: each module packs its weight the first time oneDNN computes a product with it (and the
+transposed weight the first time a gradient flows through it), and keeps the packed copy next to the parameter
+(not in the state dict). A copy is reused only while the parameter has the same storage and version counter, so
+an edit made in place (``weight.add_``, ``copy_``, an optimiser step: anything but writes through ``.data``,
+which PyTorch does not count) repacks it on the next product. The price is memory: one more copy of each
+weight used this way, two for the blocks v* backpropagates through (~0.4–0.9 GB for SmolLM2 in fp32).
+``drop_packed_weights(model)`` frees them.
 """
 
 from __future__ import annotations
@@ -33,34 +43,86 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def packing_available() -> bool:
+    return onednn_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
 def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight.T + bias`` (``weight`` may be a transposed view)."""
+    """``x @ weight.T + bias`` (``weight`` dense, a transposed view, or packed by ``_packed_weight``)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+# The row count oneDNN lays a packed weight out for. Any row count can use the packed weight; 32 was as fast as
+# a layout for the exact count from 7 to 100 rows on SmolLM2's shapes.
+PACKING_ROWS_HINT = 32
+
+
+class _PackedWeights(dict):
+    """A module's packed copies, {transposed: (signature, packed tensor)}: derived data, so a deep copy or a pickle
+    of the model starts without them (oneDNN's blocked tensors cannot be copied like ordinary ones)."""
+
+    def __deepcopy__(self, memo):
+        return _PackedWeights()
+
+    def __reduce__(self):
+        return (_PackedWeights, ())
+
+
+def _packed_weight(module: torch.nn.Linear, transposed: bool) -> torch.Tensor:
+    """``module.weight`` (or its transpose) in oneDNN's packed format, packed once per storage and version.
+
+    Without packing support in this PyTorch build, the dense weight (or a transposed view of it)."""
+    weight = module.weight
+    if not packing_available():
+        return weight.t() if transposed else weight
+    signature = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
+    store = module.__dict__.get("_onednn_packed")
+    if store is None:
+        store = module.__dict__["_onednn_packed"] = _PackedWeights()
+    entry = store.get(transposed)
+    if entry is None or entry[0] != signature:
+        store.pop(transposed, None)  # free a stale copy before making its replacement
+        with torch.no_grad(), torch.inference_mode(False):  # a packed copy made in inference mode is used outside
+            source = weight.detach().t().contiguous() if transposed else weight.detach()
+            entry = (signature, torch.ops.mkldnn._reorder_linear_weight(source, PACKING_ROWS_HINT))
+        store[transposed] = entry
+    return entry[1]
+
+
+def drop_packed_weights(model: torch.nn.Module) -> int:
+    """Free every packed weight copy in ``model`` (they are rebuilt on the next oneDNN product); returns how many."""
+    dropped = 0
+    for module in model.modules():
+        store = module.__dict__.pop("_onednn_packed", None)
+        dropped += len(store or ())
+    return dropped
 
 
 class _OneDnnLinearFunction(torch.autograd.Function):
     """``x @ Wᵀ + b`` with the gradient for ``x`` only (W and b are constants here: see ``_takes_over``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(weight)
-        return _onednn_product(x, weight, bias)
+    def forward(ctx, x, weight, bias, module):
+        ctx.save_for_backward(weight)  # so that autograd refuses a backward after W was changed in place
+        ctx.module = module
+        return _onednn_product(x, _packed_weight(module, transposed=False), bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        (weight,) = ctx.saved_tensors
-        # dL/dx = g · W, i.e. a linear product with weight Wᵀ (a view: oneDNN reads it strided).
-        return _onednn_product(grad_output.contiguous(), weight.t(), None), None, None
+        _ = ctx.saved_tensors  # reading them is autograd's check that W was not changed since the forward
+        # dL/dx = g · W, i.e. a linear product with weight Wᵀ.
+        return _onednn_product(grad_output.contiguous(), _packed_weight(ctx.module, transposed=True), None), \
+            None, None, None
 
 
 # oneDNN keeps a primitive per product shape (up to 1,024), each holding ~0.6 MB of buffers for these layer sizes;
 # with one shape per corpus batch length, the statistics pass grew the process by 1 GB, for no speed gain at
 # thousands of rows. Below this many rows the kernel is clearly faster and the shapes are few.
 MAX_ROWS = 256
-# Smaller weights (SmolLM2's 576×576 and 576×192 projections) ran no faster on oneDNN once the autograd
-# function's own overhead is counted (benchmarks/bench_linear_backend.py), so they stay with PyTorch.
-MIN_WEIGHT_ELEMENTS = 1 << 19
+# Packed, SmolLM2's 576×576 projections run ~2× faster than on MKL (see the module docstring); its 576×192 ones
+# ran no faster (38 against 36 µs forward at 14 rows), so weights that small stay with PyTorch.
+MIN_WEIGHT_ELEMENTS = 1 << 18
 
 
 def _takes_over(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -77,8 +139,8 @@ class OneDnnLinear(torch.nn.Linear):
         if not _takes_over(x, self.weight, self.bias):
             return F.linear(x, self.weight, self.bias)
         if torch.is_grad_enabled() and x.requires_grad:
-            return _OneDnnLinearFunction.apply(x, self.weight, self.bias)
-        return _onednn_product(x, self.weight, self.bias)
+            return _OneDnnLinearFunction.apply(x, self.weight, self.bias, self)
+        return _onednn_product(x, _packed_weight(self, transposed=False), self.bias)
 
 
 def resolve_linear_backend(backend: str, device: torch.device) -> str:
@@ -103,5 +165,6 @@ def route_linears(model: torch.nn.Module, backend: str) -> int:
     for module in model.modules():
         if type(module) is other:
             module.__class__ = wanted
+            module.__dict__.pop("_onednn_packed", None)
             switched += 1
     return switched

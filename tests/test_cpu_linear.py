@@ -110,3 +110,55 @@ def test_backend_choice_and_errors(monkeypatch):
 def test_loaded_model_records_its_backend(smollm2):
     assert smollm2.linear_backend == "onednn"
     assert type(smollm2.model.get_output_embeddings()) is OneDnnLinear
+
+
+def test_packed_weights_are_reused_and_repacked_after_an_in_place_edit(monkeypatch):
+    import copy
+
+    import methods.cpu_linear as cpu_linear
+    from methods.arch import EditableModel
+
+    monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 0)
+    model = _tiny_llama()
+    route_linears(model, "onednn")
+    editable = EditableModel.wrap(model)
+    down = editable.mlp_out(1)
+    ids = torch.randint(0, 96, (2, 7))
+    with torch.inference_mode():  # packed in inference mode, used outside it below
+        model(ids)
+    packed_before = down.__dict__["_onednn_packed"][False][1]
+    with torch.no_grad():
+        model(ids)
+    assert down.__dict__["_onednn_packed"][False][1] is packed_before  # unchanged weight: the same packed copy
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        editable.weight(1).add_(0.5 * torch.randn_like(editable.weight(1)))  # an edit, as the editors make it
+    edited_logits, edited_grad = _logits_and_input_grad(model, ids)
+    assert down.__dict__["_onednn_packed"][False][1] is not packed_before
+    assert True in down.__dict__["_onednn_packed"]  # the backward packed the transposed weight
+    reference = copy.deepcopy(model)  # the packed copies are not copied: the deep copy starts without them
+    assert all("_onednn_packed" not in m.__dict__ or not m.__dict__["_onednn_packed"] for m in reference.modules())
+    route_linears(reference, "aten")
+    plain_logits, plain_grad = _logits_and_input_grad(reference, ids)
+    torch.testing.assert_close(edited_logits, plain_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(edited_grad, plain_grad, rtol=1e-4, atol=1e-6)
+    assert cpu_linear.drop_packed_weights(model) == 3 * 7 + 1 + 3 * 7 + 1  # forward and transposed, every linear
+    assert cpu_linear.drop_packed_weights(model) == 0
+
+
+def test_without_packing_support_the_dense_weight_is_used(monkeypatch):
+    import methods.cpu_linear as cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 0)
+    monkeypatch.setattr(cpu_linear, "packing_available", lambda: False)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 5)
+    layer.requires_grad_(False)
+    route_linears(layer, "onednn")
+    x = torch.randn(3, 8, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    reference = x.detach().clone().requires_grad_(True)
+    F.linear(reference, layer.weight, layer.bias).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, reference.grad)
+    assert "_onednn_packed" not in layer.__dict__
