@@ -29,3 +29,26 @@ def general_solve(a: torch.Tensor, b: torch.Tensor, what: str) -> torch.Tensor:
     if not torch.isfinite(x).all():
         raise SingularSolveError(f"{what}: the solution is not finite")
     return x
+
+
+def cholesky_factor(a: torch.Tensor) -> torch.Tensor | None:
+    """The lower Cholesky factor of symmetric ``a`` (float64), or None when ``a`` is not positive definite."""
+    chol, info = torch.linalg.cholesky_ex(a.double())
+    return chol if int(info) == 0 else None
+
+
+def solve_gram_updated(a: torch.Tensor, a_factor: torch.Tensor | None, k: torch.Tensor, what: str) -> torch.Tensor:
+    """(A + K Kᵀ)⁻¹ K for SPD A [m×m] and keys K [m×n], given A's Cholesky factor (``cholesky_factor``).
+
+    Push-through identity: (A + KKᵀ)⁻¹K = A⁻¹K (I + KᵀA⁻¹K)⁻¹. With A's factor computed once (A = λC is fixed for a
+    whole sequential run), a batch costs two triangular solves and an n×n system, O(m²n), instead of a new m×m
+    factorisation, O(m³). Without a factor, or for batches of more than m/2 keys, the m×m system is solved
+    directly."""
+    k64 = k.double()
+    m, n = k64.shape
+    if a_factor is None or n > m // 2:
+        return spd_solve(a.double() + k64 @ k64.T, k64, what)
+    a_inv_k = torch.cholesky_solve(k64, a_factor)
+    capacity = k64.T @ a_inv_k  # n×n, symmetric positive definite once I is added
+    capacity.diagonal().add_(1.0)
+    return spd_solve(capacity, a_inv_k.T, what).T  # A⁻¹K · capacity⁻¹ (capacity is symmetric)

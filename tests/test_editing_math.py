@@ -25,6 +25,7 @@ from methods import cpu_linear
 from methods.cpu_linear import onednn_available, route_linears
 from methods.editor import LocateThenEditEditor
 from methods.keys import compute_keys, compute_site_outputs, compute_keys_and_site_outputs
+from methods.linalg import cholesky_factor, solve_gram_updated
 from methods.requests import EditRequest
 from methods.solvers.alphaedit import AlphaEditSolver, nullspace_projector
 from methods.solvers.memit import MemitSolver
@@ -580,6 +581,38 @@ def test_memit_normal_equations_and_lambda():
     assert delta.dtype == torch.float64
     k32, r32, c32 = keys.float().double(), residuals.float().double(), c.float().double()
     assert _rel(delta @ (m * c32 + k32 @ k32.T), r32 @ k32.T) <= 1e-8
+
+
+def test_gram_updated_solve_through_a_fixed_factor_equals_the_direct_solve(monkeypatch):
+    import methods.linalg as linalg
+
+    g = torch.Generator().manual_seed(5)
+    m = 24
+    a = 3.0 * _random_spd(m, g)
+    factor = cholesky_factor(a)
+    assert factor is not None
+    direct_calls = []
+    real_spd_solve = linalg.spd_solve
+    monkeypatch.setattr(linalg, "spd_solve",
+                        lambda x, b, what: direct_calls.append(x.shape) or real_spd_solve(x, b, what))
+    for n in (1, 5, m // 2, m // 2 + 1, 2 * m):
+        keys = torch.randn(m, n, generator=g, dtype=torch.float64)
+        expected = torch.linalg.inv(a + keys @ keys.T) @ keys
+        direct_calls.clear()
+        assert _rel(solve_gram_updated(a, factor, keys, "test"), expected) <= 1e-10
+        # up to m/2 keys only an n×n system is solved; more keys, or no factor, solve the m×m system
+        assert direct_calls == ([(n, n)] if n <= m // 2 else [(m, m)])
+        direct_calls.clear()
+        assert _rel(solve_gram_updated(a, None, keys, "test"), expected) <= 1e-10
+        assert direct_calls == [(m, m)]
+    # a singular A has no factor; A + KKᵀ may still be positive definite, and is then solved directly
+    basis = torch.randn(m, m - 3, generator=g, dtype=torch.float64)
+    singular = basis @ basis.T
+    assert cholesky_factor(singular - 1e-9 * torch.eye(m, dtype=torch.float64)) is None
+    keys = torch.randn(m, 3, generator=g, dtype=torch.float64)
+    expected = torch.linalg.solve(singular + keys @ keys.T, keys)
+    assert _rel(solve_gram_updated(singular, cholesky_factor(singular - 1e-9 * torch.eye(m, dtype=torch.float64)),
+                                   keys, "test"), expected) <= 1e-6
 
 
 # ---------------------------------------------------------------------------------------------------------------

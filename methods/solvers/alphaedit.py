@@ -8,8 +8,8 @@ P = U_null U_nullᵀ. Two ways to call an eigenvalue small:
 * ``energy``: the largest null space whose share of tr(C) stays ≤ ``nullspace_energy`` — says directly how much
   of the preserved keys' energy the edit may touch.
 
-Update: X = solve(P(KKᵀ + K_p K_pᵀ) + α I, P K Rᵀ), Δ = Xᵀ, so Δ P = Δ. After every batch the batch's keys,
-re-read on the edited model, are added to K_p K_pᵀ (the past-edit memory). λ does not enter.
+Update: X = solve(P(KKᵀ + K_p K_pᵀ) + α I, P K Rᵀ), Δ = Xᵀ = R (solve(…, P K))ᵀ, so Δ P = Δ. After every batch
+the batch's keys, re-read on the edited model, are added to K_p K_pᵀ (the past-edit memory). λ does not enter.
 
 With a ``cache_dir`` the projectors are computed once per (C, null-space rule) and shared by every trial through
 ``<cache_dir>/projectors/<key>.pt``, keyed by a hash of C's bytes (methods/cache.py: concurrent trials wait for
@@ -97,8 +97,10 @@ class AlphaEditSolver(SolverDefaults):
         projected_keys = p @ k
         system = projected_keys @ k.T + self._projected_past_kk[layer]  # P(KKᵀ + K_pK_pᵀ)
         system.diagonal().add_(self.l2)
-        x = general_solve(system, projected_keys @ r.T, f"AlphaEdit layer {layer}")
-        return x.T
+        # X = system⁻¹ (PK) Rᵀ, solved for the n columns of PK and then multiplied by Rᵀ: n right-hand sides
+        # instead of d (1 against 576 for SmolLM2 at batch 1).
+        solved = general_solve(system, projected_keys, f"AlphaEdit layer {layer}")
+        return r @ solved.T
 
     def after_batch(self, keys_after):
         for layer, k in keys_after.items():

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from methods.linalg import spd_solve
+from methods.linalg import cholesky_factor, solve_gram_updated
 from methods.solvers.base import SolverDefaults, resolve_lambda
 
 
@@ -22,17 +22,20 @@ class MemitSolver(SolverDefaults):
     mom2_update_weight_per_key_dim: float = 1.0
     name: str = "memit"
     _scaled_c: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _scaled_c_factor: dict[int, torch.Tensor | None] = field(default_factory=dict, repr=False)  # Cholesky of λC
     _lambda: float = 0.0
 
     def prepare(self, layers, second_moments, weights):
         m = next(iter(second_moments.values())).shape[0]
         self._lambda = resolve_lambda(self.mom2_update_weight, self.mom2_update_weight_per_key_dim, m)
         self._scaled_c = {layer: self._lambda * second_moments[layer].double() for layer in layers}
+        # λC never changes during a run: factored once, each batch's solve is O(m²n) (methods/linalg.py).
+        self._scaled_c_factor = {layer: cholesky_factor(c) for layer, c in self._scaled_c.items()}
 
     def solve(self, layer, keys, residuals, weight):
         k = keys.double().to(self._scaled_c[layer].device)
-        system = self._scaled_c[layer] + k @ k.T
-        adjusted_keys = spd_solve(system, k, f"MEMIT layer {layer}")  # (λC + KKᵀ)⁻¹ K
+        adjusted_keys = solve_gram_updated(self._scaled_c[layer], self._scaled_c_factor[layer], k,
+                                           f"MEMIT layer {layer}")  # (λC + KKᵀ)⁻¹ K
         return residuals.double().to(k.device) @ adjusted_keys.T
 
     def metrics(self):
