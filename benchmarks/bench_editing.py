@@ -110,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the statistics' forward pass under autocast in this dtype (as stats.forward_dtype; "
                              "default: the weights' dtype)")
     parser.add_argument("--linear-backend", choices=list(LINEAR_BACKENDS), default="auto",
-                        help="kernel of the model's nn.Linear products (as model_args.linear_backend; "
-                             "auto = oneDNN on CPU, aten = PyTorch's default)")
+                        help="kernel of the model's nn.Linear products (as model_args.linear_backend; auto = "
+                             "oneDNN on CPU with packed weights, onednn-dense = without them, aten = PyTorch's)")
     parser.add_argument("--fresh-stats", action="store_true", default=None,
                         help="compute the statistics in a temporary cache folder (measures compute, not the cache)")
     parser.add_argument("--set", dest="hparams", action="append", default=[], metavar="NAME=VALUE",

@@ -1,11 +1,12 @@
 """oneDNN against PyTorch's own dispatch for the model's linear products: a paired comparison.
 
 This machine's speed drifts by 10–20 % over minutes, so two benchmark runs taken at different times cannot tell
-a 1.2× kernel gain from drift. Here both backends run interleaved in one process on the same model
-(``methods.cpu_linear.route_linears`` switches them): first single products of the model's own shapes (weights
-not in cache, as in a forward pass), then whole v* requests of the reference setting (layers 4–8, 25 steps,
-v_lr 0.1, the first N CounterFact records), each request timed under ``aten`` and then ``onednn``, and the v* of
-both compared.
+a 1.2× kernel gain from drift. Here the backends run interleaved in one process on the same model
+(``methods.cpu_linear.route_linears`` switches them; ``onednn`` multiplies by packed weights, ``onednn-dense`` by
+the dense ones): first single products of the model's own shapes (weights not in cache, as in a forward pass),
+then whole v* requests of the reference setting (layers 4–8, 25 steps, v_lr 0.1, the first N CounterFact
+records), each request timed under every backend (the order reversed from one request to the next), and the v*
+compared with aten's. The packed copies are kept across the switches, as in a run that stays on one backend.
 
     .venv/bin/python benchmarks/bench_linear_backend.py --data ../shared/data/counterfact/counterfact-edit.json
 """
@@ -31,7 +32,25 @@ from methods.cpu_linear import LinearBackendError, resolve_linear_backend, route
 from methods.models import load_model  # noqa: E402
 from methods.targets import TargetHParams, compute_target_values  # noqa: E402
 
-BACKENDS = ("aten", "onednn")
+BACKENDS = ("aten", "onednn-dense", "onednn")
+
+
+class _BackendSwitch:
+    """``route_linears`` that keeps each module's packed weight copies across the switches (a switch away from
+    ``onednn`` would drop them, and every return would pay for packing them again)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.kept: dict[torch.nn.Module, object] = {}
+
+    def __call__(self, backend: str) -> None:
+        for module in self.model.modules():
+            if "_onednn_packed" in module.__dict__:
+                self.kept[module] = module.__dict__["_onednn_packed"]
+        route_linears(self.model, backend)
+        if backend == "onednn":
+            for module, packed in self.kept.items():
+                module.__dict__["_onednn_packed"] = packed
 
 
 def product_timings(model: torch.nn.Module, rows: list[int], repeats: int) -> list[dict]:
@@ -42,13 +61,14 @@ def product_timings(model: torch.nn.Module, rows: list[int], repeats: int) -> li
         if isinstance(module, torch.nn.Linear):
             by_shape.setdefault(tuple(module.weight.shape), []).append(module)
     results = []
+    switch = _BackendSwitch(model)
     for (out_features, in_features), layers in sorted(by_shape.items()):
         for count in rows:
             x = torch.randn(count, in_features)
             grad = torch.randn(count, out_features)
             row = {"shape": f"{in_features}->{out_features}", "rows": count, "layers": len(layers)}
             for backend in BACKENDS:
-                route_linears(model, backend)
+                switch(backend)
 
                 def forward_and_grad():
                     for layer in layers:
@@ -60,7 +80,8 @@ def product_timings(model: torch.nn.Module, rows: list[int], repeats: int) -> li
                 for _ in range(repeats):
                     forward_and_grad()
                 row[f"{backend}_us"] = (time.perf_counter() - started) / (repeats * len(layers)) * 1e6
-            row["speedup"] = row["aten_us"] / row["onednn_us"]
+            for backend in BACKENDS[1:]:
+                row[f"{backend}_speedup"] = row["aten_us"] / row[f"{backend}_us"]
             results.append(row)
     return results
 
@@ -77,23 +98,33 @@ def paired_vstar(loaded, data: str, num_edits: int, layers: list[int], steps: in
         return compute_target_values(model, tokenizer, editable.block(site), [request], context, hparams,
                                      blocks=editable.blocks, site_layer=site)
 
-    one(requests[0])  # warm-up
+    switch = _BackendSwitch(model)
+    for backend in BACKENDS:  # warm-up (and the packed copies made once)
+        switch(backend)
+        one(requests[0])
     seconds: dict[str, list[float]] = {backend: [] for backend in BACKENDS}
-    differences = []
-    for request in requests:
+    differences: dict[str, list[float]] = {backend: [] for backend in BACKENDS[1:]}
+    for index, request in enumerate(requests):
         values = {}
-        for backend in BACKENDS:
-            route_linears(model, backend)
+        for backend in BACKENDS if index % 2 == 0 else BACKENDS[::-1]:
+            switch(backend)
             started = time.perf_counter()
             values[backend] = one(request).values
             seconds[backend].append(time.perf_counter() - started)
-        differences.append(float((values["onednn"] - values["aten"]).norm() / values["aten"].norm()))
-    ratios = [a / o for a, o in zip(seconds["aten"], seconds["onednn"])]
+        for backend in BACKENDS[1:]:
+            differences[backend].append(float((values[backend] - values["aten"]).norm() / values["aten"].norm()))
+    speedups = {}
+    for backend in BACKENDS[1:]:
+        ratios = [a / o for a, o in zip(seconds["aten"], seconds[backend])]
+        speedups[backend] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+    packed_vs_dense = [d / p for d, p in zip(seconds["onednn-dense"], seconds["onednn"])]
     return {"requests": len(requests), "seconds": seconds,
             "median_s": {b: statistics.median(s) for b, s in seconds.items()},
             "total_s": {b: sum(s) for b, s in seconds.items()},
-            "speedup_median": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
-            "vstar_relative_difference_max": max(differences)}
+            "speedup_over_aten": speedups,
+            "packed_over_dense": {"median": statistics.median(packed_vs_dense), "min": min(packed_vs_dense),
+                                  "max": max(packed_vs_dense)},
+            "vstar_relative_difference_max": {b: max(d) for b, d in differences.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,17 +151,22 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{args.model}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
     print("single products (forward + input gradient), µs per layer, weights cycled through every layer:")
-    print(f"  {'shape':>12} {'rows':>5} {'aten':>9} {'onednn':>9} {'speedup':>8}")
+    print(f"  {'shape':>12} {'rows':>5} " + " ".join(f"{b:>12}" for b in BACKENDS) + "  speedup over aten")
     for row in products:
-        print(f"  {row['shape']:>12} {row['rows']:>5} {row['aten_us']:9.0f} {row['onednn_us']:9.0f} "
-              f"{row['speedup']:8.2f}")
+        print(f"  {row['shape']:>12} {row['rows']:>5} " + " ".join(f"{row[b + '_us']:12.0f}" for b in BACKENDS)
+              + "  " + " / ".join(f"{row[b + '_speedup']:.2f}" for b in BACKENDS[1:]))
     print(f"v* (layer {layers[-1]}, {args.steps} steps, v_lr {args.v_lr}), {vstar['requests']} requests, each timed "
-          f"under aten then onednn:")
+          f"under every backend:")
     for backend in BACKENDS:
-        print(f"  {backend:>7}: median {vstar['median_s'][backend]:.2f} s, total {vstar['total_s'][backend]:.1f} s")
-    print(f"  speedup per request: median {vstar['speedup_median']:.2f} (min {vstar['speedup_min']:.2f}, max "
-          f"{vstar['speedup_max']:.2f}); v* differs by at most {vstar['vstar_relative_difference_max']:.1e} "
-          f"(relative); peak RSS {peak_memory_mb(torch.device('cpu')):.0f} MB")
+        line = f"  {backend:>12}: median {vstar['median_s'][backend]:.2f} s, total {vstar['total_s'][backend]:.1f} s"
+        if backend in vstar["speedup_over_aten"]:
+            speedup = vstar["speedup_over_aten"][backend]
+            line += (f"; per request {speedup['median']:.2f}× faster than aten (min {speedup['min']:.2f}, max "
+                     f"{speedup['max']:.2f}), v* differs by ≤ {vstar['vstar_relative_difference_max'][backend]:.1e}")
+        print(line)
+    packed = vstar["packed_over_dense"]
+    print(f"  packed over dense oneDNN, per request: {packed['median']:.2f}× (min {packed['min']:.2f}, max "
+          f"{packed['max']:.2f}); peak RSS {peak_memory_mb(torch.device('cpu')):.0f} MB")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"config": vars(args), "products": products, "vstar": vstar,
                                                    "peak_rss_mb": peak_memory_mb(torch.device("cpu"))}, indent=2))

@@ -23,8 +23,8 @@ transposed weight the first time a gradient flows through it), and keeps the pac
 (not in the state dict). A copy is reused only while the parameter has the same storage and version counter, so
 an edit made in place (``weight.add_``, ``copy_``, an optimiser step: anything but writes through ``.data``,
 which PyTorch does not count) repacks it on the next product. The price is memory: one more copy of each
-weight used this way, two for the blocks v* backpropagates through (~0.4–0.9 GB for SmolLM2 in fp32).
-``drop_packed_weights(model)`` frees them.
+weight used this way, two for the blocks v* backpropagates through (~0.9 GB for SmolLM2 in fp32 after a run of
+edits and evaluations). ``drop_packed_weights(model)`` frees them; the ``onednn-dense`` backend never makes them.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LINEAR_BACKENDS = ("auto", "onednn", "aten")
+LINEAR_BACKENDS = ("auto", "onednn", "onednn-dense", "aten")
 
 
 class LinearBackendError(RuntimeError):
@@ -73,7 +73,7 @@ def _packed_weight(module: torch.nn.Linear, transposed: bool) -> torch.Tensor:
 
     Without packing support in this PyTorch build, the dense weight (or a transposed view of it)."""
     weight = module.weight
-    if not packing_available():
+    if not (module.packs_weights and packing_available()):
         return weight.t() if transposed else weight
     signature = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
     store = module.__dict__.get("_onednn_packed")
@@ -135,6 +135,8 @@ def _takes_over(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 class OneDnnLinear(torch.nn.Linear):
     """An ``nn.Linear`` whose product runs on oneDNN when that gives the same product (see module docstring)."""
 
+    packs_weights = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _takes_over(x, self.weight, self.bias):
             return F.linear(x, self.weight, self.bias)
@@ -143,27 +145,38 @@ class OneDnnLinear(torch.nn.Linear):
         return _onednn_product(x, _packed_weight(self, transposed=False), self.bias)
 
 
+class DenseOneDnnLinear(OneDnnLinear):
+    """``OneDnnLinear`` on the dense weight: no packed copies, so no extra memory, and slower few-row products
+    (backend ``onednn-dense``)."""
+
+    packs_weights = False
+
+
+_CLASS_OF_BACKEND = {"onednn": OneDnnLinear, "onednn-dense": DenseOneDnnLinear, "aten": torch.nn.Linear}
+
+
 def resolve_linear_backend(backend: str, device: torch.device) -> str:
     """``auto`` → ``onednn`` on CPU where the kernel exists, else ``aten`` (PyTorch's own dispatch)."""
     if backend not in LINEAR_BACKENDS:
         raise LinearBackendError(f"linear backend {backend!r} is not one of {list(LINEAR_BACKENDS)}")
     if backend == "auto":
         return "onednn" if device.type == "cpu" and onednn_available() else "aten"
-    if backend == "onednn" and not onednn_available():
-        raise LinearBackendError("linear backend 'onednn' asked for, but this PyTorch build has no oneDNN linear "
+    if backend.startswith("onednn") and not onednn_available():
+        raise LinearBackendError(f"linear backend {backend!r} asked for, but this PyTorch build has no oneDNN linear "
                                  "(torch.ops.mkldnn._linear_pointwise); use 'aten' or 'auto'")
     return backend
 
 
 def route_linears(model: torch.nn.Module, backend: str) -> int:
-    """Make every plain ``nn.Linear`` of ``model`` use ``backend`` (``onednn`` or ``aten``); returns how many
-    modules were switched. Subclasses of ``nn.Linear`` (quantised or adapter layers) are left alone."""
-    if backend not in ("onednn", "aten"):
-        raise LinearBackendError(f"route_linears takes 'onednn' or 'aten', got {backend!r}")
-    wanted, other = (OneDnnLinear, torch.nn.Linear) if backend == "onednn" else (torch.nn.Linear, OneDnnLinear)
+    """Make every plain ``nn.Linear`` of ``model`` use ``backend`` (``onednn``, ``onednn-dense`` or ``aten``);
+    returns how many modules were switched. Subclasses of ``nn.Linear`` (quantised or adapter layers) are left
+    alone."""
+    if backend not in _CLASS_OF_BACKEND:
+        raise LinearBackendError(f"route_linears takes one of {list(_CLASS_OF_BACKEND)}, got {backend!r}")
+    wanted = _CLASS_OF_BACKEND[backend]
     switched = 0
     for module in model.modules():
-        if type(module) is other:
+        if type(module) in _CLASS_OF_BACKEND.values() and type(module) is not wanted:
             module.__class__ = wanted
             module.__dict__.pop("_onednn_packed", None)
             switched += 1

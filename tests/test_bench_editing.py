@@ -106,10 +106,14 @@ def test_bench_linear_backend_smoke(tmp_path, tiny_llama_dir, shared_data, capsy
                         "--steps", "3", "--rows", "1,7", "--repeats", "1", "--json-out", str(out)])
     assert code == 0
     results = json.loads(out.read_text())
-    assert results["vstar"]["requests"] == 2 and results["vstar"]["vstar_relative_difference_max"] < 1e-4
+    vstar = results["vstar"]
+    assert vstar["requests"] == 2 and set(vstar["seconds"]) == {"aten", "onednn-dense", "onednn"}
+    assert max(vstar["vstar_relative_difference_max"].values()) < 1e-4
+    assert all(len(seconds) == 2 for seconds in vstar["seconds"].values())
     assert {row["rows"] for row in results["products"]} == {1, 7}
-    assert all(row["aten_us"] > 0 and row["onednn_us"] > 0 for row in results["products"])
-    assert "speedup per request" in capsys.readouterr().out
+    assert all(row["aten_us"] > 0 and row["onednn_us"] > 0 and row["onednn-dense_us"] > 0
+               for row in results["products"])
+    assert "packed over dense oneDNN, per request" in capsys.readouterr().out
 
 
 def test_bench_stats_paired_smoke(tmp_path, tiny_llama_dir, small_corpus, capsys):

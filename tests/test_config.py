@@ -195,7 +195,7 @@ def test_protocol_sections_are_validated_with_every_problem_listed(tmp_path, mon
     with pytest.raises(ConfigError, match=r"stats.forward_dtype: 'float64' must be null, bfloat16 or float16"):
         _expand("stats.forward_dtype=float64")
     with pytest.raises(ConfigError, match=r"model_args.linear_backend: linear backend 'mkl' is not one of "
-                                          r"\['auto', 'onednn', 'aten'\]"):
+                                          r"\['auto', 'onednn', 'onednn-dense', 'aten'\]"):
         _expand("model_args.linear_backend=mkl")
     import methods.cpu_linear as cpu_linear
 

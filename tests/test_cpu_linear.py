@@ -162,3 +162,33 @@ def test_without_packing_support_the_dense_weight_is_used(monkeypatch):
     F.linear(reference, layer.weight, layer.bias).pow(2).sum().backward()
     torch.testing.assert_close(x.grad, reference.grad)
     assert "_onednn_packed" not in layer.__dict__
+
+
+def test_dense_backend_computes_on_onednn_without_packed_copies(monkeypatch):
+    import methods.cpu_linear as cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 0)
+    calls = []
+    real = cpu_linear._onednn_product
+    monkeypatch.setattr(cpu_linear, "_onednn_product", lambda *a: calls.append(1) or real(*a))
+    model = _tiny_llama()
+    ids = torch.randint(0, 96, (2, 7))
+    plain_logits, plain_grad = _logits_and_input_grad(model, ids)
+    assert route_linears(model, "onednn") == 3 * 7 + 1
+    _logits_and_input_grad(model, ids)
+    assert cpu_linear.drop_packed_weights(model) > 0
+    _logits_and_input_grad(model, ids)  # packs again, then the switch below drops them
+    assert route_linears(model, "onednn-dense") == 3 * 7 + 1
+    assert all(type(m) is cpu_linear.DenseOneDnnLinear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    calls.clear()
+    dense_logits, dense_grad = _logits_and_input_grad(model, ids)
+    assert len(calls) == 2 * (3 * 7 + 1)  # still oneDNN, forward and backward
+    assert cpu_linear.drop_packed_weights(model) == 0  # but nothing packed
+    torch.testing.assert_close(dense_logits, plain_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dense_grad, plain_grad, rtol=1e-4, atol=1e-6)
+    assert resolve_linear_backend("onednn-dense", torch.device("cpu")) == "onednn-dense"
+    monkeypatch.setattr(cpu_linear, "onednn_available", lambda: False)
+    with pytest.raises(LinearBackendError, match="'onednn-dense' asked for"):
+        resolve_linear_backend("onednn-dense", torch.device("cpu"))
+    with pytest.raises(LinearBackendError, match="route_linears takes one of"):
+        route_linears(model, "auto")
