@@ -6,7 +6,8 @@ a 1.2× kernel gain from drift. Here the backends run interleaved in one process
 the dense ones): first single products of the model's own shapes (weights not in cache, as in a forward pass),
 then whole v* requests of the reference setting (layers 4–8, 25 steps, v_lr 0.1, the first N CounterFact
 records), each request timed under every backend (the order reversed from one request to the next), and the v*
-compared with aten's. The packed copies are kept across the switches, as in a run that stays on one backend.
+compared with aten's. The packed copies are kept across the switches (``keep_packed``), as in a run that stays
+on one backend.
 
     .venv/bin/python benchmarks/bench_linear_backend.py --data ../shared/data/counterfact/counterfact-edit.json
 """
@@ -35,24 +36,6 @@ from methods.targets import TargetHParams, compute_target_values  # noqa: E402
 BACKENDS = ("aten", "onednn-dense", "onednn")
 
 
-class _BackendSwitch:
-    """``route_linears`` that keeps each module's packed weight copies across the switches (a switch away from
-    ``onednn`` would drop them, and every return would pay for packing them again)."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        self.kept: dict[torch.nn.Module, object] = {}
-
-    def __call__(self, backend: str) -> None:
-        for module in self.model.modules():
-            if "_onednn_packed" in module.__dict__:
-                self.kept[module] = module.__dict__["_onednn_packed"]
-        route_linears(self.model, backend)
-        if backend == "onednn":
-            for module, packed in self.kept.items():
-                module.__dict__["_onednn_packed"] = packed
-
-
 def product_timings(model: torch.nn.Module, rows: list[int], repeats: int) -> list[dict]:
     """Seconds per product (forward, and the input gradient's product) for each distinct weight shape of the
     model's linear layers, cycling through every layer of that shape so the weights are not in cache."""
@@ -61,14 +44,13 @@ def product_timings(model: torch.nn.Module, rows: list[int], repeats: int) -> li
         if isinstance(module, torch.nn.Linear):
             by_shape.setdefault(tuple(module.weight.shape), []).append(module)
     results = []
-    switch = _BackendSwitch(model)
     for (out_features, in_features), layers in sorted(by_shape.items()):
         for count in rows:
             x = torch.randn(count, in_features)
             grad = torch.randn(count, out_features)
             row = {"shape": f"{in_features}->{out_features}", "rows": count, "layers": len(layers)}
             for backend in BACKENDS:
-                switch(backend)
+                route_linears(model, backend, keep_packed=True)
 
                 def forward_and_grad():
                     for layer in layers:
@@ -98,16 +80,15 @@ def paired_vstar(loaded, data: str, num_edits: int, layers: list[int], steps: in
         return compute_target_values(model, tokenizer, editable.block(site), [request], context, hparams,
                                      blocks=editable.blocks, site_layer=site)
 
-    switch = _BackendSwitch(model)
     for backend in BACKENDS:  # warm-up (and the packed copies made once)
-        switch(backend)
+        route_linears(model, backend, keep_packed=True)
         one(requests[0])
     seconds: dict[str, list[float]] = {backend: [] for backend in BACKENDS}
     differences: dict[str, list[float]] = {backend: [] for backend in BACKENDS[1:]}
     for index, request in enumerate(requests):
         values = {}
         for backend in BACKENDS if index % 2 == 0 else BACKENDS[::-1]:
-            switch(backend)
+            route_linears(model, backend, keep_packed=True)
             started = time.perf_counter()
             values[backend] = one(request).values
             seconds[backend].append(time.perf_counter() - started)

@@ -57,6 +57,9 @@ def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 PACKING_ROWS_HINT = 32
 
 
+PACKED_ATTRIBUTE = "_onednn_packed"  # where a module keeps its packed copies (in its __dict__, not its state dict)
+
+
 class _PackedWeights(dict):
     """A module's packed copies, {transposed: (signature, packed tensor)}: derived data, so a deep copy or a pickle
     of the model starts without them (oneDNN's blocked tensors cannot be copied like ordinary ones)."""
@@ -76,9 +79,9 @@ def _packed_weight(module: torch.nn.Linear, transposed: bool) -> torch.Tensor:
     if not (module.packs_weights and packing_available()):
         return weight.t() if transposed else weight
     signature = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
-    store = module.__dict__.get("_onednn_packed")
+    store = module.__dict__.get(PACKED_ATTRIBUTE)
     if store is None:
-        store = module.__dict__["_onednn_packed"] = _PackedWeights()
+        store = module.__dict__[PACKED_ATTRIBUTE] = _PackedWeights()
     entry = store.get(transposed)
     if entry is None or entry[0] != signature:
         store.pop(transposed, None)  # free a stale copy before making its replacement
@@ -93,7 +96,7 @@ def drop_packed_weights(model: torch.nn.Module) -> int:
     """Free every packed weight copy in ``model`` (they are rebuilt on the next oneDNN product); returns how many."""
     dropped = 0
     for module in model.modules():
-        store = module.__dict__.pop("_onednn_packed", None)
+        store = module.__dict__.pop(PACKED_ATTRIBUTE, None)
         dropped += len(store or ())
     return dropped
 
@@ -167,10 +170,12 @@ def resolve_linear_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def route_linears(model: torch.nn.Module, backend: str) -> int:
+def route_linears(model: torch.nn.Module, backend: str, keep_packed: bool = False) -> int:
     """Make every plain ``nn.Linear`` of ``model`` use ``backend`` (``onednn``, ``onednn-dense`` or ``aten``);
     returns how many modules were switched. Subclasses of ``nn.Linear`` (quantised or adapter layers) are left
-    alone."""
+    alone. A switched module's packed weight copies are freed unless ``keep_packed`` (for switching back to
+    ``onednn`` without packing again, as a paired benchmark does; a kept copy is still checked against the weight's
+    storage and version before use)."""
     if backend not in _CLASS_OF_BACKEND:
         raise LinearBackendError(f"route_linears takes one of {list(_CLASS_OF_BACKEND)}, got {backend!r}")
     wanted = _CLASS_OF_BACKEND[backend]
@@ -178,6 +183,7 @@ def route_linears(model: torch.nn.Module, backend: str) -> int:
     for module in model.modules():
         if type(module) in _CLASS_OF_BACKEND.values() and type(module) is not wanted:
             module.__class__ = wanted
-            module.__dict__.pop("_onednn_packed", None)
+            if not keep_packed:
+                module.__dict__.pop(PACKED_ATTRIBUTE, None)
             switched += 1
     return switched

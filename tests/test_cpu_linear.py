@@ -192,3 +192,24 @@ def test_dense_backend_computes_on_onednn_without_packed_copies(monkeypatch):
         resolve_linear_backend("onednn-dense", torch.device("cpu"))
     with pytest.raises(LinearBackendError, match="route_linears takes one of"):
         route_linears(model, "auto")
+
+
+def test_switching_backends_can_keep_the_packed_copies(monkeypatch):
+    import methods.cpu_linear as cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 0)
+    model = _tiny_llama()
+    ids = torch.randint(0, 96, (2, 7))
+    route_linears(model, "onednn")
+    with torch.no_grad():
+        packed_logits = model(ids).logits
+    head = model.get_output_embeddings()
+    packed = head.__dict__[cpu_linear.PACKED_ATTRIBUTE][False][1]
+    route_linears(model, "aten", keep_packed=True)
+    assert head.__dict__[cpu_linear.PACKED_ATTRIBUTE][False][1] is packed
+    route_linears(model, "onednn", keep_packed=True)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, packed_logits)
+    assert head.__dict__[cpu_linear.PACKED_ATTRIBUTE][False][1] is packed  # used again, not packed again
+    route_linears(model, "aten")
+    assert cpu_linear.drop_packed_weights(model) == 0  # a plain switch frees them
