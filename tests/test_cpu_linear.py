@@ -126,19 +126,20 @@ def test_packed_weights_are_reused_and_repacked_after_an_in_place_edit(monkeypat
     ids = torch.randint(0, 96, (2, 7))
     with torch.inference_mode():  # packed in inference mode, used outside it below
         model(ids)
-    packed_before = down.__dict__["_onednn_packed"][False][1]
+    packed_before = down.__dict__[cpu_linear.PACKED_ATTRIBUTE][False][1]
     with torch.no_grad():
         model(ids)
-    assert down.__dict__["_onednn_packed"][False][1] is packed_before  # unchanged weight: the same packed copy
+    # an unchanged weight: the same packed copy
+    assert down.__dict__[cpu_linear.PACKED_ATTRIBUTE][False][1] is packed_before
 
     torch.manual_seed(1)
     with torch.no_grad():
         editable.weight(1).add_(0.5 * torch.randn_like(editable.weight(1)))  # an edit, as the editors make it
     edited_logits, edited_grad = _logits_and_input_grad(model, ids)
-    assert down.__dict__["_onednn_packed"][False][1] is not packed_before
-    assert True in down.__dict__["_onednn_packed"]  # the backward packed the transposed weight
+    assert down.__dict__[cpu_linear.PACKED_ATTRIBUTE][False][1] is not packed_before
+    assert True in down.__dict__[cpu_linear.PACKED_ATTRIBUTE]  # the backward packed the transposed weight
     reference = copy.deepcopy(model)  # the packed copies are not copied: the deep copy starts without them
-    assert all("_onednn_packed" not in m.__dict__ or not m.__dict__["_onednn_packed"] for m in reference.modules())
+    assert not any(m.__dict__.get(cpu_linear.PACKED_ATTRIBUTE) for m in reference.modules())
     route_linears(reference, "aten")
     plain_logits, plain_grad = _logits_and_input_grad(reference, ids)
     torch.testing.assert_close(edited_logits, plain_logits, rtol=1e-5, atol=1e-5)
@@ -161,7 +162,7 @@ def test_without_packing_support_the_dense_weight_is_used(monkeypatch):
     reference = x.detach().clone().requires_grad_(True)
     F.linear(reference, layer.weight, layer.bias).pow(2).sum().backward()
     torch.testing.assert_close(x.grad, reference.grad)
-    assert "_onednn_packed" not in layer.__dict__
+    assert cpu_linear.PACKED_ATTRIBUTE not in layer.__dict__
 
 
 def test_dense_backend_computes_on_onednn_without_packed_copies(monkeypatch):
