@@ -58,6 +58,7 @@ from methods.arch import EditableModel
 from methods.context import generate_context_templates
 from methods.corpus import parse_corpus
 from methods.cpu_linear import LINEAR_BACKENDS
+from methods.linear_plan import machine_identity
 from methods.models import load_model
 from methods.stages import build_editor
 from methods.stats import FORWARD_DTYPE_BY_NAME, second_moments
@@ -110,8 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the statistics' forward pass under autocast in this dtype (as stats.forward_dtype; "
                              "default: the weights' dtype)")
     parser.add_argument("--linear-backend", choices=list(LINEAR_BACKENDS), default="auto",
-                        help="kernel of the model's nn.Linear products (as model_args.linear_backend; auto = "
-                             "oneDNN on CPU with packed weights, onednn-dense = without them, aten = PyTorch's)")
+                        help="kernel of the model's nn.Linear products (as model_args.linear_backend; auto = per "
+                             "weight shape and row band whichever of oneDNN (packed weights) and PyTorch measured "
+                             "faster on this machine, onednn = oneDNN with packed weights, onednn-dense = without "
+                             "them, aten = PyTorch's)")
     parser.add_argument("--fresh-stats", action="store_true", default=None,
                         help="compute the statistics in a temporary cache folder (measures compute, not the cache)")
     parser.add_argument("--set", dest="hparams", action="append", default=[], metavar="NAME=VALUE",
@@ -222,7 +225,9 @@ def git_commit() -> str | None:
 def machine_info(device: torch.device, dtype: torch.dtype) -> dict:
     import transformers
 
+    cpu = machine_identity()  # the CPU's model name: this project's VMs have run on AMD and Intel hosts
     info = {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
+            "cpu_model": cpu["cpu"], "cpu_capability": cpu["cpu_capability"],
             "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
@@ -380,7 +385,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                        "reference_workload": args.reference_workload, "eval_generations": args.eval_generations,
                        "repeats": args.repeats, "layers": args.layers, "eval_batch_size": args.eval_batch_size,
                        "seed": args.seed, "cache_dir": str(cache_dir) if cache_dir else None,
-                       "linear_backend": loaded.linear_backend},
+                       "linear_backend": loaded.linear_backend, "linear_plan": loaded.linear_plan},
             "machine": machine_info(device, dtype),
             "model_load_seconds": load_seconds, "context_templates_seconds": context_seconds,
             "stats": stats_info, "cells": cells}
@@ -435,9 +440,10 @@ def format_results(results: dict) -> str:
         source = "computed in a fresh cache" if stats["fresh_cache"] else "computed"
     if stats.get("tokens_run") and stats["tokens_run"] < stats["tokens"]:
         source += f", {stats['tokens_run']} of them run: repeated documents run once"
+    plan = f": {results['config']['linear_plan']}" if results["config"].get("linear_plan") else ""
     head = (f"{results['config']['model']} on {machine['device']} ({machine['dtype']}, {machine['cpu_count']} CPUs, "
             f"{machine['torch_threads']} torch threads, linear products on "
-            f"{results['config'].get('linear_backend', 'aten')}), {results['config']['num_edits']} edits of "
+            f"{results['config'].get('linear_backend', 'aten')}{plan}), {results['config']['num_edits']} edits of "
             f"{results['config']['data']}, repeats={results['config']['repeats']}\n"
             f"statistics: {stats['tokens']} tokens, layers {stats['layers']}, {stats['seconds']:.1f} s ({source}, "
             f"{rate}; forward pass in {stats.get('forward_dtype', 'weights')} precision)")

@@ -6,8 +6,9 @@ a 1.2× kernel gain from drift. Here the backends run interleaved in one process
 the dense ones): first single products of the model's own shapes (weights not in cache, as in a forward pass),
 then whole v* requests of the reference setting (layers 4–8, 25 steps, v_lr 0.1, the first N CounterFact
 records), each request timed under every backend (the order reversed from one request to the next), and the v*
-compared with aten's. The packed copies are kept across the switches (``keep_packed``), as in a run that stays
-on one backend.
+compared with aten's. ``auto`` is the default backend: the per-shape, per-row-band plan this machine measured
+(methods/linear_plan.py; read from ``--cache-dir`` or measured there first), whose measurements are printed too.
+The packed copies are kept across the switches (``keep_packed``), as in a run that stays on one backend.
 
     .venv/bin/python benchmarks/bench_linear_backend.py --data ../shared/data/counterfact/counterfact-edit.json
 """
@@ -29,11 +30,18 @@ from grid.trial import peak_memory_mb, to_request  # noqa: E402
 from evals.datasets import load_records  # noqa: E402
 from methods.arch import EditableModel  # noqa: E402
 from methods.context import generate_context_templates  # noqa: E402
+from methods.cache import default_cache_dir  # noqa: E402
 from methods.cpu_linear import LinearBackendError, resolve_linear_backend, route_linears  # noqa: E402
+from methods.linear_plan import plan_linears  # noqa: E402
 from methods.models import load_model  # noqa: E402
 from methods.targets import TargetHParams, compute_target_values  # noqa: E402
 
-BACKENDS = ("aten", "onednn-dense", "onednn")
+KERNELS = ("aten", "onednn-dense", "onednn")  # the single-product table's columns
+BACKENDS = (*KERNELS, "auto")  # the v* comparison's
+
+
+def switch(model: torch.nn.Module, backend: str, plan) -> None:
+    route_linears(model, backend, keep_packed=True, rows_by_shape=plan.rows_by_shape if backend == "auto" else None)
 
 
 def product_timings(model: torch.nn.Module, rows: list[int], repeats: int) -> list[dict]:
@@ -49,7 +57,7 @@ def product_timings(model: torch.nn.Module, rows: list[int], repeats: int) -> li
             x = torch.randn(count, in_features)
             grad = torch.randn(count, out_features)
             row = {"shape": f"{in_features}->{out_features}", "rows": count, "layers": len(layers)}
-            for backend in BACKENDS:
+            for backend in KERNELS:
                 route_linears(model, backend, keep_packed=True)
 
                 def forward_and_grad():
@@ -62,13 +70,13 @@ def product_timings(model: torch.nn.Module, rows: list[int], repeats: int) -> li
                 for _ in range(repeats):
                     forward_and_grad()
                 row[f"{backend}_us"] = (time.perf_counter() - started) / (repeats * len(layers)) * 1e6
-            for backend in BACKENDS[1:]:
+            for backend in KERNELS[1:]:
                 row[f"{backend}_speedup"] = row["aten_us"] / row[f"{backend}_us"]
             results.append(row)
     return results
 
 
-def paired_vstar(loaded, data: str, num_edits: int, layers: list[int], steps: int, v_lr: float) -> dict:
+def paired_vstar(loaded, data: str, num_edits: int, layers: list[int], steps: int, v_lr: float, plan) -> dict:
     model, tokenizer = loaded.model, loaded.tokenizer
     editable = EditableModel.wrap(model)
     context = generate_context_templates(model, tokenizer, seed=0)
@@ -81,14 +89,14 @@ def paired_vstar(loaded, data: str, num_edits: int, layers: list[int], steps: in
                                      blocks=editable.blocks, site_layer=site)
 
     for backend in BACKENDS:  # warm-up (and the packed copies made once)
-        route_linears(model, backend, keep_packed=True)
+        switch(model, backend, plan)
         one(requests[0])
     seconds: dict[str, list[float]] = {backend: [] for backend in BACKENDS}
     differences: dict[str, list[float]] = {backend: [] for backend in BACKENDS[1:]}
     for index, request in enumerate(requests):
         values = {}
         for backend in BACKENDS if index % 2 == 0 else BACKENDS[::-1]:
-            route_linears(model, backend, keep_packed=True)
+            switch(model, backend, plan)
             started = time.perf_counter()
             values[backend] = one(request).values
             seconds[backend].append(time.perf_counter() - started)
@@ -119,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="1,7,14,42,128", help="row counts of the single-product table")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json-out", default=None)
+    parser.add_argument("--cache-dir", default=None, help="where backend auto's plan is read or measured into "
+                        "(default: $EDITGRID_CACHE or ~/.cache/editgrid)")
     args = parser.parse_args(argv)
     try:
         resolve_linear_backend("onednn", torch.device("cpu"))
@@ -127,15 +137,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     loaded = load_model(args.model, device="cpu", linear_backend="aten")
     layers = [int(v) for v in args.layers.split(",")]
+    plan = plan_linears(loaded.model, Path(args.cache_dir) if args.cache_dir else default_cache_dir())
     products = product_timings(loaded.model, [int(v) for v in args.rows.split(",")], args.repeats)
-    vstar = paired_vstar(loaded, args.data, args.num_edits, layers, args.steps, args.v_lr)
+    vstar = paired_vstar(loaded, args.data, args.num_edits, layers, args.steps, args.v_lr, plan)
 
     print(f"{args.model}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
     print("single products (forward + input gradient), µs per layer, weights cycled through every layer:")
-    print(f"  {'shape':>12} {'rows':>5} " + " ".join(f"{b:>12}" for b in BACKENDS) + "  speedup over aten")
+    print(f"  {'shape':>12} {'rows':>5} " + " ".join(f"{b:>12}" for b in KERNELS) + "  speedup over aten")
     for row in products:
-        print(f"  {row['shape']:>12} {row['rows']:>5} " + " ".join(f"{row[b + '_us']:12.0f}" for b in BACKENDS)
-              + "  " + " / ".join(f"{row[b + '_speedup']:.2f}" for b in BACKENDS[1:]))
+        print(f"  {row['shape']:>12} {row['rows']:>5} " + " ".join(f"{row[b + '_us']:12.0f}" for b in KERNELS)
+              + "  " + " / ".join(f"{row[b + '_speedup']:.2f}" for b in KERNELS[1:]))
+    print(f"backend auto's plan on this machine ({plan.path}): {plan.describe()}")
+    for entry in plan.measurements:
+        print(f"  {entry['product']:>12} rows {entry['band'][0]:>3}-{entry['band'][1]:<3} (timed at {entry['rows']:>3}): "
+              f"aten {entry['aten_us']:9.1f} µs, onednn {entry['onednn_us']:9.1f} µs -> "
+              f"{'onednn' if entry['onednn'] else 'aten'}")
     print(f"v* (layer {layers[-1]}, {args.steps} steps, v_lr {args.v_lr}), {vstar['requests']} requests, each timed "
           f"under every backend:")
     for backend in BACKENDS:
@@ -150,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{packed['max']:.2f}); peak RSS {peak_memory_mb(torch.device('cpu')):.0f} MB")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"config": vars(args), "products": products, "vstar": vstar,
+                                                   "auto_plan": {"describe": plan.describe(), **plan.to_json()},
                                                    "peak_rss_mb": peak_memory_mb(torch.device("cpu"))}, indent=2))
         print(f"results written to {args.json_out}")
     return 0

@@ -29,7 +29,8 @@ from methods.stats import FORWARD_DTYPE_BY_NAME
 DEFAULTS: dict[str, Any] = {
     "experiment": "editgrid",
     "model": "smollm2-135m",
-    # linear_backend: the kernel of the model's nn.Linear products (methods/cpu_linear.py); auto = oneDNN on CPU
+    # linear_backend: the kernel of the model's nn.Linear products (methods/cpu_linear.py); auto = per weight shape
+    # and row band whichever of oneDNN and PyTorch measured faster on this CPU (methods/linear_plan.py)
     "model_args": {"dtype": "auto", "device": "auto", "blocks": None, "mlp": None, "mlp_out": None,
                    "linear_backend": "auto"},
     "data": {"path": BUILTIN_NAME, "format": "auto", "limit": None, "offset": 0},

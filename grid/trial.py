@@ -197,7 +197,7 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
     device = editable.parameter_device()
     layers = resolve_layers(editable, spec, trial.name) if spec.edits_weights else []
     tracker.set_tags({"editgrid.layers": ",".join(map(str, layers)), "editgrid.model_fingerprint": loaded.fingerprint,
-                      "editgrid.linear_backend": loaded.linear_backend})
+                      "editgrid.linear_backend": loaded.linear_backend, "editgrid.linear_plan": loaded.linear_plan})
 
     data = cfg["data"]
     checkpoints = cfg["edits"]["checkpoints"]

@@ -17,6 +17,7 @@ import torch
 
 from methods.cache import cached_path, content_key, default_cache_dir
 from methods.cpu_linear import LinearBackendError, resolve_linear_backend, route_linears
+from methods.linear_plan import plan_linears
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class LoadedModel:
     model_id: str  # what the user named (hub id, path or embedded name)
     fingerprint: str  # content hash of the weights the model was loaded with (part of every cache key)
     linear_backend: str = "aten"  # which kernel runs its nn.Linear products (methods/cpu_linear.py)
+    linear_plan: str = ""  # with backend auto: which products went to oneDNN (methods/linear_plan.py)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -129,8 +131,9 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto",
                cache_dir: Path | None = None, linear_backend: str = "auto") -> LoadedModel:
     """Load a causal LM and its tokenizer (hub id, local folder, or an embedded name such as ``smollm2-135m``).
 
-    ``linear_backend`` picks the kernel of its ``nn.Linear`` products (methods/cpu_linear.py): ``auto`` is
-    oneDNN on CPU where available, PyTorch's default dispatch elsewhere."""
+    ``linear_backend`` picks the kernel of its ``nn.Linear`` products (methods/cpu_linear.py): ``auto`` is, on
+    CPU, whichever of oneDNN and PyTorch's own dispatch measured faster on this machine per weight shape and row
+    band (methods/linear_plan.py; measured once per machine into ``cache_dir``), and PyTorch's dispatch elsewhere."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_device = resolve_device(device)
@@ -153,6 +156,7 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto",
     model.to(torch_device).eval()
     for param in model.parameters():
         param.requires_grad_(False)  # editing never needs weight gradients
-    route_linears(model, backend)
+    plan = plan_linears(model, cache_dir) if backend == "auto" else None
+    route_linears(model, backend, rows_by_shape=plan.rows_by_shape if plan else None)
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=name_or_path, fingerprint=weights_fingerprint(model),
-                       linear_backend=backend)
+                       linear_backend=backend, linear_plan=plan.describe() if plan else "")

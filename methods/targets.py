@@ -71,10 +71,10 @@ def _head_logits(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     With the few rows v* reads (7 at batch 1) one product against the whole vocab × d weight hits a slow BLAS
     path on CPU: 32 ms forward + 25 ms backward for SmolLM2 here, against 12 + 12 ms in 2048-row chunks (never
     slower from 1 to 112 rows). Autograd sums the chunks' input gradients, so the backward is chunked too.
-    A head routed to oneDNN (methods/cpu_linear.py) needs no chunks: its forward on 7 rows took 7.9 ms, 4.7 ms
-    with packed weights.
+    A head that oneDNN computes at this row count (methods/cpu_linear.py) needs no chunks: its forward on 7 rows
+    took 7.9 ms, 4.7 ms with packed weights.
     """
-    if not isinstance(head, torch.nn.Linear) or isinstance(head, OneDnnLinear):
+    if not isinstance(head, torch.nn.Linear) or (isinstance(head, OneDnnLinear) and head.takes_over(hidden)):
         return head(hidden)
     weight, bias = head.weight, head.bias
     return torch.cat([F.linear(hidden, weight[start:start + HEAD_CHUNK_ROWS],

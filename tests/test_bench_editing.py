@@ -103,17 +103,22 @@ def test_bench_linear_backend_smoke(tmp_path, tiny_llama_dir, shared_data, capsy
     out = tmp_path / "linear.json"
     data = shared_data / "counterfact" / "counterfact-edit.json"
     code = module.main(["--model", str(tiny_llama_dir), "--data", str(data), "--num-edits", "2", "--layers", "1,2",
-                        "--steps", "3", "--rows", "1,7", "--repeats", "1", "--json-out", str(out)])
+                        "--steps", "3", "--rows", "1,7", "--repeats", "1", "--json-out", str(out),
+                        "--cache-dir", str(tmp_path / "cache")])
     assert code == 0
     results = json.loads(out.read_text())
     vstar = results["vstar"]
-    assert vstar["requests"] == 2 and set(vstar["seconds"]) == {"aten", "onednn-dense", "onednn"}
+    assert vstar["requests"] == 2 and set(vstar["seconds"]) == {"aten", "onednn-dense", "onednn", "auto"}
     assert max(vstar["vstar_relative_difference_max"].values()) < 1e-4
     assert all(len(seconds) == 2 for seconds in vstar["seconds"].values())
     assert {row["rows"] for row in results["products"]} == {1, 7}
     assert all(row["aten_us"] > 0 and row["onednn_us"] > 0 and row["onednn-dense_us"] > 0
                for row in results["products"])
-    assert "packed over dense oneDNN, per request" in capsys.readouterr().out
+    plan = results["auto_plan"]  # only the tiny model's 64->49152 head is big enough for oneDNN to take over
+    assert [entry["product"] for entry in plan["measurements"]] == ["64->49152"] * 5
+    assert all(entry["aten_us"] > 0 and entry["onednn_us"] > 0 for entry in plan["measurements"])
+    printed = capsys.readouterr().out
+    assert "packed over dense oneDNN, per request" in printed and "backend auto's plan on this machine" in printed
 
 
 def test_bench_stats_paired_smoke(tmp_path, tiny_llama_dir, small_corpus, capsys):

@@ -94,7 +94,7 @@ def test_the_kernel_is_called_only_where_it_computes_the_same_product(monkeypatc
 
 
 def test_backend_choice_and_errors(monkeypatch):
-    assert resolve_linear_backend("auto", torch.device("cpu")) == "onednn"
+    assert resolve_linear_backend("auto", torch.device("cpu")) == "auto"  # a measured plan: tests/test_linear_plan.py
     assert resolve_linear_backend("auto", torch.device("cuda")) == "aten"
     assert resolve_linear_backend("aten", torch.device("cpu")) == "aten"
     with pytest.raises(LinearBackendError, match="'mkl' is not one of"):
@@ -108,8 +108,11 @@ def test_backend_choice_and_errors(monkeypatch):
 
 
 def test_loaded_model_records_its_backend(smollm2):
-    assert smollm2.linear_backend == "onednn"
-    assert type(smollm2.model.get_output_embeddings()) is OneDnnLinear
+    assert smollm2.linear_backend == "auto"
+    assert smollm2.linear_plan.startswith(("oneDNN: ", "PyTorch for every product"))
+    explicit = load_model("smollm2-135m", linear_backend="onednn")
+    assert explicit.linear_backend == "onednn" and explicit.linear_plan == ""
+    assert type(explicit.model.get_output_embeddings()) is OneDnnLinear
 
 
 def test_packed_weights_are_reused_and_repacked_after_an_in_place_edit(monkeypatch):
@@ -192,6 +195,8 @@ def test_dense_backend_computes_on_onednn_without_packed_copies(monkeypatch):
     with pytest.raises(LinearBackendError, match="'onednn-dense' asked for"):
         resolve_linear_backend("onednn-dense", torch.device("cpu"))
     with pytest.raises(LinearBackendError, match="route_linears takes one of"):
+        route_linears(model, "mkl")
+    with pytest.raises(LinearBackendError, match="needs rows_by_shape"):
         route_linears(model, "auto")
 
 
