@@ -75,9 +75,10 @@ def routable_linears(model: torch.nn.Module) -> dict[tuple[int, int], list[torch
     may take over, by weight shape."""
     by_shape: dict[tuple[int, int], list[torch.nn.Linear]] = {}
     for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if (type(module) in ROUTABLE_CLASSES and weight.device.type == "cpu" and weight.dtype == torch.float32
-                and weight.numel() >= MIN_WEIGHT_ELEMENTS):
+        if type(module) not in ROUTABLE_CLASSES:
+            continue
+        weight = module.weight
+        if weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() >= MIN_WEIGHT_ELEMENTS:
             by_shape.setdefault(tuple(weight.shape), []).append(module)
     return by_shape
 

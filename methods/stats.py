@@ -37,8 +37,9 @@ from methods.corpus import CorpusSpec, corpus_identity, iter_corpus_texts
 STATS_VERSION = 1  # bump when the computation changes in a way that changes the numbers
 ACCUMULATE_DTYPES = {torch.float64: "float64", torch.float32: "float32"}
 # A forward pass in lower precision than the weights (autocast; the Gram and its sum stay float32/float64). On the
-# 2-core CPU here bfloat16 is 1.7× faster and moves C by 0.2–0.5 % (relative Frobenius), far below the 30 % by
-# which C differs between two disjoint 32k-token halves of the reference corpus: an opt-in, never a default.
+# 2-core CPU VM bfloat16 is 1.7× faster (AMD host; 2× with the Intel host's AMX) and moves C by 0.2–0.5 %
+# (relative Frobenius), far below the 30 % by which C differs between two disjoint 32k-token halves of the
+# reference corpus: an opt-in, never a default.
 FORWARD_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 FORWARD_DTYPE_BY_NAME = {name: dtype for dtype, name in FORWARD_DTYPES.items()}
 TOKENIZE_GROUP = 64  # texts tokenized per tokenizer call (fast tokenizers are much quicker on lists)
