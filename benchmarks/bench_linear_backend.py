@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
               + "  " + " / ".join(f"{row[b + '_speedup']:.2f}" for b in KERNELS[1:]))
     print(f"backend auto's plan on this machine ({plan.path}): {plan.describe()}")
     for entry in plan.measurements:
-        print(f"  {entry['product']:>12} rows {entry['band'][0]:>3}-{entry['band'][1]:<3} (timed at {entry['rows']:>3}): "
+        low, high = entry["band"]
+        print(f"  {entry['product']:>12} rows {low:>3}-{high:<3} (timed at {entry['rows']:>3}): "
               f"aten {entry['aten_us']:9.1f} µs, onednn {entry['onednn_us']:9.1f} µs -> "
               f"{'onednn' if entry['onednn'] else 'aten'}")
     print(f"v* (layer {layers[-1]}, {args.steps} steps, v_lr {args.v_lr}), {vstar['requests']} requests, each timed "

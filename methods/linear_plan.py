@@ -3,8 +3,8 @@
 Few-row fp32 products (v* feeds 14–50 tokens per step, decoding one per answer) are bound by how fast a kernel
 walks the weight, and which kernel does that best depends on the CPU (``benchmarks/bench_linear_backend.py``):
 on the project's AMD EPYC VMs oneDNN's packed kernel ran SmolLM2's MLP shapes 1.2–1.7× faster than MKL at 7–128
-rows; on its Intel Xeon VM MKL ran them faster (oneDNN at 0.5–0.9× of its speed) except the 49,152-word output
-head at 7–14 rows (oneDNN 1.7×). So ``auto`` measures rather than guesses: for every weight shape that
+rows; on its Intel Xeon VM MKL ran them faster (oneDNN at 0.4–1.0× of its speed) except the 49,152-word output
+head at 4–16 rows (oneDNN 1.2–2.2×). So ``auto`` measures rather than guesses: for every weight shape that
 methods/cpu_linear.py may route (fp32, at least ``MIN_WEIGHT_ELEMENTS``) and every row band, the forward product
 plus the input gradient's product, under PyTorch (``F.linear``) and under packed oneDNN, interleaved, cycling
 through up to ``MODULES_PER_SHAPE`` layers of the shape so that the weights are not all in cache (as in a
@@ -95,8 +95,9 @@ def machine_identity() -> dict:
                 flags = hashlib.sha256(value.encode()).hexdigest()[:12]
     except OSError:
         pass
-    return {"cpu": model_name or platform.processor(), "cpu_flags": flags, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    return {"cpu": model_name or platform.processor(), "cpu_flags": flags,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def plan_linears(model: torch.nn.Module, cache_dir: Path | None = None, progress: bool = True) -> LinearPlan:

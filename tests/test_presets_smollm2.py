@@ -7,6 +7,7 @@ import pytest
 
 from grid.config import expand_trials, known_methods, load_config
 from grid.trial import run_trial
+from methods.cpu_linear import packing_available
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +52,10 @@ def test_preset_edits_smollm2_and_logs_its_stages(method, trial_env):
     names = _metric_names(client, result.run_id)
     tags = run.data.tags
     spec_solver = tags["editgrid.solver"]
+    # which kernel ran the linear products: the measured plan of this machine (methods/linear_plan.py)
+    if packing_available():
+        assert tags["editgrid.linear_backend"] == "auto"
+        assert tags["editgrid.linear_plan"].startswith(("oneDNN: ", "PyTorch for every product"))
     layers = [int(x) for x in tags["editgrid.layers"].split(",") if x]  # none for scr (no weight edit)
     if spec_solver == "rome":
         assert len(layers) == 1
