@@ -93,6 +93,8 @@ def machine_identity() -> dict:
                 model_name = value
             elif key == "flags" and not flags:
                 flags = hashlib.sha256(value.encode()).hexdigest()[:12]
+            if model_name and flags:
+                break  # the first processor's entry names them; a many-core machine lists the same for each core
     except OSError:
         pass
     return {"cpu": model_name or platform.processor(), "cpu_flags": flags,
