@@ -4,11 +4,15 @@ For one model it measures, separately:
 
 * second-moment statistics: seconds and tokens/s (and whether they came from the cache; ``--fresh-stats``
   computes them in a temporary cache folder so that the figure is an honest compute time);
-* per method × batch size cell, repeated ``--repeats`` times on the restored unedited weights: seconds per edit
-  in total (``s/edit``: median over repeats of the run's mean; ``batch median/min/max``: over every batch of every
-  repeat, per edit), of which v* (target values) and solves (keys, residuals, Δ), from ``BatchReport``; the mean v* target
-  probability; teacher-forced evaluation throughput on the edited records (scored prompt/continuation pairs per
-  second); peak memory (ru_maxrss on CPU, CUDA max allocated on GPU).
+* per method × v* precision (``--vstar-autocast``) × batch size cell, repeated ``--repeats`` times on the restored
+  unedited weights: seconds per edit in total (``s/edit``: median over repeats of the run's mean; ``÷ batch 1``: its
+  ratio to batch 1 of the same method and precision; ``batch median/min/max``: over every batch of every repeat,
+  per edit), of which v* (target values) and solves (keys, residuals, Δ), from ``BatchReport``; v*'s passes per
+  request (``v* steps``, early stop included) and the token slots it ran per edit (``v* tokens/edit``: its work,
+  whatever the machine); the mean v* target probability; efficacy of the edited records; teacher-forced evaluation
+  throughput on them (scored prompt/continuation pairs per second); peak memory of the editing alone
+  (``edit peak MB``) and of the whole cell (``peak MB``): resident-set high-water mark reset per cell on Linux,
+  CUDA max allocated on GPU (methods/memory.py).
 
 * autoregressive evaluation throughput (``--eval-generations N``): greedy answers to the first N evaluation
   prompts of the edited records per second, and the same model judging those answers (judgments/s);
@@ -20,6 +24,8 @@ Repeated figures are reported as median and min–max. The machine and library v
     .venv/bin/python benchmarks/bench_editing.py                      # SmolLM2, memit + alphaedit, 10 edits
     .venv/bin/python benchmarks/bench_editing.py --methods memit --batch-sizes 1,5 --repeats 3 --fresh-stats
     .venv/bin/python benchmarks/bench_editing.py --reference-workload ../shared/data   # issue 7's side-by-side
+    .venv/bin/python benchmarks/bench_editing.py --batch-sizes 1,10,100 --num-edits 100 \
+        --data ../shared/data/counterfact/counterfact-edit.json --offset 2000     # long-horizon batch sizes
 
 ``--reference-workload DATA`` is the setting the reference toolkit was timed on (README "Speed"): layers 4–8,
 the first 50 records of DATA/counterfact/counterfact-edit.json, batch 1, v* with v_lr 0.1 and 25 steps, and
@@ -53,20 +59,22 @@ from evals.judge import Judge, JudgeItem, TransformersJudge
 from evals.teacher_forced import count_scored_pairs, evaluate_records
 from grid.config import method_settings, parse_override
 from grid.tracking import TrialTracker, format_summary_table, resolve_tracking_uri
-from grid.trial import batches, peak_memory_mb, to_request
+from grid.trial import batches, to_request
 from methods.arch import EditableModel
 from methods.context import generate_context_templates
 from methods.corpus import parse_corpus
 from methods.cpu_linear import LINEAR_BACKENDS
 from methods.linear_plan import machine_identity
+from methods.memory import peak_memory_mb, reset_peak_memory
 from methods.models import load_model
 from methods.stages import build_editor
 from methods.stats import FORWARD_DTYPE_BY_NAME, second_moments
+from methods.targets import AUTOCAST_DTYPES
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "bench_editing.json"
-TABLE_COLUMNS = ["method", "batch", "edits", "s/edit", "batch median", "batch min", "batch max", "v* s/edit",
-                 "solve s/edit",
-                 "v* p", "eval pairs/s", "eval/edit", "gen/s", "judge/s", "peak MB"]
+TABLE_COLUMNS = ["method", "v* autocast", "batch", "edits", "s/edit", "÷ batch 1", "batch median", "batch min",
+                 "batch max", "v* s/edit", "solve s/edit", "v* steps", "v* tokens/edit", "v* p", "efficacy",
+                 "eval pairs/s", "eval/edit", "gen/s", "judge/s", "edit peak MB", "peak MB"]
 REFERENCE = {  # what --reference-workload sets (README "Speed"), unless given explicitly
     "methods": ["memit", "alphaedit", "rome"], "num_edits": 50, "layers": [4, 5, 6, 7, 8],
     "hparams": {"v_lr": 0.1, "v_num_grad_steps": 25}, "stats_max_length": 1024, "stats_tokens": 10**7,
@@ -99,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", type=_comma_list, default=None,
                         help="comma list of presets in configs/presets (default memit,alphaedit)")
     parser.add_argument("--batch-sizes", type=_int_list, default=[1], help="comma list of edits per step")
+    parser.add_argument("--vstar-autocast", type=_comma_list, default=["none"],
+                        help=f"comma list of v*'s step precision (as v_autocast: {', '.join(AUTOCAST_DTYPES)}); "
+                             "each is a cell of its own, on the same edits")
     parser.add_argument("--num-edits", type=int, default=None, help="edits per cell (default 10)")
     parser.add_argument("--data", default=None, help="builtin (default), a JSON/JSONL file, or hf:<dataset>")
     parser.add_argument("--offset", type=int, default=0, help="first record of --data to use")
@@ -210,6 +221,9 @@ def _check_args(args: argparse.Namespace) -> list[str]:
         problems.append(f"--stats-max-length must be >= 1, got {args.stats_max_length}")
     if args.eval_generations < 0:
         problems.append(f"--eval-generations must be >= 0, got {args.eval_generations}")
+    unknown = [name for name in args.vstar_autocast if name not in AUTOCAST_DTYPES]
+    if unknown:
+        problems.append(f"--vstar-autocast: {unknown} not among {list(AUTOCAST_DTYPES)}")
     return problems
 
 
@@ -241,12 +255,6 @@ def _summary(values: list[float]) -> dict:
     if not values:
         return {"median": None, "min": None, "max": None, "values": []}
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -287,7 +295,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     # Statistics: one pass for every layer any method edits.
     with tempfile.TemporaryDirectory(prefix="editgrid-bench-stats-") as fresh:
         stats_cache = Path(fresh) if args.fresh_stats else cache_dir
-        _reset_peak(device)
+        reset_peak_memory(device)
         started = time.perf_counter()
         with warnings.catch_warnings():  # the reference workload asks for "every token" on purpose
             warnings.filterwarnings("ignore", message=".*the statistics average over those.*")
@@ -324,61 +332,27 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     num_pairs = count_scored_pairs(records)
     cells = []
     for method in args.methods:
-        spec = settings[method]
         layers = layers_of[method]
         moments = {layer: stats.moments[layer].to(device) for layer in layers}
-        for batch_size in args.batch_sizes:
-            runs = []
-            for repeat in range(args.repeats):
-                restore()
-                torch.manual_seed(args.seed)
-                _reset_peak(device)
-                editor = build_editor(spec, editable, tokenizer, layers, moments, context_groups, seed=args.seed)
-                total = target = solve = 0.0
-                probs: list[float] = []
-                batch_seconds: list[float] = []  # per edit, batch by batch
-                for start, end in batches(len(requests), batch_size):
-                    if progress:
-                        print(f"[{method} b={batch_size} r={repeat + 1}/{args.repeats}] edits {start + 1}–{end}",
-                              file=sys.stderr, flush=True)
-                    report = editor.apply(requests[start:end])
-                    total += report.seconds
-                    batch_seconds.append(report.seconds / (end - start))
-                    target += report.target_seconds
-                    solve += report.solve_seconds
-                    probs.extend(report.target_prob)
-                    if any(not torch.isfinite(editable.weight(layer)).all() for layer in layers):
-                        raise RuntimeError(f"{method} b={batch_size}: edited weights became NaN/Inf")
-                eval_started = time.perf_counter()
-                evaluation = evaluate_records(loaded.model, tokenizer, records, batch_size=args.eval_batch_size)
-                eval_seconds = time.perf_counter() - eval_started
-                n = len(requests)
-                runs.append({"seconds_per_edit": total / n, "batch_seconds_per_edit": batch_seconds,
-                             "target_seconds_per_edit": target / n,
-                             "solve_seconds_per_edit": solve / n, "vstar_target_prob": sum(probs) / len(probs),
-                             "vstar_target_prob_min": min(probs), "eval_seconds": eval_seconds,
-                             "eval_pairs_per_s": num_pairs / eval_seconds if eval_seconds > 0 else None,
-                             "eval_to_edit_ratio": eval_seconds / total if total > 0 else None,
-                             **_generation_throughput(loaded.model, tokenizer, records, args.eval_generations,
-                                                      args.eval_batch_size),
-                             "peak_memory_mb": peak_memory_mb(device),
-                             "metrics": {k: v for k, v in evaluation.metrics.items() if k.startswith("edit/")}})
-            restore()
-            keys = ["seconds_per_edit", "target_seconds_per_edit", "solve_seconds_per_edit", "vstar_target_prob",
-                    "eval_seconds", "eval_pairs_per_s", "eval_to_edit_ratio", "generations_per_s",
-                    "judgments_per_s", "peak_memory_mb"]
-            every_batch = [value for run in runs for value in run["batch_seconds_per_edit"]]
-            cell = {"method": method, "solver": spec.solver, "batch_size": batch_size, "edits": len(requests),
-                    "batch_seconds_per_edit": _summary(every_batch),
-                    "layers": layers, "repeats": args.repeats, "eval_pairs": num_pairs,
-                    **{key: _summary([run[key] for run in runs if run[key] is not None]) for key in keys},
-                    "runs": runs}
-            cells.append(cell)
+        for autocast in args.vstar_autocast:
+            spec = settings[method]
+            if autocast != "none":
+                spec = method_settings(method, {**spec.hparams, "v_autocast": autocast})
+            for batch_size in args.batch_sizes:
+                cells.append(_run_cell(args, method, spec, autocast, batch_size, layers, moments, editable, tokenizer,
+                                       loaded.model, context_groups, requests, records, num_pairs, restore, device,
+                                       progress))
+    for cell in cells:  # how much cheaper per edit than batch 1 of the same method and precision
+        first = next((other for other in cells if other["method"] == cell["method"] and other["batch_size"] == 1
+                      and other["vstar_autocast"] == cell["vstar_autocast"]), None)
+        cell["seconds_per_edit_vs_batch_1"] = (cell["seconds_per_edit"]["median"] /
+                                               first["seconds_per_edit"]["median"] if first else None)
 
     return {"benchmark": "bench_editing", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "argv": list(getattr(args, "argv", [])),
             "config": {"model": args.model, "model_id": loaded.model_id, "fingerprint": loaded.fingerprint,
                        "methods": args.methods, "batch_sizes": args.batch_sizes, "num_edits": args.num_edits,
+                       "vstar_autocast": args.vstar_autocast,
                        "data": args.data, "offset": args.offset, "stats_corpus": args.stats_corpus,
                        "stats_tokens": args.stats_tokens, "stats_max_length": args.stats_max_length,
                        "fresh_stats": bool(args.fresh_stats), "hparams": args.hparam_values,
@@ -389,6 +363,69 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "machine": machine_info(device, dtype),
             "model_load_seconds": load_seconds, "context_templates_seconds": context_seconds,
             "stats": stats_info, "cells": cells}
+
+
+def _run_cell(args, method: str, spec, autocast: str, batch_size: int, layers: list[int], moments: dict, editable,
+              tokenizer, model, context_groups, requests, records, num_pairs: int, restore, device,
+              progress: bool) -> dict:
+    """One method × v* precision × batch size cell, ``args.repeats`` times from the unedited weights."""
+    runs = []
+    for repeat in range(args.repeats):
+        restore()
+        torch.manual_seed(args.seed)
+        reset_peak_memory(device)
+        editor = build_editor(spec, editable, tokenizer, layers, moments, context_groups, seed=args.seed)
+        total = target = solve = 0.0
+        probs: list[float] = []
+        request_steps: list[int] = []
+        chunks: list[int] = []
+        fed_tokens = 0
+        batch_seconds: list[float] = []  # per edit, batch by batch
+        for start, end in batches(len(requests), batch_size):
+            if progress:
+                print(f"[{method} v*={autocast} b={batch_size} r={repeat + 1}/{args.repeats}] "
+                      f"edits {start + 1}–{end}", file=sys.stderr, flush=True)
+            report = editor.apply(requests[start:end])
+            total += report.seconds
+            batch_seconds.append(report.seconds / (end - start))
+            target += report.target_seconds
+            solve += report.solve_seconds
+            probs.extend(report.target_prob)
+            request_steps.extend(report.target_request_steps)
+            chunks.append(report.target_chunks)
+            fed_tokens += report.target_fed_tokens
+            if any(not torch.isfinite(editable.weight(layer)).all() for layer in layers):
+                raise RuntimeError(f"{method} b={batch_size}: edited weights became NaN/Inf")
+        edit_peak = peak_memory_mb(device)  # editing only (v* and solves), before any evaluation
+        eval_started = time.perf_counter()
+        evaluation = evaluate_records(model, tokenizer, records, batch_size=args.eval_batch_size)
+        eval_seconds = time.perf_counter() - eval_started
+        n = len(requests)
+        runs.append({"seconds_per_edit": total / n, "batch_seconds_per_edit": batch_seconds,
+                     "target_seconds_per_edit": target / n,
+                     "solve_seconds_per_edit": solve / n, "vstar_target_prob": sum(probs) / len(probs),
+                     "vstar_target_prob_min": min(probs),
+                     "vstar_steps_per_request": (sum(request_steps) / len(request_steps)) if request_steps else None,
+                     "vstar_chunks_per_batch": max(chunks) if chunks else None,
+                     # token slots run through the blocks above the site per edit: v*'s work, whatever the CPU
+                     "vstar_fed_tokens_per_edit": fed_tokens / n,
+                     "efficacy": evaluation.metrics.get("edit/efficacy"), "eval_seconds": eval_seconds,
+                     "eval_pairs_per_s": num_pairs / eval_seconds if eval_seconds > 0 else None,
+                     "eval_to_edit_ratio": eval_seconds / total if total > 0 else None,
+                     **_generation_throughput(model, tokenizer, records, args.eval_generations, args.eval_batch_size),
+                     "edit_peak_memory_mb": edit_peak, "peak_memory_mb": peak_memory_mb(device),
+                     "metrics": {k: v for k, v in evaluation.metrics.items() if k.startswith("edit/")}})
+    restore()
+    keys = ["seconds_per_edit", "target_seconds_per_edit", "solve_seconds_per_edit", "vstar_target_prob",
+            "vstar_steps_per_request", "vstar_fed_tokens_per_edit", "efficacy", "eval_seconds", "eval_pairs_per_s",
+            "eval_to_edit_ratio",
+            "generations_per_s", "judgments_per_s", "edit_peak_memory_mb", "peak_memory_mb"]
+    every_batch = [value for run in runs for value in run["batch_seconds_per_edit"]]
+    return {"method": method, "solver": spec.solver, "vstar_autocast": autocast, "batch_size": batch_size,
+            "edits": len(requests), "batch_seconds_per_edit": _summary(every_batch),
+            "layers": layers, "repeats": args.repeats, "eval_pairs": num_pairs,
+            **{key: _summary([run[key] for run in runs if run[key] is not None]) for key in keys},
+            "runs": runs}
 
 
 def _generation_throughput(model, tokenizer, records, count: int, batch_size: int) -> dict:
@@ -409,18 +446,24 @@ def _generation_throughput(model, tokenizer, records, count: int, batch_size: in
 def table_rows(results: dict) -> list[dict]:
     rows = []
     for cell in results["cells"]:
-        rows.append({"method": cell["method"], "batch": cell["batch_size"], "edits": cell["edits"],
+        rows.append({"method": cell["method"], "v* autocast": cell.get("vstar_autocast", "none"),
+                     "batch": cell["batch_size"], "edits": cell["edits"],
                      "s/edit": cell["seconds_per_edit"]["median"],
+                     "÷ batch 1": cell.get("seconds_per_edit_vs_batch_1"),
                      "batch median": cell["batch_seconds_per_edit"]["median"],
                      "batch min": cell["batch_seconds_per_edit"]["min"],
                      "batch max": cell["batch_seconds_per_edit"]["max"],
                      "v* s/edit": cell["target_seconds_per_edit"]["median"],
                      "solve s/edit": cell["solve_seconds_per_edit"]["median"],
+                     "v* steps": cell.get("vstar_steps_per_request", {}).get("median"),
+                     "v* tokens/edit": cell.get("vstar_fed_tokens_per_edit", {}).get("median"),
                      "v* p": cell["vstar_target_prob"]["median"],
+                     "efficacy": cell.get("efficacy", {}).get("median"),
                      "eval pairs/s": cell["eval_pairs_per_s"].get("median"),
                      "eval/edit": cell["eval_to_edit_ratio"].get("median"),
                      "gen/s": cell["generations_per_s"].get("median"),
                      "judge/s": cell["judgments_per_s"].get("median"),
+                     "edit peak MB": cell.get("edit_peak_memory_mb", {}).get("median"),
                      "peak MB": cell["peak_memory_mb"]["median"]})
     return rows
 
@@ -458,7 +501,8 @@ def _log_to_mlflow(results: dict, tracking_uri: str, experiment: str) -> str:
     if results["stats"]["tokens_per_s"]:
         metrics["stats/tokens_per_s"] = results["stats"]["tokens_per_s"]
     for cell in results["cells"]:
-        prefix = f"{cell['method']}/b{cell['batch_size']}"
+        precision = "" if cell.get("vstar_autocast", "none") == "none" else f"/{cell['vstar_autocast']}"
+        prefix = f"{cell['method']}{precision}/b{cell['batch_size']}"
         for key in ("seconds_per_edit", "target_seconds_per_edit", "solve_seconds_per_edit", "vstar_target_prob",
                     "eval_pairs_per_s", "peak_memory_mb"):
             if cell[key].get("values"):

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from grid.trial import peak_memory_mb, to_request  # noqa: E402
+from grid.trial import to_request  # noqa: E402
+from methods.memory import peak_memory_mb  # noqa: E402
 from evals.datasets import load_records  # noqa: E402
 from methods.arch import EditableModel  # noqa: E402
 from methods.context import generate_context_templates  # noqa: E402

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from methods.arch import EditableModel
+from methods.kv_cache import returned_cache, with_cache
 
 MLP = "mlp"
 HIDDEN = "hidden"
@@ -289,8 +290,8 @@ class CausalTracer:
             prefix_positions = list(range(traced.subject_start, split))
             noise_hook = [(self.model.get_input_embeddings(), _add_noise_hook(prefix_positions, prefix_noise))]
             with _registered(noise_hook), _fast_last_logits(self.model):
-                past = self.model(input_ids=ids[:split].expand(self.num_samples, -1), use_cache=True,
-                                  **self._logits_kwargs).past_key_values
+                past = returned_cache(self.model(input_ids=ids[:split].expand(self.num_samples, -1), use_cache=True,
+                                                 **self._logits_kwargs))
             past.batch_repeat_interleave(n)
         first_noised = max(traced.subject_start, split)  # first subject token inside this pass
         suffix_noise = noise[:, first_noised - traced.subject_start:].repeat_interleave(n, dim=0)
@@ -310,8 +311,7 @@ class CausalTracer:
                                         clean_states[kind][layer])))
         suffix = ids[split:].expand(self.num_samples * n, -1)
         with _registered(hooks), _fast_last_logits(self.model):
-            logits = self.model(input_ids=suffix, past_key_values=past, use_cache=past is not None,
-                                **self._logits_kwargs).logits
+            logits = self.model(input_ids=suffix, **with_cache(self.model, past), **self._logits_kwargs).logits
         return self._answer_probability(logits, traced.answer_id).view(self.num_samples, n)
 
     def trace(self, traced: TracedPrompt, windows: dict[str, Sequence[int]], fact_seed: int) -> FactTrace:

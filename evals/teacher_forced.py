@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from evals.batching import left_padded, model_device, positions_from_mask
 from evals.records import EditRecord, PromptCase
+from methods.kv_cache import cache_argument, with_cache
 
 METRIC_ORDER = ("efficacy", "generalization", "specificity", "locality", "portability")
 SCORE_PARTS = ("efficacy", "generalization", "specificity")
@@ -104,10 +105,6 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-def _accepts_past_key_values(model: torch.nn.Module) -> bool:
-    return "past_key_values" in inspect.signature(model.forward).parameters
-
-
 def _score(pair: _TokenisedPair, log_probs: torch.Tensor, argmax: torch.Tensor, prompt: str,
            continuation: str) -> ContinuationScore:
     """The score of one pair from the log-probs / argmax rows that predict its continuation tokens, in order."""
@@ -129,7 +126,7 @@ def score_continuations(model: torch.nn.Module, tokenizer, prompts: list[str], c
     ``continuation`` carries its own separating space (e.g. ``" Paris"``). Each pair is tokenised whole
     (``prompt + continuation``). Pairs whose prompt tokens agree (CounterFact's new and true target after the same
     prompt; MMLU's four choices) share one pass over the prompt: its keys/values are cached and only each
-    continuation is run on top (``_score_shared_prompts``). Models whose forward takes no ``past_key_values`` get
+    continuation is run on top (``_score_shared_prompts``). Models whose forward takes no key/value cache get
     one pass per pair. Batches are left-padded with explicit position ids, so the tokenizer's ``padding_side``
     does not change the numbers.
     """
@@ -141,7 +138,7 @@ def score_continuations(model: torch.nn.Module, tokenizer, prompts: list[str], c
         return []
     pairs = [_tokenise_pair(tokenizer, p, c) for p, c in zip(prompts, continuations)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out; any id works
-    if _accepts_past_key_values(model) and hasattr(model, "base_model"):
+    if cache_argument(model) is not None and hasattr(model, "base_model"):
         scored = _score_shared_prompts(model, pairs, pad_id, batch_size, progress)
     else:
         scored = _score_whole_pairs(model, pairs, pad_id, batch_size, progress)
@@ -215,7 +212,7 @@ def _score_shared_prompts(model, pairs: list[_TokenisedPair], pad_id: int, batch
             cache = DynamicCache()
             model.base_model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
                              position_ids=positions_from_mask(prefix_mask).to(device),
-                             past_key_values=cache, use_cache=True)
+                             **with_cache(model.base_model, cache))
             cache.reorder_cache(prefix_row.to(device))  # one cache row per pair
             prefix_mask = prefix_mask[prefix_row]
         else:
@@ -230,7 +227,7 @@ def _score_shared_prompts(model, pairs: list[_TokenisedPair], pad_id: int, batch
         mask = torch.cat([prefix_mask, suffix_mask], dim=1)
         positions = positions_from_mask(mask)[:, width:]
         output = model(input_ids=suffix_ids.to(device), attention_mask=mask.to(device),
-                       position_ids=positions.to(device), past_key_values=cache, use_cache=cache is not None)
+                       position_ids=positions.to(device), **with_cache(model, cache))
         logits = output.logits.float()
         log_probs = torch.log_softmax(logits, dim=-1)
         argmax = logits.argmax(dim=-1).cpu()
@@ -456,6 +453,13 @@ def _record_row(plan: _RecordPlan, scores: list[ContinuationScore],
     return row
 
 
+def edit_score(metrics: dict[str, float]) -> dict[str, float]:
+    """``edit/score``: the harmonic mean of efficacy, generalization and specificity, when all three are there."""
+    if all(f"edit/{name}" in metrics for name in SCORE_PARTS):
+        return {"edit/score": _harmonic_mean([metrics[f"edit/{name}"] for name in SCORE_PARTS])}
+    return {}
+
+
 def _harmonic_mean(values: list[float]) -> float:
     if any(v <= 0.0 for v in values):
         return 0.0
@@ -516,8 +520,7 @@ def evaluate_records(model: torch.nn.Module, tokenizer, records: list[EditRecord
         values = [row[name] for row in rows if name in row]
         if values:
             metrics[f"edit/{name}"] = _mean(values)
-    if all(f"edit/{name}" in metrics for name in SCORE_PARTS):
-        metrics["edit/score"] = _harmonic_mean([metrics[f"edit/{name}"] for name in SCORE_PARTS])
+    metrics.update(edit_score(metrics))
     for name in GAP_METRICS:
         values = [row[name] for row in rows if name in row]
         if values:

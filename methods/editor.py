@@ -60,7 +60,10 @@ class BatchReport:
     target_seconds: float
     solve_seconds: float
     target_prob: list[float]
-    target_steps: int
+    target_steps: int  # optimisation passes of the slowest request
+    target_request_steps: list[int] = field(default_factory=list)  # passes each request took (early stop)
+    target_chunks: int = 1  # forward/backward groups v* split the batch's rows into
+    target_fed_tokens: int = 0  # token slots v* ran through the blocks above the site (the work it did)
     residual_norm: dict[int, float] = field(default_factory=dict)  # ‖R‖ per layer, mean over requests
     update_norm: dict[int, float] = field(default_factory=dict)  # ‖Δ‖_F per layer
 
@@ -136,4 +139,6 @@ class LocateThenEditEditor:
         return BatchReport(num_requests=len(requests), seconds=time.perf_counter() - start,
                            target_seconds=target_seconds, solve_seconds=solve_seconds,
                            target_prob=[float(p) for p in target.target_prob], target_steps=target.steps,
+                           target_request_steps=[int(k) for k in target.request_steps], target_chunks=target.chunks,
+                           target_fed_tokens=target.fed_tokens,
                            residual_norm=residual_norm, update_norm=update_norm)

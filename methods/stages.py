@@ -26,7 +26,7 @@ from methods.solvers.alphaedit import AlphaEditSolver
 from methods.solvers.lyaplock import LyapLockSolver
 from methods.solvers.memit import MemitSolver
 from methods.solvers.rome import RomeSolver
-from methods.targets import TargetHParams
+from methods.targets import ATTENTION_CHOICES, AUTOCAST_DTYPES, TargetHParams
 from methods.transforms.rect import Rect
 from methods.transforms.sparsify import MagnitudeTopK, RandomDrop
 from methods.transforms.srfusion import SRFusion
@@ -63,6 +63,12 @@ TARGET_PARAMS: dict[str, Param] = {
     "kl_factor": Param(NUMBER, lambda v: v >= 0, ">= 0"),
     "v_weight_decay": Param(NUMBER, lambda v: v >= 0, ">= 0"),
     "early_stop_loss": Param(NUMBER, lambda v: v >= 0, ">= 0"),
+    # how v* runs: rows per forward/backward bounded by their padded tokens (memory), results unchanged
+    "v_chunk_tokens": Param(int, lambda v: v >= 1, "an integer >= 1"),
+    # opt-in lower precision for v*'s steps (changes results; h stays exact)
+    "v_autocast": Param(str, lambda v: v in AUTOCAST_DTYPES, f"one of {', '.join(AUTOCAST_DTYPES)}"),
+    # the attention kernel v* runs on (same numbers up to summation order)
+    "v_attention": Param(str, lambda v: v in ATTENTION_CHOICES, f"one of {', '.join(ATTENTION_CHOICES)}"),
 }
 COMMON_PARAMS: dict[str, Param] = {
     "layers": Param((list, type(None)), lambda v: v is None or (len(v) > 0 and all(isinstance(x, int) and x >= 0

@@ -8,18 +8,22 @@ rewriting prompt ``context_template(prompt) + target[:-1]`` and in the KL prompt
     + kl_factor · KL(p_initial ‖ p_now) on the KL prompt at the subject's last token
     + v_weight_decay · ‖δ_j‖ / ‖h_j‖²                  (‖δ‖ not squared, as in the reference code)
 
-Adam on all δ_j together (one padded forward/backward per step for the whole batch; requests are independent
-because each loss only depends on its own δ_j). After each step ‖δ_j‖ ≤ clamp_norm_factor · ‖h_j‖. A request whose
-loss falls below ``early_stop_loss`` keeps its δ from then on. v*_j = h_j + δ_j, where h_j is the site output at
-the subject's last token of the plain prompt.
+Adam on all δ_j together; requests are independent (each loss only depends on its own δ_j, and Adam is
+element-wise). After each step ‖δ_j‖ ≤ clamp_norm_factor · ‖h_j‖. A request whose loss falls below
+``early_stop_loss`` keeps its δ from then on. v*_j = h_j + δ_j, where h_j is the site output at the subject's last
+token of the plain prompt.
 
-Only what δ can change is recomputed at each optimisation step (the numbers equal the plain full-prompt
-computation; tests/test_editing_math.py checks it against one):
-  * tokens before the subject's last token: run once, kept as a key/value cache (``_split_batch``);
-  * blocks below the site: their outputs on the remaining tokens are recorded in the first pass and replayed
+Only what δ can change is computed, and only for the requests still optimising (the numbers equal the plain
+full-prompt computation up to summation order; tests/test_editing_math.py checks it against one):
+  * tokens before the subject's last token: run once, kept as a key/value cache;
+  * blocks below the site: their output on the remaining tokens is recorded in the first pass and replayed
     (``_ReplayBlock``), since δ enters above them;
   * tokens whose outputs are never read: the last answer token of each rewriting prompt, and everything after
-    the subject's last token of the KL prompt, are not fed at all.
+    the subject's last token of the KL prompt, are not fed at all;
+  * requests whose δ is final leave the batch: their rows are not run again (per-request early stop);
+  * rows run in chunks (``plan_chunks``), sorted by length so that little padding is run, each chunk's
+    backward accumulating into δ's gradient: memory is bounded by ``v_chunk_tokens``, not by the batch size,
+    and large batches run as few large products.
 
 The KL direction follows the reference implementation (``kl_div(log p_now, log p_init, log_target=True)``), i.e.
 KL(p_initial ‖ p_now).
@@ -36,9 +40,10 @@ import torch.nn.functional as F
 
 from methods.context import flatten_templates
 from methods.cpu_linear import OneDnnLinear
-from methods.hooks import add_at_positions
+from methods.hooks import CaptureSite, add_at_positions, capture
+from methods.kv_cache import with_cache
 from methods.requests import EditRequest
-from methods.tokens import TextSpan, encode_spans
+from methods.tokens import EncodedBatch, TextSpan, encode_spans
 
 KL_PROMPT = "{} is a"
 
@@ -51,6 +56,16 @@ class TargetHParams:
     kl_factor: float = 0.0625
     v_weight_decay: float = 0.5
     early_stop_loss: float = 5e-2
+    # How the optimisation runs (results change only by summation order): the rows of one forward/backward are
+    # bounded by their padded prefix + fed tokens, so memory does not grow with the batch (plan_chunks).
+    v_chunk_tokens: int = 1024
+    # Opt-in: the steps' forward/backward under autocast in this dtype ("bfloat16", "float16"); "none" = the
+    # weights' dtype. Changes results (h stays the model's own value), so it is a recorded hyper-parameter.
+    v_autocast: str = "none"
+    # Attention kernel during v* ("model" = the model's own; "eager"/"sdpa" switch it for the call and back). Same
+    # numbers up to summation order; under bf16 autocast on CPU, eager attention avoids the slow bf16 backward of
+    # the fused kernel (benchmarks/RESULTS.md).
+    v_attention: str = "model"
 
 
 @dataclass
@@ -59,7 +74,10 @@ class TargetResult:
     initial: torch.Tensor  # [n, d] h
     target_prob: torch.Tensor  # [n] mean over rewriting prompts of exp(−mean target NLL), at the final δ
     final_loss: torch.Tensor  # [n]
-    steps: int
+    steps: int  # optimisation passes of the longest-running request
+    request_steps: torch.Tensor | None = None  # [n] passes each request took before its δ was final
+    chunks: int = 1  # forward/backward groups the rows were split into at the first step
+    fed_tokens: int = 0  # token slots (padding included) run through the blocks above the site, all steps together
 
 
 HEAD_CHUNK_ROWS = 2048  # vocabulary rows of the output head per product (see _head_logits)
@@ -108,68 +126,165 @@ def build_target_batch(tokenizer, requests: list[EditRequest], context_groups: l
     for j, req in enumerate(requests):
         spans.append(TextSpan(text=KL_PROMPT.replace("{}", req.subject, 1), start=at, end=at + len(req.subject)))
         owners.append(j)
-    # The whole target is encoded so that its tokens are known as labels; ``_split_batch`` feeds ``target[:-1]``.
+    # The whole target is encoded so that its tokens are known as labels; only ``target[:-1]`` is fed.
     return encode_spans(tokenizer, spans), torch.tensor(owners), num_rewrite
 
 
-@dataclass
-class _SplitBatch:
-    """Rows split at the subject's last token: a left-padded prefix (run once, cached) and a right-padded suffix
-    (re-run every optimisation step). Nothing before the subject's last token depends on δ, so only the suffix
-    needs recomputing — typically 3–6 of ~20 tokens."""
+@dataclass(frozen=True)
+class _Row:
+    """One prompt of the v* batch, split at the subject's last token: ``prefix`` (everything before it; nothing
+    there depends on δ, so it runs once and is kept as a key/value cache) and ``fed`` (from the subject's last
+    token on; re-run at every step). ``labels`` are (column of ``fed`` whose output predicts it, answer token)."""
 
-    prefix_ids: torch.Tensor  # [B, S]
-    suffix_ids: torch.Tensor  # [B, U]
-    attention_mask: torch.Tensor  # [B, S+U]
-    position_ids: torch.Tensor  # [B, S+U]
-    label_rows: torch.Tensor  # answer tokens: row, suffix column predicting it, token id
-    label_cols: torch.Tensor
-    label_tokens: torch.Tensor
-
-    @property
-    def prefix_len(self) -> int:
-        return self.prefix_ids.shape[1]
+    owner: int
+    prefix: torch.Tensor
+    fed: torch.Tensor
+    labels: tuple[tuple[int, int], ...]
+    is_kl: bool
 
 
-def _split_batch(batch, num_rewrite: int, pad_id: int) -> _SplitBatch:
+def _target_rows(batch, owners: torch.Tensor, num_rewrite: int) -> list[_Row]:
     rows = []
     for r in range(batch.input_ids.shape[0]):
         real = batch.input_ids[r][batch.attention_mask[r].bool()]
         start = int(batch.attention_mask[r].argmax()) if batch.attention_mask[r, 0] == 0 else 0
         subject = int(batch.span_last[r]) - start
         if r < num_rewrite:  # the last answer token is only ever a label: its own output is never read
-            answer = int(batch.answer_first[r]) - start
-            rows.append((real[:subject], real[subject:], answer - subject))
+            suffix = real[subject:]
+            answer = int(batch.answer_first[r]) - start - subject
+            labels = tuple((col - 1, int(suffix[col])) for col in range(answer, len(suffix)))
+            rows.append(_Row(int(owners[r]), real[:subject], suffix[:-1], labels, is_kl=False))
         else:  # KL prompt: only the subject's last token's output is read
-            rows.append((real[:subject], real[subject:subject + 1], -1))
-    width_prefix = max(len(p) for p, _, _ in rows)
-    width_suffix = max(len(s) - (1 if r < num_rewrite else 0) for r, (_, s, _) in enumerate(rows))
-    n = len(rows)
-    prefix_ids = torch.full((n, width_prefix), pad_id, dtype=torch.long)
-    suffix_ids = torch.full((n, width_suffix), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width_prefix + width_suffix), dtype=torch.long)
-    label_rows, label_cols, label_tokens = [], [], []
-    for r, (prefix, suffix, answer_col) in enumerate(rows):
-        if len(prefix):
-            prefix_ids[r, width_prefix - len(prefix):] = prefix
-            mask[r, width_prefix - len(prefix):width_prefix] = 1
-        fed = suffix[:-1] if r < num_rewrite else suffix
-        suffix_ids[r, :len(fed)] = fed
-        mask[r, width_prefix:width_prefix + len(fed)] = 1
-        if r < num_rewrite:
-            for col in range(answer_col, len(suffix)):
+            rows.append(_Row(int(owners[r]), real[:subject], real[subject:subject + 1], (), is_kl=True))
+    return rows
+
+
+def plan_chunks(prefix_lengths: list[int], fed_lengths: list[int], chunk_tokens: int) -> list[list[int]]:
+    """Rows grouped for one forward/backward each: sorted by (fed, prefix) length so that little padding is run,
+    then cut wherever ``rows × (longest prefix + longest fed part)`` would exceed ``chunk_tokens`` — the bound on
+    the activations one backward holds, whatever the batch size. A row longer than the budget is a chunk alone."""
+    order = sorted(range(len(fed_lengths)), key=lambda r: (fed_lengths[r], prefix_lengths[r], r))
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    widest_prefix = widest_fed = 0
+    for r in order:
+        prefix, fed = max(widest_prefix, prefix_lengths[r]), max(widest_fed, fed_lengths[r])
+        if current and (len(current) + 1) * (prefix + fed) > chunk_tokens:
+            chunks.append(current)
+            current, prefix, fed = [], prefix_lengths[r], fed_lengths[r]
+        current.append(r)
+        widest_prefix, widest_fed = prefix, fed
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+@dataclass
+class _Chunk:
+    """Rows run together: a left-padded prefix and a right-padded fed part, plus what the first, δ-free pass
+    left behind for them (the prefix cache, the replayed block's output, the initial KL distributions)."""
+
+    owners: torch.Tensor  # [B] request of each row
+    prefix_ids: torch.Tensor  # [B, P]
+    fed_ids: torch.Tensor  # [B, U]
+    attention_mask: torch.Tensor  # [B, P+U]
+    position_ids: torch.Tensor  # [B, P+U]
+    label_rows: torch.Tensor  # per answer token: local row, column predicting it, token id
+    label_cols: torch.Tensor
+    label_tokens: torch.Tensor
+    rewrite_rows: torch.Tensor  # local rows of rewriting prompts
+    kl_rows: torch.Tensor  # local rows of KL prompts
+    cache: object = None  # the prefix's key/value cache (None without a prefix)
+    replayed: object = None  # the last replayed block's output on the fed tokens (None: nothing replayed)
+    kl_initial: torch.Tensor | None = None  # [len(kl_rows), V] log p at the KL position before any step
+
+    @property
+    def prefix_len(self) -> int:
+        return self.prefix_ids.shape[1]
+
+    @classmethod
+    def pack(cls, rows: list[_Row], pad_id: int, device) -> "_Chunk":
+        n = len(rows)
+        width_prefix = max(len(row.prefix) for row in rows)
+        width_fed = max(len(row.fed) for row in rows)
+        prefix_ids = torch.full((n, width_prefix), pad_id, dtype=torch.long)
+        fed_ids = torch.full((n, width_fed), pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width_prefix + width_fed), dtype=torch.long)
+        label_rows, label_cols, label_tokens = [], [], []
+        for r, row in enumerate(rows):
+            if len(row.prefix):
+                prefix_ids[r, width_prefix - len(row.prefix):] = row.prefix
+                mask[r, width_prefix - len(row.prefix):width_prefix] = 1
+            fed_ids[r, :len(row.fed)] = row.fed
+            mask[r, width_prefix:width_prefix + len(row.fed)] = 1
+            for col, token in row.labels:
                 label_rows.append(r)
-                label_cols.append(col - 1)
-                label_tokens.append(int(suffix[col]))
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    return _SplitBatch(prefix_ids, suffix_ids, mask, positions, torch.tensor(label_rows),
-                       torch.tensor(label_cols), torch.tensor(label_tokens))
+                label_cols.append(col)
+                label_tokens.append(token)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        kl = [r for r, row in enumerate(rows) if row.is_kl]
+        rewrite = [r for r, row in enumerate(rows) if not row.is_kl]
+        as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        return cls(owners=as_long([row.owner for row in rows]), prefix_ids=prefix_ids.to(device),
+                   fed_ids=fed_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                   label_rows=as_long(label_rows), label_cols=as_long(label_cols), label_tokens=as_long(label_tokens),
+                   rewrite_rows=as_long(rewrite), kl_rows=as_long(kl))
+
+    def select(self, keep: torch.Tensor) -> "_Chunk | None":
+        """The chunk without the rows where ``keep`` is False (requests whose δ is final), or None if none stay.
+        Only the batch dimension shrinks: the prefix cache keeps its length (cache layers count their tokens)."""
+        if bool(keep.all()):
+            return self
+        index = keep.nonzero().squeeze(1)
+        if index.numel() == 0:
+            return None
+        local = torch.full_like(keep, -1, dtype=torch.long)
+        local[index] = torch.arange(index.numel(), device=index.device)
+        kept_labels = keep[self.label_rows]
+        kept_kl = keep[self.kl_rows]
+        return _Chunk(owners=self.owners[index], prefix_ids=self.prefix_ids[index], fed_ids=self.fed_ids[index],
+                      attention_mask=self.attention_mask[index], position_ids=self.position_ids[index],
+                      label_rows=local[self.label_rows[kept_labels]], label_cols=self.label_cols[kept_labels],
+                      label_tokens=self.label_tokens[kept_labels],
+                      rewrite_rows=local[self.rewrite_rows[keep[self.rewrite_rows]]],
+                      kl_rows=local[self.kl_rows[kept_kl]],
+                      cache=None if self.cache is None else _fork_cache(self.cache, index),
+                      replayed=None if self.replayed is None else _select_rows(self.replayed, index),
+                      kl_initial=None if self.kl_initial is None else self.kl_initial[kept_kl])
+
+
+def _fork_cache(cache, rows: torch.Tensor | None = None):
+    """A cache holding the same prefix tensors (no copy; optionally only ``rows`` of the batch) whose updates leave
+    ``cache`` untouched: a forward appends the fed tokens' keys/values, which carry δ's autograd graph, to the
+    cache it is given, and transformers' dynamic cache layers append by concatenating into new tensors."""
+    layers = getattr(cache, "layers", None)
+    if isinstance(layers, list):
+        fork = copy.copy(cache)
+        fork.layers = [copy.copy(layer) for layer in layers]
+        if rows is not None:
+            for layer in fork.layers:
+                if getattr(layer, "is_initialized", True) and getattr(layer, "keys", None) is not None:
+                    layer.reorder_cache(rows)  # re-binds keys/values to row-selected copies
+        return fork
+    fork = copy.deepcopy(cache)  # caches without per-layer objects (older transformers)
+    if rows is not None:
+        fork.reorder_cache(rows)
+    return fork
+
+
+def _select_rows(output, index: torch.Tensor):
+    if isinstance(output, tuple):
+        return tuple(_select_rows(item, index) for item in output)
+    if isinstance(output, torch.Tensor) and output.dim() >= 1:
+        return output[index]
+    return output
 
 
 class _ReplayBlock(torch.nn.Module):
-    """Stands in for a transformer block during the optimisation: returns the output the real block gave in the
-    first, δ-free pass over the same tokens (its input cannot depend on δ, which enters above it). Attributes the
-    model's layer loop reads from its blocks (e.g. ``attention_type``) are looked up on the real block."""
+    """Stands in for a transformer block during the optimisation: returns the output the last replayed block gave
+    in the first, δ-free pass over the same tokens (the input of the blocks up to the site cannot depend on δ,
+    which enters above them; the model's layer loop only hands each block's output to the next one). Attributes
+    the loop reads from its blocks (e.g. ``attention_type``) are looked up on the real block."""
 
     def __init__(self, block: torch.nn.Module, output):
         super().__init__()
@@ -193,16 +308,50 @@ def _detached(output):
 
 
 @contextlib.contextmanager
-def _replaying(blocks: torch.nn.ModuleList, outputs: dict[int, object]):
-    """While active, blocks[i] for each recorded i is a ``_ReplayBlock`` of its recorded output."""
-    originals = {i: blocks[i] for i in outputs}
+def _replaying(blocks: torch.nn.ModuleList, last: int, output):
+    """While active, blocks[0..last] are ``_ReplayBlock``s returning ``output`` (block ``last``'s recorded output)."""
+    originals = {i: blocks[i] for i in range(last + 1)}
     try:
-        for i, output in outputs.items():
-            blocks[i] = _ReplayBlock(originals[i], output)
-        yield {i: blocks[i] for i in outputs}
+        for i, block in originals.items():
+            blocks[i] = _ReplayBlock(block, output)
+        yield blocks[last]
     finally:
         for i, block in originals.items():
             blocks[i] = block
+
+
+AUTOCAST_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTENTION_CHOICES = ("model", "eager", "sdpa")
+
+
+@contextlib.contextmanager
+def _attention_implementation(model, name: str):
+    """While active, the model's attention runs on implementation ``name`` ("model": as it is)."""
+    before = getattr(model.config, "_attn_implementation", None)
+    if name == "model" or name == before:
+        yield
+        return
+    if not hasattr(model, "set_attn_implementation"):
+        raise ValueError(f"v_attention {name!r} needs a transformers version whose models have "
+                         "set_attn_implementation; use v_attention: model")
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+def _autocast(device: torch.device, name: str):
+    dtype = AUTOCAST_DTYPES[name]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _run_fed(base, chunk: _Chunk) -> torch.Tensor:
+    """Final hidden states [B, U, d] of the chunk's fed tokens, attending to the cached prefix."""
+    step_cache = _fork_cache(chunk.cache) if chunk.cache is not None else None
+    return base(input_ids=chunk.fed_ids, attention_mask=chunk.attention_mask,
+                position_ids=chunk.position_ids[:, chunk.prefix_len:], **with_cache(base, step_cache)
+                ).last_hidden_state
 
 
 def compute_target_values(model, tokenizer, site_module: torch.nn.Module, requests: list[EditRequest],
@@ -214,75 +363,44 @@ def compute_target_values(model, tokenizer, site_module: torch.nn.Module, reques
     ``site_module``), the blocks below the site — and the site block itself when it is the site — are run once
     and replayed at every step. Without them every step runs every block (same numbers, slower).
     """
+    if hp.v_autocast not in AUTOCAST_DTYPES:
+        raise ValueError(f"v_autocast must be one of {sorted(AUTOCAST_DTYPES)}, got {hp.v_autocast!r}")
+    if hp.v_attention not in ATTENTION_CHOICES:
+        raise ValueError(f"v_attention must be one of {list(ATTENTION_CHOICES)}, got {hp.v_attention!r}")
+    with _attention_implementation(model, hp.v_attention):
+        return _optimise_targets(model, tokenizer, site_module, requests, context_groups, hp, blocks, site_layer)
+
+
+def _optimise_targets(model, tokenizer, site_module, requests, context_groups, hp: TargetHParams, blocks,
+                      site_layer) -> TargetResult:
     device = next(model.parameters()).device
     full, owners, num_rewrite = build_target_batch(tokenizer, requests, context_groups)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    split = _split_batch(full, num_rewrite, pad_id)
-    owners = owners.to(device)
-    label_rows, label_cols, label_tok = (t.to(device) for t in (split.label_rows, split.label_cols,
-                                                                split.label_tokens))
-    n, num_rows = len(requests), split.suffix_ids.shape[0]
-    all_rows = torch.arange(num_rows, device=device)
-    subject_col = torch.zeros(num_rows, dtype=torch.long, device=device)  # suffixes start at the subject token
-    kl_rows = torch.arange(num_rewrite, num_rows, device=device)
-    read_rows = torch.cat([label_rows, kl_rows])  # the positions whose output distribution the loss reads
-    read_cols = torch.cat([label_cols, torch.zeros_like(kl_rows)])
-    tokens_per_row = torch.bincount(label_rows, minlength=num_rewrite).clamp(min=1).to(torch.float32)
-    rows_per_request = torch.bincount(owners[:num_rewrite], minlength=n).to(torch.float32)
+    rows = _target_rows(full, owners, num_rewrite)
+    n = len(requests)
+    rows_per_request = torch.bincount(owners[:num_rewrite], minlength=n).to(torch.float32).to(device)
     # The first rewriting row of each request uses the plain "{}" template: its subject position gives h_j.
-    plain_rows = torch.tensor([int((owners[:num_rewrite] == j).nonzero()[0]) for j in range(n)], device=device)
+    plain_rows = [int((owners[:num_rewrite] == j).nonzero()[0]) for j in range(n)]
+    groups = plan_chunks([len(row.prefix) for row in rows], [len(row.fed) for row in rows], hp.v_chunk_tokens)
+    chunks = [_Chunk.pack([rows[r] for r in group], pad_id, device) for group in groups]
 
-    base = model.base_model  # final hidden states only; logits are computed just where they are needed
-    mask = split.attention_mask.to(device)
-    positions = split.position_ids.to(device)
-    prefix_len = split.prefix_len
-    cache = None
-    if prefix_len:
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        with torch.no_grad():
-            base(input_ids=split.prefix_ids.to(device), attention_mask=mask[:, :prefix_len],
-                 position_ids=positions[:, :prefix_len], past_key_values=cache, use_cache=True)
-    suffix_ids = split.suffix_ids.to(device)
-
-    def run_suffix() -> torch.Tensor:
-        # A fresh copy of the prefix cache each step: the forward appends the suffix's keys/values (which carry
-        # δ's autograd graph) to whatever cache it is given. The copy is small (prefix keys/values only).
-        step_cache = copy.deepcopy(cache) if cache is not None else None
-        return base(input_ids=suffix_ids, attention_mask=mask, position_ids=positions[:, prefix_len:],
-                    past_key_values=step_cache, use_cache=step_cache is not None).last_hidden_state
-
-    captured = {}
-
-    def capture_h(module, inputs, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        captured["h"] = hidden[plain_rows, 0].detach().clone()
-
-    replayed = {}  # block index -> its output on the suffix tokens, from this first pass
+    replay_last = None  # index of the highest block whose output is recorded and replayed
     if blocks is not None:
         if site_layer is None or not 0 <= site_layer < len(blocks):
             raise ValueError(f"site_layer must index the {len(blocks)} blocks, got {site_layer!r}")
-        last_replayed = site_layer if blocks[site_layer] is site_module else site_layer - 1
+        replay_last = site_layer if blocks[site_layer] is site_module else site_layer - 1
+        if replay_last < 0:
+            replay_last = None
 
-        def recorder(index):
-            def hook(module, inputs, output):
-                replayed[index] = _detached(output)
-            return hook
-
-        handles = [blocks[i].register_forward_hook(recorder(i)) for i in range(last_replayed + 1)]
-    else:
-        handles = []
-    handles.append(site_module.register_forward_hook(capture_h))
-    try:
-        with torch.no_grad():
-            hidden = run_suffix()
-    finally:
-        for handle in handles:
-            handle.remove()
-    initial = captured["h"].float()
-    kl_initial = F.log_softmax(_final_hidden_to_logits(model, hidden[kl_rows, 0]).float(), dim=-1)
-    del hidden
+    base = model.base_model  # final hidden states only; logits are computed just where they are needed
+    lowered = _autocast(device, hp.v_autocast)
+    site_outputs = [_first_pass(model, base, chunk, site_module, blocks, replay_last, lowered) for chunk in chunks]
+    if AUTOCAST_DTYPES[hp.v_autocast] is None:
+        where = torch.tensor([r for group in groups for r in group], device=device).argsort()
+        initial = torch.cat(site_outputs)[where][plain_rows]
+    else:  # h must be the model's own value (v* = h + δ feeds the solve): one plain pass in the weights' dtype
+        initial = _plain_site_outputs(model, tokenizer, [rows[r] for r in plain_rows], site_module, pad_id, device)
+    del site_outputs
 
     delta = torch.zeros_like(initial, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
@@ -292,45 +410,136 @@ def compute_target_values(model, tokenizer, site_module: torch.nn.Module, reques
     frozen_delta = torch.zeros_like(initial)
     final_loss = torch.full((n,), float("nan"), device=device)
     final_prob = torch.zeros(n, device=device)
-    steps = 0
-    with contextlib.ExitStack() as stack:
-        stand_ins = stack.enter_context(_replaying(blocks, replayed)) if replayed else {}
-        # δ goes onto the site's output; when the site block itself is replayed, onto its stand-in's.
-        site_now = stand_ins.get(site_layer, site_module)
-        stack.enter_context(add_at_positions(site_now, all_rows, subject_col, lambda: delta[owners]))
-        for step in range(hp.v_num_grad_steps):
-            steps = step + 1
-            hidden = run_suffix()
-            # Answer positions and KL positions through the output head together: one pass over its vocab × d
-            # weight per direction instead of two.
-            log_probs = F.log_softmax(_final_hidden_to_logits(model, hidden[read_rows, read_cols]).float(), dim=-1)
-            num_labels = label_rows.shape[0]
-            token_logp = log_probs[:num_labels].gather(1, label_tok[:, None]).squeeze(1)
-            row_nll = -torch.zeros(num_rewrite, device=device).index_add(0, label_rows, token_logp) / tokens_per_row
-            nll = torch.zeros(n, device=device).index_add(0, owners[:num_rewrite], row_nll) / rows_per_request
-            kl_now = log_probs[num_labels:]
-            kl = (kl_initial.exp() * (kl_initial - kl_now)).sum(dim=-1)
-            decay = hp.v_weight_decay * delta.norm(dim=1) / init_norm_sq
+    request_steps = torch.zeros(n, dtype=torch.long, device=device)
+    steps = fed_tokens = 0
+    for step in range(hp.v_num_grad_steps):
+        steps = step + 1
+        last_step = step == hp.v_num_grad_steps - 1
+        # One chunk: decide who is done before any backward (nothing is computed for nothing). Several: each
+        # chunk's graph is freed by its own backward, at the price of one unused backward per finishing request.
+        keep_graph = len(chunks) == 1
+        optimizer.zero_grad()
+        nll, kl, prob = (torch.zeros(n, device=device) for _ in range(3))
+        pending = None
+        for chunk in chunks:
+            fed_tokens += chunk.fed_ids.numel()
+            with torch.set_grad_enabled(not last_step):
+                part_nll, part_kl, part_prob = _chunk_loss(model, base, chunk, delta, site_module, blocks,
+                                                           replay_last, rows_per_request, lowered)
+                chunk_loss = (part_nll + hp.kl_factor * part_kl).sum()
+            if not last_step:
+                if keep_graph:
+                    pending = chunk_loss
+                else:
+                    chunk_loss.backward()
+            nll += part_nll.detach()
+            kl += part_kl.detach()
+            prob += part_prob
+        decay = hp.v_weight_decay * delta.norm(dim=1) / init_norm_sq
+        with torch.no_grad():
             loss = nll + hp.kl_factor * kl + decay
-            with torch.no_grad():
-                prob = torch.zeros(n, device=device).index_add(0, owners[:num_rewrite], torch.exp(-row_nll))
-                prob /= rows_per_request
-                live = ~frozen
-                final_loss[live] = loss[live]
-                final_prob[live] = prob[live]
-                newly_done = live & (loss < hp.early_stop_loss)
-                frozen_delta[newly_done] = delta[newly_done]
-                frozen |= newly_done
-            if bool(frozen.all()) or step == hp.v_num_grad_steps - 1:
-                break
-            optimizer.zero_grad()
-            loss.sum().backward()
-            optimizer.step()
-            with torch.no_grad():
-                norms = delta.norm(dim=1)
-                scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
-                delta.mul_(scale[:, None])
+            live = ~frozen
+            request_steps[live] += 1
+            final_loss[live] = loss[live]
+            final_prob[live] = prob[live]
+            newly_done = live & (loss < hp.early_stop_loss)
+            frozen_delta[newly_done] = delta[newly_done]
+            frozen |= newly_done
+        if bool(frozen.all()) or last_step:
+            break
+        (decay.sum() + pending if pending is not None else decay.sum()).backward()
+        optimizer.step()
+        with torch.no_grad():
+            norms = delta.norm(dim=1)
+            scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
+            delta.mul_(scale[:, None])
+        if bool(newly_done.any()):  # finished requests leave the batch: their rows are not run again
+            chunks = [kept for kept in (chunk.select(~frozen[chunk.owners]) for chunk in chunks) if kept is not None]
     with torch.no_grad():
         values = initial + torch.where(frozen[:, None], frozen_delta, delta)
     return TargetResult(values=values.detach(), initial=initial, target_prob=final_prob.detach().cpu(),
-                        final_loss=final_loss.detach().cpu(), steps=steps)
+                        final_loss=final_loss.detach().cpu(), steps=steps, request_steps=request_steps.cpu(),
+                        chunks=len(groups), fed_tokens=fed_tokens)
+
+
+def _first_pass(model, base, chunk: _Chunk, site_module, blocks, replay_last: int | None, lowered) -> torch.Tensor:
+    """The δ-free pass: fills the chunk's prefix cache, its replayed output and its KL rows' initial distributions;
+    returns the site's output at each row's subject position [B, d]."""
+    captured = {}
+
+    def capture_site(module, inputs, output):
+        captured["site"] = (output[0] if isinstance(output, tuple) else output)[:, 0].detach().float()
+
+    def record(module, inputs, output):
+        captured["replayed"] = _detached(output)
+
+    handles = [site_module.register_forward_hook(capture_site)]
+    if replay_last is not None:
+        handles.append(blocks[replay_last].register_forward_hook(record))
+    try:
+        with torch.no_grad(), lowered:
+            if chunk.prefix_len:
+                from transformers import DynamicCache
+
+                chunk.cache = DynamicCache()
+                base(input_ids=chunk.prefix_ids, attention_mask=chunk.attention_mask[:, :chunk.prefix_len],
+                     position_ids=chunk.position_ids[:, :chunk.prefix_len], **with_cache(base, chunk.cache))
+            hidden = _run_fed(base, chunk)
+            chunk.kl_initial = F.log_softmax(_final_hidden_to_logits(model, hidden[chunk.kl_rows, 0]).float(), dim=-1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    chunk.replayed = captured.get("replayed")
+    return captured["site"]
+
+
+def _plain_site_outputs(model, tokenizer, plain: list[_Row], site_module, pad_id: int, device) -> torch.Tensor:
+    """h [n, d]: the site's output at the subject's last token of each plain prompt, in the weights' own dtype."""
+    chunk = _Chunk.pack([_Row(row.owner, row.prefix, row.fed[:1], (), is_kl=True) for row in plain], pad_id, device)
+    ids = torch.cat([chunk.prefix_ids, chunk.fed_ids], dim=1)
+    last = torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=device)
+    batch = EncodedBatch(input_ids=ids, attention_mask=chunk.attention_mask, position_ids=chunk.position_ids,
+                         span_last=last, answer_first=torch.full_like(last, -1),
+                         lengths=chunk.attention_mask.sum(dim=1))
+    rows = torch.arange(ids.shape[0], device=device)
+    (outputs,) = capture(model, batch, [CaptureSite(site_module, "output")], rows, last)
+    return outputs.float()
+
+
+def _chunk_loss(model, base, chunk: _Chunk, delta: torch.Tensor, site_module, blocks, replay_last: int | None,
+                rows_per_request: torch.Tensor, lowered):
+    """This chunk's share of every request's loss terms, as [n] tensors: mean target NLL over the request's
+    rewriting prompts, KL(p_initial ‖ p_now) at its KL prompt, and (detached) mean target probability."""
+    n = delta.shape[0]
+    with contextlib.ExitStack() as stack:
+        # δ goes onto the site's output; when the site block itself is replayed, onto its stand-in's.
+        site_now = site_module
+        if replay_last is not None:
+            stand_in = stack.enter_context(_replaying(blocks, replay_last, chunk.replayed))
+            if stand_in.block is site_module:
+                site_now = stand_in
+        rows = torch.arange(chunk.owners.shape[0], device=delta.device)
+        stack.enter_context(add_at_positions(site_now, rows, torch.zeros_like(rows), lambda: delta[chunk.owners]))
+        stack.enter_context(lowered)
+        hidden = _run_fed(base, chunk)
+        # Answer positions and KL positions through the output head together: one pass over its vocab × d weight
+        # per direction instead of two.
+        read_rows = torch.cat([chunk.label_rows, chunk.kl_rows])
+        read_cols = torch.cat([chunk.label_cols, torch.zeros_like(chunk.kl_rows)])
+        logits = _final_hidden_to_logits(model, hidden[read_rows, read_cols])
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    num_labels = chunk.label_rows.shape[0]
+    token_logp = log_probs[:num_labels].gather(1, chunk.label_tokens[:, None]).squeeze(1)
+    rows_count = chunk.owners.shape[0]
+    tokens_per_row = torch.bincount(chunk.label_rows, minlength=rows_count).clamp(min=1).to(log_probs.dtype)
+    row_nll = -torch.zeros(rows_count, device=delta.device).index_add(0, chunk.label_rows, token_logp) / tokens_per_row
+    rewrite_owners = chunk.owners[chunk.rewrite_rows]
+    weights = rows_per_request[rewrite_owners]
+    nll = torch.zeros(n, device=delta.device).index_add(0, rewrite_owners, row_nll[chunk.rewrite_rows] / weights)
+    kl_now = log_probs[num_labels:]
+    kl_rows = (chunk.kl_initial.exp() * (chunk.kl_initial - kl_now)).sum(dim=-1)
+    kl = torch.zeros(n, device=delta.device).index_add(0, chunk.owners[chunk.kl_rows], kl_rows)
+    with torch.no_grad():
+        prob = torch.zeros(n, device=delta.device).index_add(0, rewrite_owners,
+                                                             torch.exp(-row_nll[chunk.rewrite_rows]) / weights)
+    return nll, kl, prob

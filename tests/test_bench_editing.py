@@ -24,7 +24,7 @@ def test_bench_editing_smoke(tmp_path, tiny_llama_dir, small_corpus, capsys):
     code = bench.main(["--model", str(model_dir), "--num-edits", "2", "--data", "builtin",
                        "--stats-corpus", str(corpus), "--stats-tokens", "2000", "--cache-dir", str(tmp_path / "cache"),
                        "--layers", "1,2", "--json-out", str(out), "--quiet", "--set", "v_num_grad_steps=3",
-                       "--eval-generations", "2",
+                       "--eval-generations", "2", "--batch-sizes", "1,2", "--vstar-autocast", "none,bfloat16",
                        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
     assert code == 0
     results = json.loads(out.read_text())
@@ -39,8 +39,17 @@ def test_bench_editing_smoke(tmp_path, tiny_llama_dir, small_corpus, capsys):
     assert results["config"]["hparams"] == {"v_num_grad_steps": 3}
 
     cells = results["cells"]
-    assert [(c["method"], c["batch_size"]) for c in cells] == [("memit", 1), ("alphaedit", 1)]
+    assert [(c["method"], c["vstar_autocast"], c["batch_size"]) for c in cells] == [
+        (method, precision, size) for method in ("memit", "alphaedit") for precision in ("none", "bfloat16")
+        for size in (1, 2)]
     for cell in cells:
+        ratio = cell["seconds_per_edit"]["median"] / next(
+            c["seconds_per_edit"]["median"] for c in cells
+            if (c["method"], c["vstar_autocast"], c["batch_size"]) == (cell["method"], cell["vstar_autocast"], 1))
+        assert cell["seconds_per_edit_vs_batch_1"] == ratio
+        assert 1 <= cell["vstar_steps_per_request"]["median"] <= 3
+        assert 0 < cell["edit_peak_memory_mb"]["median"] <= cell["peak_memory_mb"]["median"]
+        assert 0 <= cell["efficacy"]["median"] <= 1
         assert cell["edits"] == 2 and cell["layers"] == [1, 2] and cell["eval_pairs"] > 0
         for key in ("seconds_per_edit", "target_seconds_per_edit", "solve_seconds_per_edit", "eval_pairs_per_s",
                     "eval_to_edit_ratio", "generations_per_s", "judgments_per_s", "peak_memory_mb"):
@@ -54,10 +63,12 @@ def test_bench_editing_smoke(tmp_path, tiny_llama_dir, small_corpus, capsys):
     from mlflow.tracking import MlflowClient
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(results["mlflow_run_id"])
     assert run.data.metrics["memit/b1/seconds_per_edit"] > 0
+    assert run.data.metrics["memit/bfloat16/b2/seconds_per_edit"] > 0
     assert run.data.params["model"] == str(model_dir)
 
     table = bench.format_results(results)
-    assert "memit" in table and "alphaedit" in table and "s/edit" in table
+    assert "memit" in table and "alphaedit" in table and "s/edit" in table and "÷ batch 1" in table
+    assert "bfloat16" in table
     with capsys.disabled():  # the regression guard's figures, in the CI log (tiny random model: it must run, not be fast)
         print("\nbench_editing smoke (tiny random Llama):\n" + table)
 

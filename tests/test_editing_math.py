@@ -29,7 +29,8 @@ from methods.linalg import cholesky_factor, solve_gram_updated
 from methods.requests import EditRequest
 from methods.solvers.alphaedit import AlphaEditSolver, nullspace_projector
 from methods.solvers.memit import MemitSolver
-from methods.targets import KL_PROMPT, TargetHParams, compute_target_values
+from methods import targets
+from methods.targets import KL_PROMPT, TargetHParams, compute_target_values, plan_chunks
 from methods.tokens import TextSpan, encode_spans, subject_span
 
 MODELS = ["tiny_llama", "tiny_gpt2"]
@@ -388,27 +389,33 @@ def _replay(editable: EditableModel, site_layer: int, replay: bool) -> dict:
     return {"blocks": editable.blocks, "site_layer": site_layer} if replay else {}
 
 
+@pytest.mark.parametrize("chunk_tokens", [4096, 60, 1], ids=["one-chunk", "few-chunks", "row-by-row"])
 @pytest.mark.parametrize("replay", [True, False], ids=["replayed-blocks", "every-block"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("model_name", MODELS)
 def test_target_values_match_unpadded_reference(request, monkeypatch, smol_tokenizer, model_name, padding_side,
-                                                replay):
-    """(a) prefix cache + suffix re-runs (+ replayed lower blocks) == whole unpadded prompts, step for step;
-    (b) batch == alone; (c) clamp."""
+                                                replay, chunk_tokens):
+    """(a) prefix cache + suffix re-runs (+ replayed lower blocks), in one chunk or several whose gradients
+    accumulate, == whole unpadded prompts, step for step; (b) batch == alone; (c) clamp."""
     monkeypatch.setattr(smol_tokenizer, "padding_side", padding_side)
     model = request.getfixturevalue(model_name)
     editable = EditableModel.wrap(model)
     site = editable.block(2)
     blocks_before = list(editable.blocks)
-    together = compute_target_values(model, smol_tokenizer, site, V_REQUESTS, CONTEXT_GROUPS, FEW_STEPS,
+    hp = TargetHParams(**{**FEW_STEPS.__dict__, "v_chunk_tokens": chunk_tokens})
+    together = compute_target_values(model, smol_tokenizer, site, V_REQUESTS, CONTEXT_GROUPS, hp,
                                      **_replay(editable, 2, replay))
+    rows = len(V_REQUESTS) * (1 + sum(len(group) for group in CONTEXT_GROUPS))
+    assert together.chunks == {4096: 1, 1: rows}.get(chunk_tokens, together.chunks)
+    if chunk_tokens == 60:
+        assert 1 < together.chunks < rows
     assert list(editable.blocks) == blocks_before  # the stand-ins are gone again
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert together.values.shape == (len(V_REQUESTS), model.config.hidden_size)
     assert together.steps == FEW_STEPS.v_num_grad_steps
     # the loss trajectory: a run with s steps reports the loss of the s-th forward pass
     trajectory = [compute_target_values(model, smol_tokenizer, site, V_REQUESTS, CONTEXT_GROUPS,
-                                        TargetHParams(**{**FEW_STEPS.__dict__, "v_num_grad_steps": s}),
+                                        TargetHParams(**{**hp.__dict__, "v_num_grad_steps": s}),
                                         **_replay(editable, 2, replay)).final_loss
                   for s in (1, 2, 3)] + [together.final_loss]
     for j, req in enumerate(V_REQUESTS):
@@ -420,7 +427,7 @@ def test_target_values_match_unpadded_reference(request, monkeypatch, smol_token
         assert [float(t[j]) for t in trajectory] == pytest.approx(losses, abs=1e-4)
         assert float(together.target_prob[j]) == pytest.approx(prob, rel=1e-4, abs=1e-9)
         # (b) independence: the same request optimised alone gives the same v*
-        alone = compute_target_values(model, smol_tokenizer, site, [req], CONTEXT_GROUPS, FEW_STEPS,
+        alone = compute_target_values(model, smol_tokenizer, site, [req], CONTEXT_GROUPS, hp,
                                       **_replay(editable, 2, replay))
         torch.testing.assert_close(alone.values[0], together.values[j], rtol=0, atol=1e-4)
         # (c) the clamp
@@ -467,18 +474,24 @@ def test_target_kl_term_matches_reference(monkeypatch, smol_tokenizer, tiny_llam
         assert float(result.target_prob[j]) == pytest.approx(prob, rel=1e-4, abs=1e-12)
 
 
-def test_target_early_stop_per_request(monkeypatch, smol_tokenizer, tiny_llama):
-    """A request whose loss falls below early_stop_loss keeps its δ while the others go on; each equals the
-    reference that simply stops there, and the batch equals each request alone."""
+@pytest.mark.parametrize("chunk_tokens", [4096, 60], ids=["one-chunk", "few-chunks"])
+@pytest.mark.parametrize("replay", [True, False], ids=["replayed-blocks", "every-block"])
+def test_target_early_stop_per_request(monkeypatch, smol_tokenizer, tiny_llama, chunk_tokens, replay):
+    """A request whose loss falls below early_stop_loss keeps its δ and leaves the batch (its rows, prefix cache
+    and replayed output are dropped from every chunk) while the others go on; each equals the reference that
+    simply stops there, and the batch equals each request alone."""
     monkeypatch.setattr(smol_tokenizer, "padding_side", "right")
-    site = EditableModel.wrap(tiny_llama).block(2)
+    editable = EditableModel.wrap(tiny_llama)
+    site = editable.block(2)
     probe = compute_target_values(tiny_llama, smol_tokenizer, site, V_REQUESTS, CONTEXT_GROUPS,
                                   TargetHParams(**{**FEW_STEPS.__dict__, "v_num_grad_steps": 1}))
     first_losses = sorted(float(x) for x in probe.final_loss)
     threshold = (first_losses[0] + first_losses[1]) / 2  # exactly one request is done after its first pass
-    hp = TargetHParams(**{**FEW_STEPS.__dict__, "early_stop_loss": threshold})
-    result = compute_target_values(tiny_llama, smol_tokenizer, site, V_REQUESTS, CONTEXT_GROUPS, hp)
+    hp = TargetHParams(**{**FEW_STEPS.__dict__, "early_stop_loss": threshold, "v_chunk_tokens": chunk_tokens})
+    result = compute_target_values(tiny_llama, smol_tokenizer, site, V_REQUESTS, CONTEXT_GROUPS, hp,
+                                   **_replay(editable, 2, replay))
     assert result.steps > 1
+    assert sorted(result.request_steps.tolist()) == [1] + [result.steps] * (len(V_REQUESTS) - 1)
     stopped = 0
     for j, req in enumerate(V_REQUESTS):
         v_star, h, losses, prob = _reference_target(tiny_llama, smol_tokenizer, site, req, CONTEXT_GROUPS, hp)
@@ -488,7 +501,8 @@ def test_target_early_stop_per_request(monkeypatch, smol_tokenizer, tiny_llama):
         if len(losses) == 1:
             stopped += 1
             torch.testing.assert_close(result.values[j], h, rtol=0, atol=0)
-        alone = compute_target_values(tiny_llama, smol_tokenizer, site, [req], CONTEXT_GROUPS, hp)
+        alone = compute_target_values(tiny_llama, smol_tokenizer, site, [req], CONTEXT_GROUPS, hp,
+                                      **_replay(editable, 2, replay))
         torch.testing.assert_close(alone.values[0], result.values[j], rtol=0, atol=1e-4)
     assert stopped == 1
     everything = compute_target_values(tiny_llama, smol_tokenizer, site, V_REQUESTS, CONTEXT_GROUPS,
@@ -544,6 +558,101 @@ def test_target_probability_rises(monkeypatch, smol_tokenizer, tiny_llama):
         log_probs = F.log_softmax(logits, -1)
         nll = -torch.stack([log_probs[p - 1, ids[p]] for p in range(len(prompt_ids), len(ids))]).mean()
         assert float(torch.exp(-nll)) > 10 * float(initial.target_prob[j])
+
+
+def test_plan_chunks_sorts_by_length_and_keeps_to_the_budget():
+    prefix = [5, 0, 12, 3, 7, 2, 9, 1]
+    fed = [4, 1, 6, 1, 4, 9, 2, 1]
+    chunks = plan_chunks(prefix, fed, chunk_tokens=30)
+    assert sorted(r for chunk in chunks for r in chunk) == list(range(len(fed)))  # every row exactly once
+    order = [r for chunk in chunks for r in chunk]
+    assert order == sorted(order, key=lambda r: (fed[r], prefix[r], r))  # short rows together: little padding
+    for chunk in chunks:
+        padded = len(chunk) * (max(prefix[r] for r in chunk) + max(fed[r] for r in chunk))
+        assert padded <= 30 or len(chunk) == 1
+    assert plan_chunks(prefix, fed, chunk_tokens=10**6) == [order]
+    assert [len(chunk) for chunk in plan_chunks(prefix, fed, chunk_tokens=1)] == [1] * len(fed)
+
+
+def test_target_values_leave_the_prefix_cache_and_model_as_they_were(monkeypatch, smol_tokenizer, tiny_llama):
+    """The per-step cache is a fork of the prefix cache (no copy): after any number of steps the prefix keys and
+    values still hold only the prefix, so a second run from scratch gives identical values."""
+    monkeypatch.setattr(smol_tokenizer, "padding_side", "left")
+    editable = EditableModel.wrap(tiny_llama)
+    site = editable.block(2)
+    seen = []
+    original_first_pass = targets._first_pass
+
+    def spy(*args, **kwargs):
+        out = original_first_pass(*args, **kwargs)
+        chunk = args[2]
+        seen.append((chunk, [(layer.keys.clone(), layer.values.clone()) for layer in chunk.cache.layers]))
+        return out
+
+    monkeypatch.setattr(targets, "_first_pass", spy)
+    first = compute_target_values(tiny_llama, smol_tokenizer, site, V_REQUESTS, CONTEXT_GROUPS, FEW_STEPS,
+                                  **_replay(editable, 2, True))
+    assert seen
+    for chunk, saved in seen:
+        for layer, (keys, values) in zip(chunk.cache.layers, saved):
+            assert layer.keys.shape[-2] == chunk.prefix_len
+            assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+    again = compute_target_values(tiny_llama, smol_tokenizer, site, V_REQUESTS, CONTEXT_GROUPS, FEW_STEPS,
+                                  **_replay(editable, 2, True))
+    assert torch.equal(first.values, again.values)
+
+
+def test_target_values_under_bfloat16_autocast_are_opt_in_and_close(monkeypatch, smol_tokenizer, tiny_llama):
+    """``v_autocast: bfloat16`` runs the steps in bf16 (the numbers change, a little) but h stays the model's own
+    value in its dtype; an unknown name is refused."""
+    monkeypatch.setattr(smol_tokenizer, "padding_side", "left")
+    model = _sharpened(tiny_llama)
+    editable = EditableModel.wrap(model)
+    site = editable.block(1)
+    exact = compute_target_values(model, smol_tokenizer, site, V_REQUESTS, CONTEXT_GROUPS, FEW_STEPS,
+                                  **_replay(editable, 1, True))
+    hp = TargetHParams(**{**FEW_STEPS.__dict__, "v_autocast": "bfloat16"})
+    lowered = compute_target_values(model, smol_tokenizer, site, V_REQUESTS, CONTEXT_GROUPS, hp,
+                                    **_replay(editable, 1, True))
+    torch.testing.assert_close(lowered.initial, exact.initial, rtol=0, atol=1e-6)
+    assert not torch.equal(lowered.values, exact.values)  # bf16 arithmetic really ran
+    moved = (exact.values - exact.initial).norm(dim=1)
+    assert ((lowered.values - exact.values).norm(dim=1) < 0.1 * moved).all()
+    with pytest.raises(ValueError, match="v_autocast"):
+        compute_target_values(model, smol_tokenizer, site, V_REQUESTS[:1], CONTEXT_GROUPS,
+                              TargetHParams(**{**FEW_STEPS.__dict__, "v_autocast": "int8"}))
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_target_values_on_another_attention_kernel_are_the_same_and_the_model_keeps_its_own(
+        request, monkeypatch, smol_tokenizer, model_name):
+    """``v_attention: eager`` (the kernel that makes bf16 autocast pay on CPUs) changes nothing but summation order,
+    and the model's own attention implementation is back afterwards."""
+    monkeypatch.setattr(smol_tokenizer, "padding_side", "left")
+    model = request.getfixturevalue(model_name)
+    editable = EditableModel.wrap(model)
+    site = editable.block(1)
+    own = model.config._attn_implementation
+    other = "eager" if own != "eager" else "sdpa"
+    exact = compute_target_values(model, smol_tokenizer, site, V_REQUESTS, CONTEXT_GROUPS, FEW_STEPS,
+                                  **_replay(editable, 1, True))
+    seen = []
+    original_first_pass = targets._first_pass
+
+    def spy(model_arg, *args, **kwargs):
+        seen.append(model_arg.config._attn_implementation)
+        return original_first_pass(model_arg, *args, **kwargs)
+
+    monkeypatch.setattr(targets, "_first_pass", spy)
+    switched = compute_target_values(model, smol_tokenizer, site, V_REQUESTS, CONTEXT_GROUPS,
+                                     TargetHParams(**{**FEW_STEPS.__dict__, "v_attention": other}),
+                                     **_replay(editable, 1, True))
+    assert seen and set(seen) == {other}
+    assert model.config._attn_implementation == own
+    torch.testing.assert_close(switched.values, exact.values, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="v_attention"):
+        compute_target_values(model, smol_tokenizer, site, V_REQUESTS[:1], CONTEXT_GROUPS,
+                              TargetHParams(**{**FEW_STEPS.__dict__, "v_attention": "flash"}))
 
 
 # ---------------------------------------------------------------------------------------------------------------

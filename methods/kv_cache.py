@@ -1,0 +1,41 @@
+"""Handing a key/value cache to a transformers forward, whichever name the installed version gives it.
+
+transformers 5.25 renamed the forward argument ``past_key_values`` (and the output field) to ``cache``; the old
+argument still works there with a FutureWarning until 5.40, and older versions know only ``past_key_values``.
+Looking the name up in the forward's signature keeps EditGrid's cached forwards (v* prefixes, shared evaluation
+prompts, causal tracing) on the fast path with either.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # the current name first
+
+
+def cache_argument(module: torch.nn.Module) -> str | None:
+    """The name under which ``module.forward`` takes a key/value cache, or None when it takes none."""
+    parameters = inspect.signature(module.forward).parameters
+    return next((name for name in CACHE_ARGUMENTS if name in parameters), None)
+
+
+def with_cache(module: torch.nn.Module, cache) -> dict:
+    """Keyword arguments passing ``cache`` (None: no cache) to ``module``'s forward, with ``use_cache`` to match."""
+    name = cache_argument(module)
+    if name is None:
+        if cache is not None:
+            raise TypeError(f"{type(module).__name__}.forward takes no key/value cache "
+                            f"({' or '.join(CACHE_ARGUMENTS)})")
+        return {"use_cache": False}
+    return {name: cache, "use_cache": cache is not None}
+
+
+def returned_cache(output):
+    """The key/value cache a forward returned (``cache`` or, before transformers 5.25, ``past_key_values``)."""
+    for name in CACHE_ARGUMENTS:
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    return None
