@@ -15,7 +15,6 @@ The score is accuracy, Matthews correlation for CoLA (as GLUE reports it), and M
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from evals.generation import generate_greedy
+from evals.jsonl import jsonl_objects
 from evals.teacher_forced import score_continuations
 
 GENERATED_TOKENS = 5
@@ -86,15 +86,7 @@ def load_task(folder: str | Path, task: str, n_items: int) -> list[dict]:
         raise GeneralTaskError(f"{path}: file not found (eval.general.path must hold <task>.jsonl for every task)")
     items = []
     with open(path) as fh:
-        for number, line in enumerate(fh, 1):
-            if len(items) >= n_items:
-                break
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise GeneralTaskError(f"{path}:{number}: not JSON ({err})") from None
+        for number, item in jsonl_objects(fh, path, n_items, GeneralTaskError):
             missing = [f for f in spec.fields if f not in item]
             if missing:
                 raise GeneralTaskError(f"{path}:{number}: missing field(s) {missing} for task {task}")

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import yaml
 
+from evals.abilities import DEFAULT_TASKS as ABILITY_TASKS
 from evals.datasets import BUILTIN_NAME, DATASET_FORMATS, HUB_PREFIX
 from methods.corpus import CorpusError, parse_corpus
 from methods.cpu_linear import LinearBackendError, resolve_linear_backend
@@ -47,6 +48,11 @@ DEFAULTS: dict[str, Any] = {
     # its added latency (0 turns the measurement off)
     "eval": {
         "batch_size": 32, "scr_latency_queries": 16,
+        # Retention checkpoints (evals/retention.py): after N edits, a fixed seeded sample of sample_size of them,
+        # equal parts from ``strata`` age bins (oldest … newest) plus the newest batch, each rate with a 95 % Wilson
+        # interval; every edit when N <= sample_size. final: all = the last checkpoint scores every edit, sample =
+        # it samples too. seed null = the trial's seed.
+        "retention": {"sample_size": 500, "strata": 4, "seed": None, "final": "all"},
         # The autoregressive protocol (evals/autoregressive.py): generated answers graded by an LLM judge, at the
         # same checkpoints as the teacher-forced metrics. Off by default (it needs a judge).
         "generate": {"enabled": False, "max_new_tokens": 50, "chat_template": False, "reasoning": False,
@@ -70,6 +76,12 @@ DEFAULTS: dict[str, Any] = {
         # and every checkpoint).
         "general": {"enabled": False, "path": None, "tasks": ["sst2", "mrpc", "cola", "rte", "nli", "mmlu"],
                     "n_items": 50, "steps": None, "generate": True},
+        # Likelihood-scored abilities (evals/abilities.py) from <path> (a folder laid out like
+        # ../shared/data/abilities: <task>.jsonl, wikitext2_test.txt) at the listed steps (null = step 0 and every
+        # checkpoint); the first n_items items per task; WikiText-2: its first wikitext_chars characters, scored in
+        # windows of max_length tokens. The unedited model's results are cached (<cache dir>/abilities).
+        "abilities": {"enabled": False, "path": None, "tasks": list(ABILITY_TASKS), "n_items": 200,
+                      "wikitext_chars": 20_000, "max_length": 1024, "steps": None},
         # gen/fluency (evals/fluency.py): n-gram entropy of greedy continuations of the records' generation
         # prompts (their rewrite prompts when they have none).
         "fluency": {"enabled": False, "num_prompts": 20, "max_new_tokens": 100},
@@ -336,6 +348,7 @@ def trial_problems(cfg: dict) -> list[str]:
     if not _is_int(latency_queries) or latency_queries < 0:
         problems.append(f"eval.scr_latency_queries: {latency_queries!r} must be an integer >= 0")
     problems += _protocol_problems(cfg.get("eval", {}), cfg.get("edits", {}).get("checkpoints"))
+    problems += _retention_problems(cfg.get("eval", {}).get("retention") or {})
     if not _is_int(cfg.get("seed")):
         problems.append(f"seed: {cfg.get('seed')!r} must be an integer")
     problems += _checkpoint_problems(cfg.get("checkpoints") or {})
@@ -345,6 +358,23 @@ def trial_problems(cfg: dict) -> list[str]:
 
 JUDGE_BACKENDS = ("hf", "vllm", "openai")
 ANSWER_BACKENDS = ("hf", "vllm", "openai")
+
+
+def _retention_problems(retention: dict) -> list[str]:
+    problems = []
+    size, strata, seed = retention.get("sample_size"), retention.get("strata"), retention.get("seed")
+    if not _is_int(size) or size < 1:
+        problems.append(f"eval.retention.sample_size: {size!r} must be an integer >= 1")
+    if not _is_int(strata) or strata < 1:
+        problems.append(f"eval.retention.strata: {strata!r} must be an integer >= 1")
+    elif _is_int(size) and strata > size:
+        problems.append(f"eval.retention.strata: {strata} age bins cannot each get an edit of a sample of {size}")
+    if seed is not None and not _is_int(seed):
+        problems.append(f"eval.retention.seed: {seed!r} must be null (the trial's seed) or an integer")
+    if retention.get("final") not in ("all", "sample"):
+        problems.append(f"eval.retention.final: {retention.get('final')!r} must be 'all' (score every edit at the "
+                        "last checkpoint) or 'sample'")
+    return problems
 
 
 def _protocol_problems(ev: dict, checkpoints) -> list[str]:
@@ -427,6 +457,8 @@ def _protocol_problems(ev: dict, checkpoints) -> list[str]:
                                 f"values {sorted(allowed)}")
 
     steps_subset("general.steps", general.get("steps"))
+    problems += _abilities_problems(ev.get("abilities") or {})
+    steps_subset("abilities.steps", (ev.get("abilities") or {}).get("steps"))
     harness = ev.get("lm_eval") or {}
     flag("lm_eval.enabled", harness.get("enabled"))
     positive_int("lm_eval.batch_size", harness.get("batch_size"))
@@ -450,6 +482,35 @@ def _protocol_problems(ev: dict, checkpoints) -> list[str]:
     flag("fluency.enabled", fluency.get("enabled"))
     positive_int("fluency.num_prompts", fluency.get("num_prompts"))
     positive_int("fluency.max_new_tokens", fluency.get("max_new_tokens"))
+    return problems
+
+
+def _abilities_problems(section: dict) -> list[str]:
+    """eval.abilities (evals/abilities.py), but its steps (checked with the other sections' steps)."""
+    from evals.abilities import TASK_NAMES, task_file
+
+    problems = []
+    if not isinstance(section.get("enabled"), bool):
+        problems.append(f"eval.abilities.enabled: {section.get('enabled')!r} must be true or false")
+    for key, minimum in (("n_items", 1), ("wikitext_chars", 1), ("max_length", 1)):
+        value = section.get(key)
+        if not _is_int(value) or value < minimum:
+            problems.append(f"eval.abilities.{key}: {value!r} must be an integer >= {minimum}")
+    tasks = section.get("tasks")
+    if (not isinstance(tasks, list) or not tasks or any(not isinstance(t, str) or t not in TASK_NAMES for t in tasks)
+            or len(set(tasks)) != len(tasks)):
+        problems.append(f"eval.abilities.tasks: {tasks!r} must be a non-empty list of distinct names from "
+                        f"{list(TASK_NAMES)}")
+        tasks = []
+    if section.get("enabled") is True:
+        folder = section.get("path")
+        if not isinstance(folder, str) or not Path(folder).is_dir():
+            problems.append(f"eval.abilities.path: {folder!r} must be a folder holding the tasks' files "
+                            "(e.g. ../shared/data/abilities)")
+        else:
+            missing = [task_file(t) for t in tasks if not (Path(folder) / task_file(t)).is_file()]
+            if missing:
+                problems.append(f"eval.abilities.path: {folder} has no {', '.join(missing)}")
     return problems
 
 
@@ -515,9 +576,9 @@ def _absolutize_paths(cfg: dict) -> None:
         cfg["stats"]["corpus"] = str(Path(corpus).expanduser().resolve())
     if cfg.get("cache_dir"):
         cfg["cache_dir"] = str(Path(cfg["cache_dir"]).expanduser().resolve())
-    general = cfg["eval"]["general"]
-    if isinstance(general.get("path"), str):
-        general["path"] = str(Path(general["path"]).expanduser().resolve())
+    for section in (cfg["eval"]["general"], cfg["eval"]["abilities"]):
+        if isinstance(section.get("path"), str):
+            section["path"] = str(Path(section["path"]).expanduser().resolve())
     harness = cfg["eval"].get("lm_eval") or {}
     if isinstance(harness.get("include_path"), str):
         harness["include_path"] = str(Path(harness["include_path"]).expanduser().resolve())

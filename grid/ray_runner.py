@@ -30,12 +30,26 @@ class TrialOutcome:
     error: str | None = None
 
 
-def _run_one(trial_spec: dict, tracking_uri: str, parent_run_id: str, progress: bool) -> list[dict]:
+def _run_one(trial_spec: dict, tracking_uri: str, parent_run_id: str, progress: bool, on_checkpoint=None
+             ) -> list[dict]:
     """Run one trial as the only child run of its cell; returns its checkpoint rows."""
     from grid.trial import run_trial
 
     trial = Trial(index=trial_spec["index"], config=trial_spec["config"], axes=trial_spec["axes"])
-    return run_trial(trial, tracking_uri, parent_run_id=parent_run_id, progress=progress).checkpoints
+    return run_trial(trial, tracking_uri, parent_run_id=parent_run_id, progress=progress,
+                     on_checkpoint=on_checkpoint).checkpoints
+
+
+# What Tune's status table shows per trial, besides ``edits``: the headline rates and the cost so far.
+TUNE_COLUMNS = ("edit/efficacy", "edit/generalization", "edit/specificity", "edit/score", "cost/seconds_per_edit",
+                "cost/eval_share")
+
+
+def tune_row(checkpoint: dict) -> dict:
+    """A checkpoint's headline row as Ray Tune reports it: ``edits`` applied, then TUNE_COLUMNS (``/`` → ``_``)."""
+    return {"edits": checkpoint.get("step", 0),
+            **{key.replace("/", "_"): checkpoint[key] for key in TUNE_COLUMNS
+               if isinstance(checkpoint.get(key), (int, float))}}
 
 
 def _spec(trial: Trial) -> dict:
@@ -60,10 +74,17 @@ def _tune_trainable(config: dict, specs: dict, tracking_uri: str, parent_run_id:
     ``tune.with_parameters``, so Tune's status table stays short)."""
     from ray import tune
 
-    checkpoints = _run_one(specs[config["trial"]], tracking_uri, parent_run_id, progress=False)
-    final = checkpoints[-1] if checkpoints else {}
-    tune.report({"edits": final.get("step", 0),
-                 **{k.replace("/", "_"): v for k, v in final.items() if isinstance(v, (int, float))}})
+    # Every evaluation checkpoint reaches Tune's status table (edits applied and the headline metrics) as it
+    # happens, so a multi-hour trial shows its progress; a trial without any reports its (empty) end.
+    reported = []
+
+    def report(row: dict) -> None:
+        reported.append(row)
+        tune.report(tune_row(row))
+
+    _run_one(specs[config["trial"]], tracking_uri, parent_run_id, progress=False, on_checkpoint=report)
+    if not reported:
+        tune.report(tune_row({}))
 
 
 def run_on_ray(trials: list[Trial], grid: GridRun, ray_cfg: dict, storage_path: str | None = None

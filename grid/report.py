@@ -4,7 +4,9 @@ One row per (trial, checkpoint): the trial's method, its grid-axis values, its s
 every evaluation metric logged at that step (``edit/*``, ``scr/*``, ``cost/*``; per-layer ``diag/L<i>/<name>``
 averaged over the edited layers as ``diag/mean/<name>``). Logged to the parent run as ``report/comparison.csv``
 and the MLflow table ``report/comparison.json``, with ``report/metrics_vs_edits.png`` (each edit metric against
-edits, one line per trial) and ``report/diagnostics_vs_edits.png`` (the layer-averaged diagnostics).
+edits, one line per trial, its 95 % interval as a band), ``report/diagnostics_vs_edits.png`` (the layer-averaged
+diagnostics), ``report/retention_vs_edits.png`` (the oldest quarter of the edits beside the newest batch) and
+``report/abilities_vs_edits.png`` (general abilities, when the trials evaluated them).
 """
 
 from __future__ import annotations
@@ -16,16 +18,24 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+from evals.abilities import metric_name
+from evals.retention import CI_HIGH_SUFFIX, CI_LOW_SUFFIX, NEWEST_BATCH, age_stratum
 from grid.gridrun import GRID_ID_TAG, ROLE_TAG, child_runs
 from grid.tracking import _mlflow_client, _rows_to_csv
 
 EVAL_MARKER = "edit/efficacy"  # logged at every evaluation (step 0 and each checkpoint)
-ROW_PREFIXES = ("edit/", "scr/", "cost/", "eval/", "judge/", "gen/", "general/")
+ROW_PREFIXES = ("edit/", "retention/", "scr/", "cost/", "eval/", "judge/", "gen/", "general/", "abilities/")
 PLOTTED_EDIT_METRICS = ("edit/efficacy", "edit/generalization", "edit/specificity", "edit/score", "edit/locality",
                         "edit/portability", "scr/recall_at_k/generalization", "scr/locality_rejection_rate")
 PLOTTED_GENERATION = ("judge/reliability", "judge/generalization", "judge/portability", "judge/locality",
                       "gen/locality_unchanged", "gen/contains", "gen/fluency")
 PLOTTED_DIAGNOSTICS = ("diag/mean/drift", "diag/mean/weight_change", "diag/mean/sigma_max_delta", "diag/mean/cond")
+# The oldest quarter of the edits against the newest batch (evals/retention.py with its default 4 age bins).
+PLOTTED_RETENTION = tuple(f"retention/{stratum}/{rate}" for rate in ("efficacy", "generalization")
+                          for stratum in (age_stratum(0, 4), NEWEST_BATCH))
+PLOTTED_ABILITIES = (*(metric_name(task, "acc_norm") for task in ("arc_easy", "arc_challenge", "piqa", "hellaswag",
+                                                                  "openbookqa")),
+                     metric_name("lambada", "acc"), metric_name("wikitext2", "token_perplexity"))
 _LAYER_METRIC = re.compile(r"^diag/L\d+/(?P<name>.+)$")
 
 
@@ -102,9 +112,15 @@ def _plot(rows: list[dict], metrics: tuple[str, ...], title: str):
         for trial, trial_rows in by_trial.items():
             points = sorted((r["edits"], r[metric]) for r in trial_rows if isinstance(r.get(metric), (int, float)))
             if points:
-                axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=trial)
+                (line,) = axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=trial)
+                band = sorted((r["edits"], r[metric + CI_LOW_SUFFIX], r[metric + CI_HIGH_SUFFIX]) for r in trial_rows
+                              if isinstance(r.get(metric + CI_LOW_SUFFIX), (int, float))
+                              and isinstance(r.get(metric + CI_HIGH_SUFFIX), (int, float)))
+                if band:  # the 95 % interval logged with the rate (evals/retention.py)
+                    axis.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band],
+                                      color=line.get_color(), alpha=0.15, linewidth=0)
         values = [r[metric] for r in rows if isinstance(r.get(metric), (int, float))]
-        if metric.startswith(("edit/", "scr/")) and values and 0 <= min(values) and max(values) <= 1:
+        if metric.startswith(("edit/", "scr/", "retention/")) and values and 0 <= min(values) and max(values) <= 1:
             axis.set_ylim(-0.03, 1.03)  # rates: the same scale in every panel and every report
         axis.xaxis.get_major_locator().set_params(integer=True)
         axis.set_title(metric)
@@ -144,7 +160,9 @@ def write_report(tracking_uri: str, grid_id: str, out_dir: str | Path | None = N
             client.log_table(parent.info.run_id, table, "report/comparison.json")
     for name, metrics in (("metrics_vs_edits", PLOTTED_EDIT_METRICS),
                           ("generation_vs_edits", PLOTTED_GENERATION),
-                          ("diagnostics_vs_edits", PLOTTED_DIAGNOSTICS)):
+                          ("diagnostics_vs_edits", PLOTTED_DIAGNOSTICS),
+                          ("retention_vs_edits", PLOTTED_RETENTION),
+                          ("abilities_vs_edits", PLOTTED_ABILITIES)):
         figure = _plot(rows, metrics, f"grid {grid_id}: {name.replace('_', ' ')}")
         if figure is None:
             continue

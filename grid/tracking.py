@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 from urllib.parse import unquote, urlparse
 
+from evals.retention import CI_HIGH_SUFFIX, CI_LOW_SUFFIX, SAMPLE_SIZE_SUFFIX
+
 if TYPE_CHECKING:  # imported lazily at run time: MLflow and matplotlib take seconds to import
     from matplotlib.figure import Figure
     from mlflow import MlflowClient
@@ -589,7 +591,10 @@ def metric_curves_figure(history: Mapping[str, Sequence[tuple[int, float]]], pre
     for axes, panel in zip(axes_grid.flat, panels):
         for label, points in panel.series:
             steps, values = zip(*points)
-            axes.plot(steps, values, marker="o", markersize=3.5, linewidth=1.4, label=label)
+            (line,) = axes.plot(steps, values, marker="o", markersize=3.5, linewidth=1.4, label=label)
+            if label in panel.bands:  # the 95 % interval logged beside the rate
+                band_steps, lows, highs = panel.bands[label]
+                axes.fill_between(band_steps, lows, highs, color=line.get_color(), alpha=0.18, linewidth=0)
         all_values = [value for _, points in panel.series for _, value in points]
         if panel.unit_interval:
             axes.set_ylim(-0.02, 1.02)
@@ -611,19 +616,37 @@ def metric_curves_figure(history: Mapping[str, Sequence[tuple[int, float]]], pre
 
 class _Panel:
     def __init__(self, title: str, y_label: str, series: list[tuple[str, list[tuple[int, float]]]],
-                 unit_interval: bool) -> None:
+                 unit_interval: bool, bands: dict | None = None) -> None:
         self.title = title
         self.y_label = y_label
         self.series = series
         self.unit_interval = unit_interval
+        self.bands = bands or {}  # series label -> (steps, lows, highs) of its interval
+
+
+def _interval_bands(history: Mapping[str, Sequence[tuple[int, float]]]) -> tuple[dict, set[str]]:
+    """Rates logged with an interval and a sample size (evals/retention.py: ``<name>_ci95_low|high``, ``<name>_n``):
+    {name: (steps, lows, highs)}, and the companion names, which are drawn as the band, not as lines."""
+    bands, companions = {}, set()
+    for name in history:
+        low, high, size = name + CI_LOW_SUFFIX, name + CI_HIGH_SUFFIX, name + SAMPLE_SIZE_SUFFIX
+        if low in history and high in history:
+            lows, highs = dict(_finite_points_by_step(history[low])), dict(_finite_points_by_step(history[high]))
+            steps = sorted(set(lows) & set(highs))
+            bands[name] = (steps, [lows[s] for s in steps], [highs[s] for s in steps])
+            companions.update((low, high, size))
+    return bands, companions
 
 
 def _group_into_panels(history: Mapping[str, Sequence[tuple[int, float]]], prefixes: tuple[str, ...]) -> list[_Panel]:
     flat: list[tuple[str, list[tuple[int, float]]]] = []
     by_kind: dict[str, list[tuple[str, list[tuple[int, float]]]]] = {}
+    bands, companions = _interval_bands(history)
+    flat_bands: dict[str, tuple] = {}
+    kind_bands: dict[str, dict[str, tuple]] = {}
     for name in sorted(history, key=_natural_key):
         prefix = next((p for p in prefixes if name.startswith(p)), None)
-        if prefix is None:
+        if prefix is None or name in companions:
             continue
         points = _finite_points_by_step(history[name])
         if not points:
@@ -632,21 +655,28 @@ def _group_into_panels(history: Mapping[str, Sequence[tuple[int, float]]], prefi
         if "/" in rest:
             series_label, kind = rest.rsplit("/", 1)
             by_kind.setdefault(kind, []).append((series_label, points))
+            if name in bands:
+                kind_bands.setdefault(kind, {})[series_label] = bands[name]
         else:
             flat.append((rest or name, points))
+            if name in bands:
+                flat_bands[rest or name] = bands[name]
 
     panels: list[_Panel] = []
     prefix_text = ", ".join(prefixes)
     fractions = [(label, points) for label, points in flat if _is_fraction_series(label, points)]
     others = [(label, points) for label, points in flat if not _is_fraction_series(label, points)]
     if fractions:
-        panels.append(_Panel(f"{prefix_text} fractions", "fraction", fractions, unit_interval=True))
+        panels.append(_Panel(f"{prefix_text} fractions", "fraction", fractions, unit_interval=True,
+                             bands=flat_bands))
     if others:
         panels.append(_Panel(f"{prefix_text} other values" if fractions else prefix_text, "value", others,
                              unit_interval=False))
     known_order = {kind: index for index, kind in enumerate(DIAGNOSTIC_KIND_ORDER)}
     for kind in sorted(by_kind, key=lambda k: (known_order.get(k, len(known_order)), k)):
-        panels.append(_Panel(kind, kind, by_kind[kind], unit_interval=False))
+        unit = all(_is_fraction_series(label, points) for label, points in by_kind[kind])
+        panels.append(_Panel(kind, kind, by_kind[kind], unit_interval=unit and kind in kind_bands,
+                             bands=kind_bands.get(kind)))
     return panels
 
 

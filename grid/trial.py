@@ -1,10 +1,13 @@
 """One trial: model × data slice × method (+ hyper-parameters) × batch size × checkpoints, end to end.
 
 Edits are applied in data order, ``edits.batch_size`` requests per step. At step 0 (before any edit) and at every
-checkpoint n the model is evaluated on *all n edits applied so far* (retention, not edit-time success), and every
-number goes to the trial's MLflow run with ``step = edits applied``:
+checkpoint n the model is evaluated on the edits applied so far (retention, not edit-time success): every one of
+them when n <= eval.retention.sample_size and at the last checkpoint, otherwise a fixed seeded sample stratified by
+age (evals/retention.py). Every number goes to the trial's MLflow run with ``step = edits applied``:
 
-  edit/*        teacher-forced metrics (evals/teacher_forced.py); step 0 covers all records of the trial
+  edit/*        teacher-forced metrics (evals/teacher_forced.py); step 0 covers all records of the trial; each rate
+                with ``_ci95_low``/``_ci95_high`` (Wilson) and ``_n`` (edits scored)
+  retention/*   the same rates per age bin (``age_1_of_4`` = the oldest quarter …) and for the newest batch
   diag/L<i>/*   per edited matrix: ‖W‖, ‖W−W₀‖/‖W₀‖, cond(W), σ_max(W−W₀)            (evals/diagnostics.py)
   diag/L<i>/drift  D(W) = tr((W−W₀)C(W−W₀)ᵀ), the preservation drift, for every method    (methods/drift.py)
   vstar/*       how well v* reached its target (mean target probability of the batch's rewriting prompts)
@@ -14,8 +17,11 @@ number goes to the trial's MLflow run with ``step = edits applied``:
                 (methods/solvers, methods/transforms); prune/L<i>/* at every restraint (methods/restraints)
   scr/*         the SCR fact memory, retrieval recall@k, selection rates, added latency (grid/scr_stage.py);
                 with SCR the edit/* metrics are scored on the prompt SCR builds (fact in front, or the bare prompt)
+  abilities/<task>/*  likelihood-scored general abilities (ARC, PIQA, HellaSwag, ..., LAMBADA, WikiText-2
+                perplexity; evals/abilities.py) at ``eval.abilities.steps``; step 0 from the shared cache
   cost/*        seconds per edit (editing only — for SCR adding the facts to the memory; statistics and
-                evaluation excluded), statistics seconds, evaluation seconds, peak memory
+                evaluation excluded), statistics seconds, evaluation seconds, peak memory, and eval_share: the
+                evaluation's share of the trial's editing + evaluation time so far
 
 Inside a grid (a parent run) every evaluation checkpoint also writes a trial checkpoint (grid/trial_checkpoint.py);
 an attempt that finds one — a Ray retry, or the grid submitted again after its driver died — copies the history the
@@ -30,8 +36,6 @@ import logging
 from contextlib import nullcontext
 import json
 import math
-import resource
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -40,11 +44,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from evals.abilities import (CURVES_FILE as ABILITY_CURVES, TABLE_DIR as ABILITY_TABLES, AbilitiesEvaluator,
+                             AbilitySettings)
 from evals.datasets import load_records
 from evals.diagnostics import layer_diagnostics
 from evals.records import EditRecord
 from evals.pre_edit import pre_edit_outputs
-from evals.teacher_forced import evaluate_records
+from evals.retention import RetentionPlan, retention_metrics
+from evals.teacher_forced import METRIC_ORDER, edit_score, evaluate_records
 from grid.collapse import collapse_reason
 from grid.config import Trial, method_settings
 from grid.generation_stage import GenerationStage
@@ -56,6 +63,7 @@ from methods.arch import EditableModel
 from methods.cache import default_cache_dir
 from methods.context import generate_context_templates
 from methods.corpus import parse_corpus
+from methods.memory import peak_memory_mb, reset_peak_memory
 from methods.models import load_model
 from methods.requests import EditRequest
 from methods.stages import MethodSpec, build_editor, build_restraint
@@ -73,13 +81,6 @@ class TrialResult:
     trial: Trial
     run_id: str
     checkpoints: list[dict] = field(default_factory=list)  # one row per evaluation: step + headline metrics
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20
 
 
 def to_request(record: EditRecord) -> EditRequest:
@@ -129,7 +130,11 @@ def _resume_point(store: TrialCheckpoints | None, unfinished: list[str], trial_n
     return state
 
 
-def run_trial(trial: Trial, tracking_uri: str, parent_run_id: str | None = None, progress: bool = True) -> TrialResult:
+def run_trial(trial: Trial, tracking_uri: str, parent_run_id: str | None = None, progress: bool = True,
+              on_checkpoint=None) -> TrialResult:
+    """Run ``trial`` into its own MLflow run (a child of ``parent_run_id`` inside a grid). ``on_checkpoint(row)`` is
+    called after each evaluation checkpoint with its headline row (step, edit/*, cost/*, vstar/*), e.g. to report
+    progress to Ray Tune."""
     cfg = trial.config
     spec = method_settings(cfg["method"], cfg.get("hparams") or {})
     torch.manual_seed(cfg["seed"])
@@ -161,7 +166,7 @@ def run_trial(trial: Trial, tracking_uri: str, parent_run_id: str | None = None,
                             trial.name, resume.cursor, copied, source)
             delete_runs(tracker.tracking_uri, unfinished)
         result = TrialResult(trial=trial, run_id=tracker.run_id)
-        _run(trial, cfg, spec, tracker, result, progress, store, resume)
+        _run(trial, cfg, spec, tracker, result, progress, store, resume, on_checkpoint)
     if store is not None and not (cfg.get("checkpoints") or {}).get("keep_final"):
         store.remove()
     return result
@@ -185,7 +190,8 @@ def _restore(state: TrialState, editable: EditableModel, layers: list[int], edit
 
 
 def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, result: TrialResult,
-         progress: bool, store: TrialCheckpoints | None = None, resume: TrialState | None = None) -> None:
+         progress: bool, store: TrialCheckpoints | None = None, resume: TrialState | None = None,
+         on_checkpoint=None) -> None:
     cache_dir = cache_root(cfg)
     margs = cfg["model_args"]
     loaded = load_model(cfg["model"], dtype=margs["dtype"], device=margs["device"], cache_dir=cache_dir,
@@ -233,11 +239,24 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
     scr = (ScrStage(spec, loaded.model, tokenizer, eval_batch, embedder_device=device.type, progress=progress)
            if spec.retrieval else None)
 
-    def evaluate(step: int, edit_seconds: float, vstar_probs: list[float]) -> tuple[dict, dict]:
-        """Metrics after ``step`` edits (0 = before editing, over every record of the trial), and the per-record
-        rows."""
+    retention_cfg = cfg["eval"]["retention"]
+    retention = RetentionPlan(len(requests), retention_cfg["sample_size"], retention_cfg["strata"],
+                              seed=cfg["seed"] if retention_cfg["seed"] is None else retention_cfg["seed"])
+    # Every checkpoint's evaluation so far, step 0 included (cost/eval_share), and the peak memory so far.
+    clock = {"eval_seconds": 0.0, "peak_memory_mb": 0.0}
+
+    def evaluate(step: int, edit_seconds: float, vstar_probs: list[float], newest_start: int = 0
+                 ) -> tuple[dict, dict]:
+        """Metrics after ``step`` edits (0 = before editing, over every record of the trial; later, over the
+        retention sample of the edits so far, evals/retention.py), and the per-record rows."""
         started = time.perf_counter()
-        subset = records if step == 0 else records[:step]
+        sample = None
+        if step == 0:
+            subset = records
+        else:
+            sample = retention.sample(step, newest_start,
+                                      score_all=step == checkpoints[-1] and retention_cfg["final"] == "all")
+            subset = [records[i] for i in sample.indices]
         # PRUNE's official protocol: the restrained weights are the ones evaluated (and described by diag/*);
         # the unrestrained ones are restored afterwards and editing continues from them.
         once = step and restraint is not None and not restraint.every_step
@@ -253,6 +272,10 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
                                               progress=f"evaluating {len(subset)} edits" if progress else None,
                                               prompt_builder=scr_eval.prompt_builder if scr_eval else None)
             metrics = dict(evaluation.metrics)
+            if sample is not None:  # stratified estimates with intervals replace the plain means of the sample
+                metrics.update(retention_metrics(sample, dict(zip(sample.indices, evaluation.per_record)),
+                                                 METRIC_ORDER))
+                metrics.update(edit_score(metrics))
             if live_weights:
                 metrics.update(layer_diagnostics(live_weights, originals, moments))
             eval_seconds = time.perf_counter() - started + (0.0 if step else pre_edit_seconds)
@@ -262,6 +285,12 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
                     step, subset, scr_eval.prompt_builder if scr_eval is not None else None)
                 metrics.update(protocol_metrics)
                 metrics["cost/protocol_eval_seconds"] = time.perf_counter() - protocol_started
+            if abilities is not None and abilities.due(step):  # step 0 from the shared cache
+                ability = abilities.evaluate(step)
+                metrics.update(ability.metrics)
+                tracker.log_table(ability.rows, f"{ABILITY_TABLES}/step_{step:06d}.json")
+                if step == 0:
+                    tracker.set_tags({"editgrid.abilities_from_cache": ability.from_cache})
             if scr_eval is not None:
                 metrics.update(scr_eval.metrics)
                 metrics.update(scr.measure_latency(subset, cfg["eval"]["scr_latency_queries"]))
@@ -279,7 +308,16 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
             metrics.update(restraint.metrics())
         metrics["cost/stats_seconds"] = stats.seconds if stats is not None else 0.0
         metrics["cost/eval_seconds"] = eval_seconds
-        metrics["cost/peak_memory_mb"] = peak_memory_mb(device)
+        # Everything this checkpoint evaluated (teacher-forced, protocol, abilities, SCR), against editing so far.
+        clock["eval_seconds"] += time.perf_counter() - started + (0.0 if step else pre_edit_seconds)
+        metrics["cost/eval_seconds_total"] = clock["eval_seconds"]
+        if step:
+            metrics["cost/eval_share"] = clock["eval_seconds"] / (clock["eval_seconds"] + edit_seconds)
+        # Peak since the previous checkpoint (editing + this evaluation): flat in N when nothing grows with it.
+        interval_peak = peak_memory_mb(device)
+        clock["peak_memory_mb"] = max(clock["peak_memory_mb"], interval_peak)
+        metrics["cost/interval_peak_memory_mb"] = interval_peak
+        metrics["cost/peak_memory_mb"] = clock["peak_memory_mb"]
         if step:
             metrics["cost/seconds_per_edit"] = edit_seconds / step
         if vstar_probs:
@@ -287,7 +325,11 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
             metrics["vstar/target_prob_min"] = min(vstar_probs)
         tracker.log_metrics(metrics, step=step)
         result.checkpoints.append({"step": step, **{k: v for k, v in metrics.items()
-                                                     if k.startswith(("edit/", "cost/seconds", "vstar/"))}})
+                                                     if k.startswith(("edit/", "cost/seconds", "cost/eval_share",
+                                                                      "vstar/"))}})
+        if on_checkpoint is not None:
+            on_checkpoint(result.checkpoints[-1])
+        reset_peak_memory(device)
         rows = {row["case_id"]: dict(row) for row in evaluation.per_record}
         for decision in scr_eval.rows if scr_eval is not None else []:
             if decision["category"] == "rewrite":
@@ -301,6 +343,9 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
     tracker.set_tags({"editgrid.pre_edit_from_cache": pre_edit.from_cache})
     protocol = GenerationStage(cfg["eval"], loaded.model, tokenizer, records, model_key, cfg["model"], margs,
                                cache_dir, progress=progress)
+    abilities = (AbilitiesEvaluator(AbilitySettings.from_config(cfg["eval"]["abilities"], eval_batch), loaded.model,
+                                    tokenizer, model_key, cache_dir, progress=progress)
+                 if (cfg["eval"].get("abilities") or {}).get("enabled") else None)
     if protocol.judge is not None:
         tracker.set_tags({"editgrid.protocol": "teacher_forced+generation_judge",
                           "editgrid.judge": protocol.judge.backend.name,
@@ -314,6 +359,7 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
         _restore(resume, editable, layers, editor, scr)
         pre_rows, post_rows, cursor = resume.pre_rows, resume.post_rows, resume.cursor
         edit_seconds, scr_add_seconds = resume.edit_seconds, resume.scr_add_seconds
+        clock["eval_seconds"] = resume.eval_seconds
         vstar_probs = list(resume.vstar_probs)
         result.checkpoints.extend(resume.result_rows)
 
@@ -322,6 +368,7 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
                            weights={layer: editable.weight(layer) for layer in layers},
                            editor_state=editor.state_dict() if editor is not None else {},
                            edit_seconds=edit_seconds, scr_add_seconds=scr_add_seconds, vstar_probs=vstar_probs,
+                           eval_seconds=clock["eval_seconds"],
                            pre_rows=pre_rows, post_rows=post_rows, result_rows=result.checkpoints,
                            rng_state=torch.get_rng_state())
         store.save(state, tracker.run_id, scr_saver=scr.save if scr is not None else None)
@@ -357,7 +404,7 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
             raise TrialError(f"trial {trial.name}: edited weights became NaN/Inf after {end} edits")
         if end in checkpoints:
             bar.clear()
-            post_rows, metrics = evaluate(end, edit_seconds, vstar_probs)
+            post_rows, metrics = evaluate(end, edit_seconds, vstar_probs, newest_start=start)
             stopped = collapse_reason(cfg.get("stop_on_collapse") or {}, metrics, end, trial.name)
             if stopped:
                 logger.warning("trial %s: %s; stopping early", trial.name, stopped)
@@ -378,8 +425,11 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
         table.append(row)
     tracker.log_table(table, "tables/per_edit_results.json")
     tracker.log_curves("plots/metrics_vs_edits.png", prefixes=("edit/",))
+    tracker.log_curves("plots/retention_by_age_vs_edits.png", prefixes=("retention/",))
     if protocol.active:
         tracker.log_curves("plots/generation_vs_edits.png", prefixes=("judge/", "gen/", "general/"))
+    if abilities is not None:
+        tracker.log_curves(ABILITY_CURVES, prefixes=("abilities/",))
     if layers:
         tracker.log_curves("plots/diagnostics_vs_edits.png", prefixes=("diag/",))
     if scr is not None:

@@ -54,6 +54,7 @@ class TrialState:
     post_rows: dict
     result_rows: list[dict]  # TrialResult.checkpoints so far
     rng_state: torch.Tensor
+    eval_seconds: float = 0.0  # every evaluation so far (cost/eval_share); absent from older checkpoints
     scr_memory: Path | None = field(default=None)  # folder of the saved fact memory, when the method has SCR
 
 

@@ -108,13 +108,18 @@ def test_grid_in_process_has_a_parent_a_child_per_trial_a_report_and_resubmits_w
     assert tags["editgrid.git_commit"]
     client = _client(uri)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
-    assert {"report/comparison.csv", "report/comparison.json", "report/metrics_vs_edits.png"} <= artifacts
+    assert {"report/comparison.csv", "report/comparison.json", "report/metrics_vs_edits.png",
+            "report/retention_vs_edits.png"} <= artifacts
     assert "scr_top_k" in Path(client.download_artifacts(parent.info.run_id, "grid/config.yaml",
                                                          str(tmp_path))).read_text()
     rows = _csv_rows(client, parent.info.run_id, tmp_path / "first")
     assert sorted((r["axis:hparams.scr_top_k"], r["edits"]) for r in rows) == [("1", "0"), ("1", "4"), ("3", "0"),
                                                                                  ("3", "4")]
     assert all(float(r["scr/recall_at_k/rewrite"]) == 1.0 for r in rows if r["edits"] == "4")
+    for row in (r for r in rows if r["edits"] == "4"):  # every edit scored (4 <= sample size), with its interval
+        assert float(row["edit/efficacy_n"]) == 4 and row["retention/complete"] == "1.0"
+        low, rate, high = (float(row[f"edit/efficacy{suffix}"]) for suffix in ("_ci95_low", "", "_ci95_high"))
+        assert low <= rate <= high
 
     # The same grid again: nothing reruns, no duplicate child appears; --report rebuilds without duplicating rows.
     assert main(args) == 0
