@@ -55,8 +55,15 @@ def packing_available() -> bool:
 
 
 def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight.T + bias`` (``weight`` dense, a transposed view, or packed by ``_packed_weight``)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    """``x @ weight.T + bias`` (``weight`` dense, a transposed view, or packed by ``_packed_weight``).
+
+    The product runs on the 2-D [rows, in] view: oneDNN keeps a primitive, with its buffers, per distinct input
+    shape, and a [batch, length, in] input made one per (batch, length) pair — on a 10,000-record evaluation that
+    was hundreds of shapes, ~19 MB each for the output head, and the process grew to 18 GB. Flattened, the shapes
+    are the row counts (at most MAX_ROWS of them)."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 # The row count oneDNN lays a packed weight out for. Any row count can use the packed weight; 32 was as fast as
@@ -131,6 +138,11 @@ class _OneDnnLinearFunction(torch.autograd.Function):
 # with one shape per corpus batch length, the statistics pass grew the process by 1 GB, for no speed gain at
 # thousands of rows. Below this many rows the kernel is clearly faster and the shapes are few.
 MAX_ROWS = 256
+# The buffers of each cached primitive grow with rows × output features (one output block per shape). For the
+# output head (49,152 outputs) every row count up to 256 would hold ~6.4 GB in all — a 10,000-record evaluation grew
+# the process to 18 GB — so a product goes to oneDNN only while rows × outputs stays within this many elements
+# (SmolLM2: the 1536-wide layers up to 256 rows, the head up to 8 rows; ~0.3 GB of primitives at most).
+MAX_OUTPUT_ELEMENTS = 256 * 1536
 # Packed, SmolLM2's 576×576 projections run ~2× faster than on MKL (see the module docstring); its 576×192 ones
 # ran no faster (38 against 36 µs forward at 14 rows), so weights that small stay with PyTorch.
 MIN_WEIGHT_ELEMENTS = 1 << 18
@@ -146,6 +158,8 @@ def _takes_over(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             and (bias is None or not bias.requires_grad) and not torch.is_autocast_enabled("cpu")):
         return False
     rows = x.numel() // x.shape[-1]
+    if rows * weight.shape[0] > MAX_OUTPUT_ELEMENTS:
+        return False
     return any(low <= rows <= high for low, high in row_ranges)
 
 

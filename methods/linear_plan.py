@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from methods.cache import cached_path, content_key, default_cache_dir
-from methods.cpu_linear import MAX_ROWS, MIN_WEIGHT_ELEMENTS, ROUTABLE_CLASSES, onednn_linear_with_grad
+from methods.cpu_linear import MAX_OUTPUT_ELEMENTS, MAX_ROWS, MIN_WEIGHT_ELEMENTS, ROUTABLE_CLASSES, onednn_linear_with_grad
 
 PLAN_VERSION = 1  # bump when the measurement or the decision rule changes
 # Row bands (inclusive), each timed at its geometric middle: 1 row is batch-1 decoding, 8–31 v* at batch 1,
@@ -110,6 +110,7 @@ def plan_linears(model: torch.nn.Module, cache_dir: Path | None = None, progress
         return LinearPlan(rows_by_shape={})
     description = {"what": "linear kernel plan (methods/linear_plan.py)", "version": PLAN_VERSION,
                    "machine": machine_identity(), "shapes": sorted(by_shape), "row_bands": ROW_BANDS,
+                   "max_output_elements": MAX_OUTPUT_ELEMENTS,
                    "onednn_share": ONEDNN_SHARE, "modules_per_shape": MODULES_PER_SHAPE}
 
     def build(tmp: Path) -> None:
@@ -131,7 +132,12 @@ def measure_plan(by_shape: dict[tuple[int, int], list[torch.nn.Linear]], progres
         for shape, modules in sorted(by_shape.items()):
             spread = modules[::max(1, len(modules) // MODULES_PER_SHAPE)][:MODULES_PER_SHAPE]
             ranges = []
+            cap = MAX_OUTPUT_ELEMENTS // shape[0]  # more rows never go to oneDNN (cpu_linear.MAX_OUTPUT_ELEMENTS)
             for low, high in ROW_BANDS:
+                if low > cap:
+                    bar.update(1)
+                    continue
+                high = min(high, cap)
                 rows = round(math.sqrt(low * high))
                 seconds = _time_band(spread, rows, generator)
                 use_onednn = seconds["onednn"] <= ONEDNN_SHARE * seconds["aten"]
