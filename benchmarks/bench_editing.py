@@ -72,7 +72,7 @@ from methods.stats import FORWARD_DTYPE_BY_NAME, second_moments
 from methods.targets import AUTOCAST_DTYPES
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "bench_editing.json"
-TABLE_COLUMNS = ["method", "v* autocast", "batch", "edits", "s/edit", "÷ batch 1", "batch median", "batch min",
+TABLE_COLUMNS = ["method", "v* autocast", "batch", "edits", "s/edit", "÷ batch 1", "÷ 1st method", "batch median", "batch min",
                  "batch max", "v* s/edit", "solve s/edit", "v* steps", "v* tokens/edit", "v* p", "efficacy",
                  "eval pairs/s", "eval/edit", "gen/s", "judge/s", "edit peak MB", "peak MB"]
 REFERENCE = {  # what --reference-workload sets (README "Speed"), unless given explicitly
@@ -257,6 +257,43 @@ def _summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
 
 
+def _statistics(args, editable, tokenizer, loaded, layers: list[int], cache_dir, device, progress: bool
+                ) -> tuple[dict, dict]:
+    """C per layer in one pass over the statistics corpus, and what to report about that pass. No layers (no
+    locate-then-edit method in the run): nothing to compute."""
+    if not layers:
+        return {}, {"layers": [], "tokens": 0, "corpus": args.stats_corpus, "tokens_run": 0,
+                    "forward_dtype": args.stats_forward_dtype or "weights", "from_cache": True, "computed_layers": [],
+                    "fresh_cache": bool(args.fresh_stats), "from_cache_by_layer": {}, "seconds": 0.0,
+                    "corpus_seconds": 0.0, "wall_seconds": 0.0, "tokens_per_s": None, "pass_tokens_per_s": None,
+                    "peak_memory_mb": peak_memory_mb(device)}
+    with tempfile.TemporaryDirectory(prefix="editgrid-bench-stats-") as fresh:
+        stats_cache = Path(fresh) if args.fresh_stats else cache_dir
+        reset_peak_memory(device)
+        started = time.perf_counter()
+        with warnings.catch_warnings():  # the reference workload asks for "every token" on purpose
+            warnings.filterwarnings("ignore", message=".*the statistics average over those.*")
+            stats = second_moments(editable, tokenizer, layers, parse_corpus(args.stats_corpus), args.stats_tokens,
+                                   model_key=f"{loaded.model_id}@{loaded.fingerprint}", cache_dir=stats_cache,
+                                   max_length=args.stats_max_length, progress=progress,
+                                   forward_dtype=FORWARD_DTYPE_BY_NAME.get(args.stats_forward_dtype))
+        stats_wall = time.perf_counter() - started
+    from_cache = all(stats.from_cache.values())
+    computed_layers = [layer for layer in layers if not stats.from_cache[layer]]
+    return stats.moments, {
+        "layers": layers, "tokens": stats.tokens, "corpus": args.stats_corpus,
+        "tokens_run": stats.tokens_run,  # distinct documents' tokens: a repeated document runs once
+        "forward_dtype": args.stats_forward_dtype or "weights",
+        "from_cache": from_cache, "computed_layers": computed_layers, "fresh_cache": bool(args.fresh_stats),
+        "from_cache_by_layer": {str(k): v for k, v in stats.from_cache.items()},
+        "seconds": stats.seconds, "corpus_seconds": stats.corpus_seconds, "wall_seconds": stats_wall,
+        "tokens_per_s": None if from_cache or stats.seconds <= 0 else stats.tokens / stats.seconds,
+        # the forward pass alone (corpus reading / model sampling excluded)
+        "pass_tokens_per_s": (None if from_cache or stats.seconds - stats.corpus_seconds <= 0
+                              else stats.tokens / (stats.seconds - stats.corpus_seconds)),
+        "peak_memory_mb": peak_memory_mb(device)}
+
+
 def run_benchmark(args: argparse.Namespace) -> dict:
     """Run the benchmark described by parsed ``args``; return the results dict (also what goes to the JSON)."""
     if args.threads:
@@ -279,12 +316,15 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             window = sorted(args.layers)
             spec = method_settings(method, {**args.hparam_values,
                                             "layers": window[-spec.max_layers:] if spec.max_layers else window})
-        layers = spec.layers(editable.default_layers())
+        layers = spec.layers(editable.default_layers(), editable.num_layers)
         outside = [layer for layer in layers if layer >= editable.num_layers]
         if outside:
             raise ValueError(f"layers {outside} are outside the model ({editable.num_layers} layers)")
         settings[method], layers_of[method] = spec, layers
     all_layers = sorted({layer for layers in layers_of.values() for layer in layers})
+    # C is only read by the locate-then-edit solvers (the other editor kinds need no statistics).
+    stats_layers = sorted({layer for method, layers in layers_of.items() if settings[method].kind is None
+                           for layer in layers})
 
     records = load_records(args.data, limit=args.num_edits, offset=args.offset)
     if len(records) < args.num_edits:
@@ -292,31 +332,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                          f"fewer than --num-edits {args.num_edits}")
     requests = [to_request(record) for record in records]
 
-    # Statistics: one pass for every layer any method edits.
-    with tempfile.TemporaryDirectory(prefix="editgrid-bench-stats-") as fresh:
-        stats_cache = Path(fresh) if args.fresh_stats else cache_dir
-        reset_peak_memory(device)
-        started = time.perf_counter()
-        with warnings.catch_warnings():  # the reference workload asks for "every token" on purpose
-            warnings.filterwarnings("ignore", message=".*the statistics average over those.*")
-            stats = second_moments(editable, tokenizer, all_layers, parse_corpus(args.stats_corpus), args.stats_tokens,
-                                   model_key=f"{loaded.model_id}@{loaded.fingerprint}", cache_dir=stats_cache,
-                                   max_length=args.stats_max_length, progress=progress,
-                                   forward_dtype=FORWARD_DTYPE_BY_NAME.get(args.stats_forward_dtype))
-        stats_wall = time.perf_counter() - started
-    from_cache = all(stats.from_cache.values())
-    computed_layers = [layer for layer in all_layers if not stats.from_cache[layer]]
-    stats_info = {"layers": all_layers, "tokens": stats.tokens, "corpus": args.stats_corpus,
-                  "tokens_run": stats.tokens_run,  # distinct documents' tokens: a repeated document runs once
-                  "forward_dtype": args.stats_forward_dtype or "weights",
-                  "from_cache": from_cache, "computed_layers": computed_layers, "fresh_cache": bool(args.fresh_stats),
-                  "from_cache_by_layer": {str(k): v for k, v in stats.from_cache.items()},
-                  "seconds": stats.seconds, "corpus_seconds": stats.corpus_seconds, "wall_seconds": stats_wall,
-                  "tokens_per_s": None if from_cache or stats.seconds <= 0 else stats.tokens / stats.seconds,
-                  # the forward pass alone (corpus reading / model sampling excluded)
-                  "pass_tokens_per_s": (None if from_cache or stats.seconds - stats.corpus_seconds <= 0
-                                        else stats.tokens / (stats.seconds - stats.corpus_seconds)),
-                  "peak_memory_mb": peak_memory_mb(device)}
+    moments_of, stats_info = _statistics(args, editable, tokenizer, loaded, stats_layers, cache_dir, device, progress)
 
     started = time.perf_counter()
     context_groups = generate_context_templates(loaded.model, tokenizer, seed=args.seed)
@@ -333,7 +349,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     cells = []
     for method in args.methods:
         layers = layers_of[method]
-        moments = {layer: stats.moments[layer].to(device) for layer in layers}
+        moments = {layer: moments_of[layer].to(device) for layer in layers if layer in moments_of}
         for autocast in args.vstar_autocast:
             spec = settings[method]
             if autocast != "none":
@@ -347,6 +363,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                       and other["vstar_autocast"] == cell["vstar_autocast"]), None)
         cell["seconds_per_edit_vs_batch_1"] = (cell["seconds_per_edit"]["median"] /
                                                first["seconds_per_edit"]["median"] if first else None)
+        # ... and than the first method listed, at the same batch size and precision (paired in this run)
+        baseline = next(other for other in cells if other["method"] == args.methods[0]
+                        and other["batch_size"] == cell["batch_size"]
+                        and other["vstar_autocast"] == cell["vstar_autocast"])
+        cell["seconds_per_edit_vs_first_method"] = (cell["seconds_per_edit"]["median"] /
+                                                    baseline["seconds_per_edit"]["median"])
 
     return {"benchmark": "bench_editing", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "argv": list(getattr(args, "argv", [])),
@@ -400,11 +422,13 @@ def _run_cell(args, method: str, spec, autocast: str, batch_size: int, layers: l
         eval_started = time.perf_counter()
         evaluation = evaluate_records(model, tokenizer, records, batch_size=args.eval_batch_size)
         eval_seconds = time.perf_counter() - eval_started
+        generation = _generation_throughput(model, tokenizer, records, args.eval_generations, args.eval_batch_size)
+        editor.remove()  # a memory editor unwraps the model before the next cell
         n = len(requests)
         runs.append({"seconds_per_edit": total / n, "batch_seconds_per_edit": batch_seconds,
                      "target_seconds_per_edit": target / n,
-                     "solve_seconds_per_edit": solve / n, "vstar_target_prob": sum(probs) / len(probs),
-                     "vstar_target_prob_min": min(probs),
+                     "solve_seconds_per_edit": solve / n, "vstar_target_prob": sum(probs) / len(probs) if probs else None,
+                     "vstar_target_prob_min": min(probs) if probs else None,
                      "vstar_steps_per_request": (sum(request_steps) / len(request_steps)) if request_steps else None,
                      "vstar_chunks_per_batch": max(chunks) if chunks else None,
                      # token slots run through the blocks above the site per edit: v*'s work, whatever the CPU
@@ -412,7 +436,7 @@ def _run_cell(args, method: str, spec, autocast: str, batch_size: int, layers: l
                      "efficacy": evaluation.metrics.get("edit/efficacy"), "eval_seconds": eval_seconds,
                      "eval_pairs_per_s": num_pairs / eval_seconds if eval_seconds > 0 else None,
                      "eval_to_edit_ratio": eval_seconds / total if total > 0 else None,
-                     **_generation_throughput(model, tokenizer, records, args.eval_generations, args.eval_batch_size),
+                     **generation,
                      "edit_peak_memory_mb": edit_peak, "peak_memory_mb": peak_memory_mb(device),
                      "metrics": {k: v for k, v in evaluation.metrics.items() if k.startswith("edit/")}})
     restore()
@@ -450,6 +474,7 @@ def table_rows(results: dict) -> list[dict]:
                      "batch": cell["batch_size"], "edits": cell["edits"],
                      "s/edit": cell["seconds_per_edit"]["median"],
                      "÷ batch 1": cell.get("seconds_per_edit_vs_batch_1"),
+                     "÷ 1st method": cell.get("seconds_per_edit_vs_first_method"),
                      "batch median": cell["batch_seconds_per_edit"]["median"],
                      "batch min": cell["batch_seconds_per_edit"]["min"],
                      "batch max": cell["batch_seconds_per_edit"]["max"],

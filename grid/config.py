@@ -24,7 +24,7 @@ from evals.datasets import BUILTIN_NAME, DATASET_FORMATS, HUB_PREFIX
 from methods.corpus import CorpusError, parse_corpus
 from methods.cpu_linear import LinearBackendError, resolve_linear_backend
 from methods.models import DTYPES, EMBEDDED_MODELS
-from methods.stages import MethodSpec, method_problems
+from methods.stages import LOCATE_THEN_EDIT, NO_SOLVER, MethodSpec, method_problems
 from methods.stats import FORWARD_DTYPE_BY_NAME
 
 DEFAULTS: dict[str, Any] = {
@@ -236,7 +236,7 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-PRESET_KEYS = ("solver", "transforms", "restraint", "retrieval", "tags", "hparams")
+PRESET_KEYS = ("editor", "solver", "transforms", "restraint", "retrieval", "tags", "hparams")
 
 
 def method_settings(method: str, hparam_overrides: dict) -> MethodSpec:
@@ -251,7 +251,7 @@ def method_settings(method: str, hparam_overrides: dict) -> MethodSpec:
         if base.retrieval is not None:
             raise ConfigError(str(preset_path(method)), [f"{method!r}: the base preset already has retrieval "
                                                          f"{base.retrieval!r}"])
-        return MethodSpec(solver=base.solver, transforms=base.transforms, restraint=base.restraint,
+        return MethodSpec(solver=base.solver, transforms=base.transforms, editor=base.editor, restraint=base.restraint,
                           retrieval=scr.retrieval, hparams={**base.hparams, **scr.hparams, **(hparam_overrides or {})},
                           tags={**base.tags, **scr.tags})
     path = preset_path(method)
@@ -261,7 +261,9 @@ def method_settings(method: str, hparam_overrides: dict) -> MethodSpec:
     if unknown or not isinstance(transforms, list) or not isinstance(preset.get("hparams") or {}, dict):
         raise ConfigError(str(path), [f"a preset has the keys {', '.join(PRESET_KEYS)}; transforms is a list and "
                                       f"hparams a mapping (unknown keys: {unknown or 'none'})"])
-    return MethodSpec(solver=preset.get("solver", method), transforms=tuple(transforms),
+    editor = preset.get("editor", LOCATE_THEN_EDIT)
+    return MethodSpec(solver=preset.get("solver", method if editor == LOCATE_THEN_EDIT else NO_SOLVER),
+                      editor=editor, transforms=tuple(transforms),
                       restraint=preset.get("restraint"), retrieval=preset.get("retrieval"), hparams={**(preset.get("hparams") or {}),
                                                                    **(hparam_overrides or {})},
                       tags=dict(preset.get("tags") or {}))

@@ -94,7 +94,7 @@ def batches(num_edits: int, batch_size: int):
 
 def resolve_layers(editable: EditableModel, spec: MethodSpec, trial_name: str) -> list[int]:
     """The configured layers, or the architecture's default window (its last layer(s) for one-layer solvers)."""
-    layers = spec.layers(editable.default_layers())
+    layers = spec.layers(editable.default_layers(), editable.num_layers)
     outside = [layer for layer in layers if layer >= editable.num_layers]
     if outside:
         raise TrialError(f"trial {trial_name}: hparams.layers {outside} are outside the model "
@@ -140,12 +140,13 @@ def run_trial(trial: Trial, tracking_uri: str, parent_run_id: str | None = None,
     torch.manual_seed(cfg["seed"])
     tags = {"editgrid.role": "trial", "editgrid.trial_index": trial.index,
             "editgrid.axes": json.dumps(trial.axes, sort_keys=True, default=str),
-            "editgrid.trial_id": trial.trial_id, "editgrid.method": cfg["method"], "editgrid.solver": spec.solver,
+            "editgrid.trial_id": trial.trial_id, "editgrid.method": cfg["method"], "editgrid.editor": spec.editor,
+            "editgrid.solver": spec.solver,
             "editgrid.transforms": ",".join(spec.transforms) or "none", "editgrid.restraint": spec.restraint or "none",
             "editgrid.retrieval": spec.retrieval or "none",
             "editgrid.model": str(cfg["model"]), "editgrid.data": str(cfg["data"]["path"]),
             "editgrid.protocol": "teacher_forced", **spec.tags}
-    params = {**cfg, "method_hparams": spec.hparams, "solver": spec.solver,
+    params = {**cfg, "method_hparams": spec.hparams, "editor": spec.editor, "solver": spec.solver,
               "transforms": list(spec.transforms), "restraint": spec.restraint, "retrieval": spec.retrieval}
     # Only trials of a grid checkpoint: resuming needs the parent run to find the interrupted attempt.
     store = checkpoint_store(cfg, trial.trial_id) if parent_run_id else None
@@ -201,7 +202,7 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
     tokenizer = loaded.tokenizer
     model_key = f"{loaded.model_id}@{loaded.fingerprint}"  # names the unedited weights in every cache key
     device = editable.parameter_device()
-    layers = resolve_layers(editable, spec, trial.name) if spec.edits_weights else []
+    layers = resolve_layers(editable, spec, trial.name) if spec.edits_model else []
     tracker.set_tags({"editgrid.layers": ",".join(map(str, layers)), "editgrid.model_fingerprint": loaded.fingerprint,
                       "editgrid.linear_backend": loaded.linear_backend, "editgrid.linear_plan": loaded.linear_plan})
 
@@ -216,7 +217,7 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
     requests = [to_request(r) for r in records]
 
     stats, moments, editor = None, {}, None
-    if spec.edits_weights:
+    if spec.edits_weights:  # C for the solvers and for the drift diagnostic D of every weight-writing editor
         stats_cfg = cfg["stats"]
         stats = second_moments(editable, tokenizer, layers, parse_corpus(stats_cfg["corpus"]),
                                stats_cfg["num_tokens"], model_key=model_key,
@@ -225,13 +226,18 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
                                forward_dtype=FORWARD_DTYPE_BY_NAME.get(stats_cfg["forward_dtype"]))
         tracker.log_dict({"corpus": stats.corpus, "tokens": stats.tokens, "from_cache": stats.from_cache},
                          "stats/second_moments.json")
-        context_groups = generate_context_templates(loaded.model, tokenizer, seed=cfg["seed"])
-        tracker.log_dict({"context_templates": context_groups}, "editing/context_templates.json")
         moments = {layer: stats.moments[layer].to(device) for layer in layers}
+    if spec.edits_model:
+        context_groups = []
+        if spec.kind is None:  # v*'s context templates (locate-then-edit only)
+            context_groups = generate_context_templates(loaded.model, tokenizer, seed=cfg["seed"])
+            tracker.log_dict({"context_templates": context_groups}, "editing/context_templates.json")
         editor = build_editor(spec, editable, tokenizer, layers, moments, context_groups, seed=cfg["seed"],
                               cache_dir=cache_dir)
-    originals = {layer: editable.weight(layer).detach().clone() for layer in layers}
-    live_weights = {layer: editable.weight(layer) for layer in layers}
+    # The matrices the editor writes in place (none for editors that wrap a module with a memory, e.g. GRACE).
+    weight_layers = layers if spec.edits_weights else []
+    originals = {layer: editable.weight(layer).detach().clone() for layer in weight_layers}
+    live_weights = {layer: editable.weight(layer) for layer in weight_layers}
     restraint = build_restraint(spec)
     if restraint is not None:
         restraint.prepare(originals)
@@ -356,7 +362,7 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
         pre_rows, _ = evaluate(0, 0.0, [])
         cursor = 0
     else:
-        _restore(resume, editable, layers, editor, scr)
+        _restore(resume, editable, weight_layers, editor, scr)
         pre_rows, post_rows, cursor = resume.pre_rows, resume.post_rows, resume.cursor
         edit_seconds, scr_add_seconds = resume.edit_seconds, resume.scr_add_seconds
         clock["eval_seconds"] = resume.eval_seconds
@@ -365,7 +371,7 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
 
     def save_checkpoint(step: int) -> None:
         state = TrialState(trial_id=trial.trial_id, cursor=step,
-                           weights={layer: editable.weight(layer) for layer in layers},
+                           weights={layer: editable.weight(layer) for layer in weight_layers},
                            editor_state=editor.state_dict() if editor is not None else {},
                            edit_seconds=edit_seconds, scr_add_seconds=scr_add_seconds, vstar_probs=vstar_probs,
                            eval_seconds=clock["eval_seconds"],
@@ -393,14 +399,15 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
                                   for layer, norm in report.residual_norm.items()})
             tracker.log_metrics(batch_metrics, step=end)
             vstar_probs.extend(report.target_prob)
-            postfix["vstar_p"] = f"{min(report.target_prob):.2f}"
+            if report.target_prob:
+                postfix["vstar_p"] = f"{min(report.target_prob):.2f}"
         if scr is not None:
             added = scr.add(records[start:end])
             scr_add_seconds += added
             edit_seconds += added
         bar.set_postfix(s_per_edit=f"{edit_seconds / end:.2f}", **postfix, refresh=False)
         bar.update(end - start)
-        if any(not math.isfinite(float(editable.weight(layer).abs().max())) for layer in layers):
+        if any(not math.isfinite(float(weight.abs().max())) for weight in live_weights.values()):
             raise TrialError(f"trial {trial.name}: edited weights became NaN/Inf after {end} edits")
         if end in checkpoints:
             bar.clear()
@@ -430,7 +437,7 @@ def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, resul
         tracker.log_curves("plots/generation_vs_edits.png", prefixes=("judge/", "gen/", "general/"))
     if abilities is not None:
         tracker.log_curves(ABILITY_CURVES, prefixes=("abilities/",))
-    if layers:
+    if live_weights:
         tracker.log_curves("plots/diagnostics_vs_edits.png", prefixes=("diag/",))
     if scr is not None:
         tracker.log_curves("plots/scr_vs_edits.png", prefixes=("scr/recall_at_k/", "scr/acceptance_rate",

@@ -1,4 +1,13 @@
-"""Sequential locate-then-edit: one batch of requests → v* at the last edited layer → spread over the layers.
+"""The editor interface every method implements, and the locate-then-edit editor built from stages.
+
+An **editor** (the ``Editor`` protocol below) is what a trial drives: ``apply`` one batch of requests and get a
+``BatchReport``; ``metrics`` after each batch; ``state_dict``/``load_state_dict`` for trial checkpoints; and it
+declares how it changes inference — ``writes_weights`` True: the MLP output matrices of ``layers`` are edited in
+place (the trial then checkpoints them and reports the weight diagnostics σ_max, cond, drift D); False: the weights
+are untouched and the editor wraps a module with its own memory (GRACE's codebook, methods/editors/grace.py), which
+lives in its state. The kinds are registered in methods/stages.py (``EDITOR_KINDS``).
+
+Sequential locate-then-edit: one batch of requests → v* at the last edited layer → spread over the layers.
 
 The stages are pluggable (DEVELOPERS.md "a method is a composition of small stages"):
   target site   where v* lives: "block" (MEMIT/AlphaEdit: block output) or "mlp" (AdaEdit's FFN-only target)
@@ -68,7 +77,33 @@ class BatchReport:
     update_norm: dict[int, float] = field(default_factory=dict)  # ‖Δ‖_F per layer
 
 
+class Editor(Protocol):
+    """What a trial needs from a method (methods/stages.py builds one per trial)."""
+
+    layers: list[int]  # the layers whose MLP output projection the editor edits (writes, or wraps)
+    writes_weights: bool  # True: W of ``layers`` edited in place; False: the weights never change
+
+    def apply(self, requests: list[EditRequest]) -> BatchReport: ...
+
+    def metrics(self) -> dict[str, float]:
+        """The editor's own diagnostics after a batch, names prefixed by the method part they describe."""
+
+    def state_dict(self) -> dict:
+        """Everything besides the edited weights that a sequential run needs to continue (trial checkpoints)."""
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def remove(self) -> None:
+        """Undo how the editor wraps the model (a memory editor's hook); editors that write weights have nothing to
+        undo (restoring weights is the caller's business)."""
+
+
 class LocateThenEditEditor:
+    writes_weights = True
+
+    def remove(self) -> None:
+        pass
+
     def __init__(self, editable: EditableModel, tokenizer, layers: list[int], solver: Solver,
                  second_moments: dict[int, torch.Tensor], context_groups: list[list[str]],
                  target_hparams: TargetHParams, target_site: Literal["block", "mlp"] = "block",

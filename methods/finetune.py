@@ -48,6 +48,11 @@ def target_nll_batch(tokenizer, requests: list[EditRequest]):
 
 
 class FineTuneEditor:
+    writes_weights = True
+
+    def remove(self) -> None:  # nothing wraps the model
+        pass
+
     def __init__(self, editable: EditableModel, tokenizer, layers: list[int], hparams: FineTuneHParams,
                  transforms: list[UpdateTransform] | None = None):
         self.editable = editable

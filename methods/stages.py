@@ -10,6 +10,10 @@ A method (a preset in configs/presets/*.yaml, DEVELOPERS.md) is a composition:
   retrieval     a fact memory in front of the model: scr (retrieval/, run by the trial runner). With
                 ``solver: none`` no weight is edited: the unedited model answers with the memory in front.
 
+A method that is not such a composition names its editor kind instead (``editor: ultraedit`` in its preset):
+``EDITOR_KINDS`` below registers each kind — its hyper-parameters, whether it writes weights, how many layers it
+takes and which ones by default — and how it is built (methods/editors). The retrieval stage composes with any kind.
+
 Every hyper-parameter belongs to exactly one stage, so a preset's ``hparams`` are checked against the stages it
 uses, with their valid ranges, before any model is loaded.
 """
@@ -21,6 +25,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
+from methods.editors.grace import GraceEditor, GraceHParams
+from methods.editors.ultraedit import UltraEditEditor, UltraEditHParams
 from methods.restraints.prune import PruneRestraint
 from methods.solvers.alphaedit import AlphaEditSolver
 from methods.solvers.lyaplock import LyapLockSolver
@@ -138,24 +144,79 @@ RETRIEVAL_PARAMS: dict[str, dict[str, Param]] = {
 }
 
 
+LOCATE_THEN_EDIT = "locate_then_edit"  # the default editor kind: target × solver × transforms × restraint
+
+
+@dataclass(frozen=True)
+class EditorKind:
+    """An editor that is not a locate-then-edit composition (methods/editors)."""
+
+    build: Callable  # (editable, tokenizer, layers, hparams, seed) -> the editor
+    params: dict[str, Param]  # its hyper-parameters (``layers`` is common to all)
+    writes_weights: bool  # False: it wraps a module with its own memory and never changes a weight
+    max_layers: int | None
+    # The layers when none are configured, as fractions of the model's depth (0 = first block, 1 = last): these
+    # methods edit deep layers, and a fixed index would not carry from one model to another.
+    default_depths: tuple[float, ...]
+
+
+def _one_of(*choices: str) -> Param:
+    return Param(str, lambda v: v in choices, "one of " + ", ".join(choices))
+
+
+EDITOR_KINDS: dict[str, EditorKind] = {
+    "ultraedit": EditorKind(
+        build=lambda editable, tokenizer, layers, hparams, seed: UltraEditEditor(
+            editable, tokenizer, layers, _dataclass_from(UltraEditHParams, hparams)),
+        params={"ultra_lr": Param(NUMBER, _positive, "> 0 (η)"),
+                "ultra_micro_batch": Param(int, lambda v: v >= 1, "an integer >= 1"),
+                "ultra_ridge": Param(NUMBER, _positive, "> 0"),
+                "ultra_norm_scope": _one_of("shape", "module")},
+        writes_weights=True, max_layers=None, default_depths=(0.9, 0.93, 0.97)),
+    "grace": EditorKind(
+        build=lambda editable, tokenizer, layers, hparams, seed: GraceEditor(
+            editable, tokenizer, layers, _dataclass_from(GraceHParams, hparams), seed=seed),
+        params={"grace_eps_init": Param(NUMBER, _positive, "> 0 (a distance in the layer's input space)"),
+                "grace_lr": Param(NUMBER, _positive, "> 0"),
+                "grace_n_iter": Param(int, lambda v: v >= 1, "an integer >= 1"),
+                "grace_value_init": _one_of("cold", "warm"),
+                "grace_eps_expand": _one_of("coverage", "moving_average")},
+        writes_weights=False, max_layers=1, default_depths=(0.87,)),
+}
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """One method: its stages and their merged hyper-parameters (preset values ← config overrides)."""
 
     solver: str
     transforms: tuple[str, ...] = ()
+    editor: str = LOCATE_THEN_EDIT
     restraint: str | None = None
     retrieval: str | None = None
     hparams: dict = field(default_factory=dict)
     tags: dict = field(default_factory=dict)
 
     @property
+    def kind(self) -> EditorKind | None:
+        """The registered editor kind, or None for a locate-then-edit composition."""
+        return EDITOR_KINDS.get(self.editor) if self.editor != LOCATE_THEN_EDIT else None
+
+    @property
+    def edits_model(self) -> bool:
+        """False only without any editor (``solver: none``, e.g. SCR alone)."""
+        return self.kind is not None or self.solver != NO_SOLVER
+
+    @property
     def edits_weights(self) -> bool:
-        return self.solver != NO_SOLVER
+        """Whether the weights of the edited layers change (the trial checkpoints them and reports diag/*)."""
+        return self.kind.writes_weights if self.kind is not None else self.solver != NO_SOLVER
 
     def allowed_params(self) -> dict[str, Param]:
-        allowed = dict(COMMON_PARAMS) if self.edits_weights else {}
-        if self.solver not in (FINE_TUNING, NO_SOLVER):
+        allowed = dict(COMMON_PARAMS) if self.edits_model else {}
+        if self.kind is not None:
+            allowed.update(self.kind.params)
+        elif self.solver not in (FINE_TUNING, NO_SOLVER):
             allowed.update(TARGET_PARAMS)
         allowed.update(SOLVER_PARAMS.get(self.solver, {}))
         for name in self.transforms:
@@ -168,13 +229,18 @@ class MethodSpec:
 
     @property
     def max_layers(self) -> int | None:
+        if self.kind is not None:
+            return self.kind.max_layers
         return getattr(SOLVERS.get(self.solver), "max_layers", None)
 
-    def layers(self, default_window: tuple[int, ...]) -> list[int]:
-        """The configured layers, or the architecture's window (its last layer(s) for one-layer solvers)."""
+    def layers(self, default_window: tuple[int, ...], num_layers: int | None = None) -> list[int]:
+        """The configured layers, else the editor kind's default depths, else the architecture's window (its last
+        layer(s) for one-layer solvers)."""
         configured = self.hparams.get("layers")
         if configured:
             return sorted(configured)
+        if self.kind is not None and num_layers is not None:
+            return sorted({round(depth * (num_layers - 1)) for depth in self.kind.default_depths})
         window = list(default_window)
         return window[-self.max_layers:] if self.max_layers else window
 
@@ -192,6 +258,16 @@ def _value_problem(key: str, value, param: Param, where: str) -> str | None:
 def method_problems(spec: MethodSpec, where: str = "hparams") -> list[str]:
     """Every problem with a method's stages and hyper-parameters, as messages naming the key and the value."""
     problems = []
+    if spec.editor != LOCATE_THEN_EDIT:
+        if spec.kind is None:
+            problems.append(f"editor {spec.editor!r} is unknown (known: "
+                            f"{', '.join(sorted([LOCATE_THEN_EDIT, *EDITOR_KINDS]))})")
+        elif spec.solver != NO_SOLVER or spec.transforms:
+            problems.append(f"editor {spec.editor!r} is a method of its own: it takes no solver ({spec.solver!r}) "
+                            f"and no transforms ({list(spec.transforms)})")
+        elif spec.restraint and not spec.kind.writes_weights:
+            problems.append(f"editor {spec.editor!r} writes no weights, so restraint {spec.restraint!r} has nothing "
+                            "to act on")
     if spec.solver not in SOLVER_PARAMS:
         problems.append(f"solver {spec.solver!r} is unknown (known: {', '.join(sorted(SOLVER_PARAMS))})")
     for name in spec.transforms:
@@ -201,12 +277,12 @@ def method_problems(spec: MethodSpec, where: str = "hparams") -> list[str]:
         problems.append(f"restraint {spec.restraint!r} is unknown (known: {', '.join(sorted(RESTRAINTS))})")
     if spec.retrieval is not None and spec.retrieval not in RETRIEVAL_PARAMS:
         problems.append(f"retrieval {spec.retrieval!r} is unknown (known: {', '.join(sorted(RETRIEVAL_PARAMS))})")
-    if not spec.edits_weights and (spec.transforms or spec.restraint):
+    if not spec.edits_model and (spec.transforms or spec.restraint):
         problems.append(f"solver {NO_SOLVER!r} writes no update, so transforms and a restraint have nothing to act on")
     if problems:
         return problems
     allowed = spec.allowed_params()
-    stages = "+".join([spec.solver, *spec.transforms, *(s for s in (spec.restraint, spec.retrieval) if s)])
+    stages = "+".join([spec.solver if spec.kind is None else spec.editor, *spec.transforms, *(s for s in (spec.restraint, spec.retrieval) if s)])
     for key, value in spec.hparams.items():
         param = allowed.get(key)
         if param is None:
@@ -218,7 +294,8 @@ def method_problems(spec: MethodSpec, where: str = "hparams") -> list[str]:
             problems.append(problem)
     layers = spec.hparams.get("layers")
     if spec.max_layers is not None and isinstance(layers, list) and len(layers) > spec.max_layers:
-        problems.append(f"{where}.layers: {layers} — solver {spec.solver!r} edits at most {spec.max_layers} layer(s)")
+        what = f"editor {spec.editor!r}" if spec.kind is not None else f"solver {spec.solver!r}"
+        problems.append(f"{where}.layers: {layers} — {what} edits at most {spec.max_layers} layer(s)")
     if spec.solver == "rome" and spec.hparams.get("target_site", "block") != "mlp":
         problems.append(f"{where}.target_site: {spec.hparams.get('target_site', 'block')!r} — ROME optimises v* at "
                         "the MLP output of its layer (target_site: mlp)")
@@ -267,10 +344,14 @@ def build_restraint(spec: MethodSpec):
 
 def build_editor(spec: MethodSpec, editable, tokenizer, layers: list[int], second_moments: dict,
                  context_groups: list[list[str]], seed: int = 0, cache_dir: Path | None = None):
-    """The editor for ``spec``: FineTuneEditor for ft, LocateThenEditEditor for every closed-form solver."""
+    """The editor for ``spec``: its registered kind (methods/editors), FineTuneEditor for ft, and
+    LocateThenEditEditor for every closed-form solver. ``second_moments`` and ``context_groups`` are only used by
+    locate-then-edit."""
     from methods.editor import LocateThenEditEditor
     from methods.finetune import FineTuneEditor, FineTuneHParams
 
+    if spec.kind is not None:
+        return spec.kind.build(editable, tokenizer, layers, spec.hparams, seed)
     transforms = build_transforms(spec, seed)
     if spec.solver == FINE_TUNING:
         return FineTuneEditor(editable, tokenizer, layers, _dataclass_from(FineTuneHParams, spec.hparams), transforms)

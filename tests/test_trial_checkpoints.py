@@ -2,7 +2,7 @@
 evaluation checkpoint and run again continues from that checkpoint and ends with exactly the history an
 uninterrupted run logs — same steps, same values — in one child run; plus the collapse stopper and the validation
 of both sections. Tiny random Llama, so the solvers' state (AlphaEdit's K_pK_pᵀ, LyapLock's queue and memories,
-RandomDrop's RNG, the SCR memory) is what decides whether the resumed numbers match."""
+RandomDrop's RNG, the SCR memory, UltraEdit's lifelong normaliser, GRACE's codebook) is what decides whether the resumed numbers match."""
 
 from __future__ import annotations
 
@@ -23,8 +23,13 @@ def _sets(overrides):
     return [item for o in overrides for item in ("--set", o)]
 
 
+# Per method: settings that keep the tiny trial fast (the memory editors take no v* settings).
+EDITING = {"scr": [], "ultraedit": ["hparams.layers=[1, 2]", "hparams.ultra_lr=0.1", "hparams.ultra_micro_batch=1"],
+           "grace": ["hparams.layers=[2]", "hparams.grace_n_iter=3"]}
+
+
 def _args(uri, tmp_path, model_dir, corpus, method, extra=()):
-    editing = [] if method == "scr" else ["hparams.layers=[1, 2]", "hparams.v_num_grad_steps=5"]
+    editing = EDITING.get(method, ["hparams.layers=[1, 2]", "hparams.v_num_grad_steps=5"])
     return ["--no-ray", "--no-progress", "--tracking-uri", uri, *_sets([
         f"model={model_dir}", f"method={method}", "data.limit=6", "edits.batch_size=1",
         f"edits.checkpoints={CHECKPOINTS}", f"stats.corpus={corpus}", "stats.num_tokens=2000",
@@ -62,7 +67,7 @@ def _interrupt_after(monkeypatch, batches_done: int) -> None:
     monkeypatch.setattr(grid.trial, "batches", failing)
 
 
-@pytest.mark.parametrize("method", ["lyaplock", "alphaedit", "memit+dr", "scr"])
+@pytest.mark.parametrize("method", ["lyaplock", "alphaedit", "memit+dr", "scr", "ultraedit", "grace"])
 def test_interrupted_trial_resumes_from_its_checkpoint_with_the_uninterrupted_history(
         method, tmp_path, tiny_llama_dir, small_corpus, monkeypatch):
     straight_uri = f"sqlite:///{tmp_path}/straight.db"

@@ -1,0 +1,262 @@
+"""UltraEdit and GRACE (methods/editors) against their equations (ALGORITHMS.md §11, §13), on tiny random models
+with independent references, and on the real SmolLM2: an edit changes what the model says, an unrelated prompt does
+not move. Their registration (configs refused before any model loads) is checked here too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from grid.config import ConfigError, expand_trials, load_config, method_settings
+from methods.arch import EditableModel
+from methods.editors.grace import Codebook, GraceEditor, GraceHParams
+from methods.editors.ultraedit import (NORMALIZER_EPS, RunningMeanStd, UltraEditEditor, UltraEditHParams,
+                                       ultraedit_delta)
+from methods.finetune import target_nll_batch
+from methods.requests import EditRequest
+from methods.stages import build_editor
+
+REQUESTS = [EditRequest("{} is located in the country of", "The Eiffel Tower", "Italy"),
+            EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English"),
+            EditRequest("{} plays the sport of", "LeBron James", "cricket"),
+            EditRequest("{} was created by the company", "The iPhone", "Nokia Corporation")]
+
+
+# ---------------------------------------------------------------------------------------------- UltraEdit
+
+def test_running_normaliser_matches_a_direct_computation_over_every_row_seen():
+    torch.manual_seed(0)
+    blocks = [torch.randn(n, 5) * 3 + 1 for n in (4, 7, 1, 9)]  # a one-row block too (no variance term)
+    normaliser = RunningMeanStd(5)
+    for block in blocks:
+        normaliser.update(block)
+    rows = torch.cat(blocks).double()
+    assert normaliser.count == len(rows)
+    torch.testing.assert_close(normaliser.mean, rows.mean(0))
+    # The original's M2 adds b·var_unbiased per block: the exact sum of squares plus each block's variance.
+    extra = sum(b.double().var(0) for b in blocks if len(b) > 1)
+    expected_std = ((rows - rows.mean(0)).square().sum(0) + extra).div(len(rows) - 1).sqrt()
+    torch.testing.assert_close(normaliser.std, expected_std)
+    restored = RunningMeanStd.from_state(normaliser.state_dict())
+    torch.testing.assert_close(restored.normalize(rows), (rows - rows.mean(0)) / (expected_std + NORMALIZER_EPS))
+
+
+def test_ultraedit_delta_is_the_ridge_solution():
+    torch.manual_seed(1)
+    keys, values = torch.randn(6, 4).double(), torch.randn(6, 3).double()
+    delta = ultraedit_delta(keys, values, ridge=0.5)
+    k, v = keys.t(), values.t()  # columns: d_in×N, d_out×N
+    torch.testing.assert_close(delta, v @ k.t() @ torch.linalg.inv(k @ k.t() + 0.5 * torch.eye(4).double()))
+
+
+def _reference_rows(model, editable, tokenizer, requests, layers):
+    """Keys and output gradients at the answer-predicting positions, read with retain_grad on an input that
+    requires grad (a mechanism independent of the editor's zero probes)."""
+    batch, rows, cols, tokens = target_nll_batch(tokenizer, requests)
+    captured = {}
+
+    def hook_for(layer):
+        def hook(module, args, output):
+            output.retain_grad()
+            captured[layer] = (args[0].detach(), output)
+        return hook
+
+    handles = [editable.mlp_out(layer).register_forward_hook(hook_for(layer)) for layer in layers]
+    try:
+        embeds = model.get_input_embeddings()(batch.input_ids).detach().requires_grad_(True)
+        logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids).logits
+        F.cross_entropy(logits[rows, cols], tokens).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: (captured[layer][0][rows, cols].double(), captured[layer][1].grad[rows, cols].double())
+            for layer in layers}
+
+
+def test_ultraedit_update_equals_the_closed_form_from_independently_read_keys_and_gradients(
+        tiny_llama, smol_tokenizer):
+    editable = EditableModel.wrap(tiny_llama)
+    layers, lr, micro = [1, 2], 0.3, 2
+    before = {layer: editable.weight(layer).clone() for layer in layers}
+    try:
+        parts = [_reference_rows(tiny_llama, editable, smol_tokenizer, REQUESTS[i:i + micro], layers)
+                 for i in range(0, len(REQUESTS), micro)]
+        editor = UltraEditEditor(editable, smol_tokenizer, layers, UltraEditHParams(ultra_lr=lr,
+                                                                                    ultra_micro_batch=micro))
+        report = editor.apply(REQUESTS)
+        # One normaliser for the two same-shaped matrices; its blocks: each micro-batch × each layer.
+        blocks = [torch.cat(part[layer], dim=1) for part in parts for layer in layers]
+        rows = torch.cat(blocks)
+        mean = rows.mean(0)
+        std = ((rows - mean).square().sum(0) + sum(b.var(0) for b in blocks)).div(len(rows) - 1).sqrt()
+        assert list(editor.normalizers) == ["64x96"] and editor.normalizers["64x96"].count == len(rows)
+        for layer in layers:
+            keys = torch.cat([part[layer][0] for part in parts])
+            grads = torch.cat([part[layer][1] for part in parts])
+            normalized = (torch.cat([keys, grads], dim=1) - mean) / (std + NORMALIZER_EPS)
+            k_hat, g_hat = normalized[:, :96], normalized[:, 96:]
+            values = -lr * k_hat.square().sum(1, keepdim=True) * g_hat
+            k, v = keys.t(), values.t()
+            expected = v @ k.t() @ torch.linalg.inv(k @ k.t() + torch.eye(96).double())
+            written = editable.weight(layer).double() - before[layer].double()
+            torch.testing.assert_close(written, expected, rtol=1e-4, atol=1e-7)
+            assert report.update_norm[layer] == pytest.approx(float(expected.norm()), rel=1e-4)
+    finally:
+        with torch.no_grad():
+            for layer in layers:
+                editable.weight(layer).copy_(before[layer])
+
+
+def test_ultraedit_state_carries_the_lifelong_statistics(tiny_llama, smol_tokenizer):
+    """A second turn normalises with the first turn's rows included; a restored editor continues identically."""
+    editable = EditableModel.wrap(tiny_llama)
+    layers = [2]
+    before = editable.weight(2).clone()
+    try:
+        editor = UltraEditEditor(editable, smol_tokenizer, layers, UltraEditHParams(ultra_lr=0.1))
+        editor.apply(REQUESTS[:2])
+        state, after_first = editor.state_dict(), editable.weight(2).clone()
+        editor.apply(REQUESTS[2:])
+        continued = editable.weight(2).clone()
+        rows_after_two = editor.normalizers["64x96"].count
+        with torch.no_grad():
+            editable.weight(2).copy_(after_first)
+        fresh = UltraEditEditor(editable, smol_tokenizer, layers, UltraEditHParams(ultra_lr=0.1))
+        fresh.load_state_dict(state)
+        fresh.apply(REQUESTS[2:])
+        torch.testing.assert_close(editable.weight(2), continued)
+        assert fresh.normalizers["64x96"].count == rows_after_two > state["normalizers"]["64x96"]["count"]
+    finally:
+        with torch.no_grad():
+            editable.weight(2).copy_(before)
+
+
+# ---------------------------------------------------------------------------------------------- GRACE
+
+def _value(x):
+    return lambda: torch.full((2,), float(x))
+
+
+def test_grace_codebook_adds_splits_and_widens_as_the_rules_say():
+    book = Codebook(key_dim=2, value_dim=2)
+    assert book.update(torch.tensor([0.0, 0.0]), (1,), 0, 1.0, "coverage", _value(1)) == (0, "added")
+    # farther than ε_init + ε_0 = 2: a new key with radius ε_init
+    assert book.update(torch.tensor([3.0, 0.0]), (2,), 1, 1.0, "coverage", _value(2)) == (1, "added")
+    # 1.5 from key 0 (≤ 2), another label: split both balls at the midpoint
+    assert book.update(torch.tensor([0.0, 1.5]), (3,), 2, 1.0, "coverage", _value(3)) == (2, "split")
+    assert book.radii[0] == pytest.approx(0.75 - 1e-5) and book.radii[2] == pytest.approx(0.75)
+    # 1.8 from key 1 (ε 1), the same label: no new key, key 1's radius grows to the distance
+    assert book.update(torch.tensor([3.0, -1.8]), (2,), 3, 1.0, "coverage", _value(4)) == (1, "expanded")
+    assert book.radii[1] == pytest.approx(1.8) and len(book) == 3
+    # inside key 1's ball, same label: covered as it is
+    assert book.update(torch.tensor([3.0, 1.0]), (2,), 4, 1.0, "coverage", _value(5)) == (1, "covered")
+    assert book.labels == [(1,), (2,), (3,)] and book.edit_ids == [0, 1, 2]  # appended together (no prepend)
+    torch.testing.assert_close(book.values.detach()[:, 0], torch.tensor([1.0, 2.0, 3.0]))
+    # moving_average moves the key halfway to the query
+    book.update(torch.tensor([3.0, -1.0]), (2,), 5, 1.0, "moving_average", _value(6))
+    torch.testing.assert_close(book.keys[1], torch.tensor([3.0, -0.5]))
+
+
+def test_grace_replaces_the_layer_output_exactly_where_a_key_is_within_its_radius(tiny_llama, smol_tokenizer):
+    editable = EditableModel.wrap(tiny_llama)
+    editor = GraceEditor(editable, smol_tokenizer, [2], GraceHParams())
+    module = editable.mlp_out(2)
+    try:
+        x = torch.randn(1, 3, 96)
+        plain = module(x)  # empty codebook: unchanged
+        editor.codebook.add(x[0, 1], torch.full((64,), 7.0), 0.5, (1,), 0)
+        editor.codebook.add(x[0, 2] + 10.0, torch.full((64,), 9.0), 0.5, (2,), 1)  # far from every query
+        out = module(x)
+        torch.testing.assert_close(out[0, 1], torch.full((64,), 7.0))
+        torch.testing.assert_close(out[0, [0, 2]], plain[0, [0, 2]])
+    finally:
+        editor.remove()
+
+
+def test_grace_state_round_trips(tiny_llama, smol_tokenizer):
+    editable = EditableModel.wrap(tiny_llama)
+    editor = GraceEditor(editable, smol_tokenizer, [2], GraceHParams(grace_n_iter=3), seed=3)
+    try:
+        editor.apply(REQUESTS[:2])
+        state = editor.state_dict()
+    finally:
+        editor.remove()
+    other = GraceEditor(editable, smol_tokenizer, [2], GraceHParams(grace_n_iter=3), seed=99)
+    try:
+        other.load_state_dict(state)
+        assert other.codebook.labels == editor.codebook.labels and other.edits == 2
+        torch.testing.assert_close(other.codebook.values.detach(), editor.codebook.values.detach())
+        torch.testing.assert_close(torch.rand(4, generator=other.generator), torch.rand(4, generator=editor.generator))
+    finally:
+        other.remove()
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+def test_lifelong_presets_expand_and_bad_values_are_refused_together():
+    for method in ("ultraedit", "grace", "ultraedit+scr", "grace+scr"):
+        cfg, source = load_config(None, [f"method={method}"])
+        (trial,) = expand_trials(cfg, source)
+        assert trial.config["method"] == method
+    assert method_settings("grace", {}).edits_weights is False
+    assert method_settings("ultraedit+scr", {}).retrieval == "scr"
+    cfg, source = load_config(None, ["method=ultraedit", "hparams.ultra_lr=0", "hparams.ultra_micro_batch=0"])
+    with pytest.raises(ConfigError) as err:
+        expand_trials(cfg, source)
+    assert "hparams.ultra_lr: 0" in str(err.value) and "hparams.ultra_micro_batch: 0" in str(err.value)
+    cfg, source = load_config(None, ["method=grace", "hparams.grace_eps_init=-1", "hparams.layers=[3, 4]",
+                                     "hparams.v_lr=0.5"])
+    with pytest.raises(ConfigError) as err:
+        expand_trials(cfg, source)
+    message = str(err.value)
+    assert "grace_eps_init: -1" in message and "at most 1 layer" in message and "hparams.v_lr: unknown" in message
+
+
+# ---------------------------------------------------------------------------------------------- SmolLM2
+
+def _greedy(model, tokenizer, prompt: str, n: int = 4) -> str:
+    ids = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def _next_token_logits(model, tokenizer, prompt: str) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**tokenizer(prompt, return_tensors="pt")).logits[0, -1]
+
+
+SMOL_EDITS = [EditRequest("{} is located in the country of", "The Eiffel Tower", "Italy"),
+              EditRequest("{}'s domain of activity is", "Anselme Payen", "mathematics"),
+              EditRequest("{}, whose headquarters are in", "Lyndon B. Johnson Space Center", "Montreal")]
+UNRELATED = "The chemical symbol for gold is"
+
+
+@pytest.mark.parametrize("method,hparams", [("ultraedit", {"ultra_lr": 3e-3}),
+                                            ("grace", {"grace_eps_init": 3.0, "grace_n_iter": 30})])
+def test_an_edit_changes_what_smollm2_says_and_leaves_an_unrelated_prompt(method, hparams, smollm2):
+    model, tok = smollm2.model, smollm2.tokenizer
+    editable = EditableModel.wrap(model)
+    spec = method_settings(method, hparams)
+    layers = spec.layers(editable.default_layers(), editable.num_layers)
+    before = {layer: editable.weight(layer).clone() for layer in layers}
+    unrelated_before = _next_token_logits(model, tok, UNRELATED)
+    for request in SMOL_EDITS:
+        assert not _greedy(model, tok, request.filled_prompt).strip().startswith(request.target)
+    editor = build_editor(spec, editable, tok, layers, {}, [])
+    try:
+        editor.apply(SMOL_EDITS)
+        said = [_greedy(model, tok, request.filled_prompt) for request in SMOL_EDITS]
+        hits = sum(text.strip().startswith(request.target) for text, request in zip(said, SMOL_EDITS))
+        assert hits >= 2, said
+        unrelated_after = _next_token_logits(model, tok, UNRELATED)
+        assert int(unrelated_after.argmax()) == int(unrelated_before.argmax())
+        if method == "grace":  # no key near the unrelated prompt's tokens: the model computes exactly as before
+            torch.testing.assert_close(unrelated_after, unrelated_before)
+    finally:
+        if hasattr(editor, "remove"):
+            editor.remove()
+        with torch.no_grad():
+            for layer, weight in before.items():
+                editable.weight(layer).copy_(weight)
