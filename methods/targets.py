@@ -301,14 +301,14 @@ class _ReplayBlock(torch.nn.Module):
             return getattr(object.__getattribute__(self, "block"), name)
 
 
-def _detached(output):
+def detached_output(output):
     if isinstance(output, tuple):
         return tuple(item.detach() if isinstance(item, torch.Tensor) else item for item in output)
     return output.detach()
 
 
 @contextlib.contextmanager
-def _replaying(blocks: torch.nn.ModuleList, last: int, output):
+def replaying(blocks: torch.nn.ModuleList, last: int, output):
     """While active, blocks[0..last] are ``_ReplayBlock``s returning ``output`` (block ``last``'s recorded output)."""
     originals = {i: blocks[i] for i in range(last + 1)}
     try:
@@ -471,7 +471,7 @@ def _first_pass(model, base, chunk: _Chunk, site_module, blocks, replay_last: in
         captured["site"] = (output[0] if isinstance(output, tuple) else output)[:, 0].detach().float()
 
     def record(module, inputs, output):
-        captured["replayed"] = _detached(output)
+        captured["replayed"] = detached_output(output)
 
     handles = [site_module.register_forward_hook(capture_site)]
     if replay_last is not None:
@@ -515,7 +515,7 @@ def _chunk_loss(model, base, chunk: _Chunk, delta: torch.Tensor, site_module, bl
         # δ goes onto the site's output; when the site block itself is replayed, onto its stand-in's.
         site_now = site_module
         if replay_last is not None:
-            stand_in = stack.enter_context(_replaying(blocks, replay_last, chunk.replayed))
+            stand_in = stack.enter_context(replaying(blocks, replay_last, chunk.replayed))
             if stand_in.block is site_module:
                 site_now = stand_in
         rows = torch.arange(chunk.owners.shape[0], device=delta.device)

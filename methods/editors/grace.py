@@ -24,6 +24,7 @@ of a label tensor that includes −100s), and keys, labels and edit ids are appe
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ from methods.editor import BatchReport
 from methods.finetune import target_nll_batch
 from methods.hooks import CaptureSite, capture, hidden_of, replace_hidden
 from methods.requests import EditRequest
+from methods.targets import detached_output, replaying
 
 SPLIT_MARGIN = 1e-5  # the original's gap between two split balls
 
@@ -147,24 +149,36 @@ class GraceEditor:
         replaced = torch.where(hit[:, None], values, hidden.reshape(-1, hidden.shape[-1]))
         return replace_hidden(output, replaced.reshape(hidden.shape))
 
-    def _query(self, batch, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's input at ``position`` of the single row of ``batch``, and the layer's own (unreplaced)
-        output there."""
-        (query,) = capture(self.editable.model, batch, [CaptureSite(self.module, "input")],
-                           torch.tensor([0]), torch.tensor([position]))
+    def _query(self, batch, position: int) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """The layer's input at ``position`` of the single row of ``batch``, the layer's own (unreplaced) output
+        there, and the output of the block below the wrapped one (None when it is block 0)."""
+        layer = self.layers[0]
+        seen = {}
+
+        def below(module, args, output):
+            seen["below"] = detached_output(output)
+
+        handle = self.editable.block(layer - 1).register_forward_hook(below) if layer > 0 else None
+        try:
+            (query,) = capture(self.editable.model, batch, [CaptureSite(self.module, "input")],
+                               torch.tensor([0]), torch.tensor([position]))
+        finally:
+            if handle is not None:
+                handle.remove()
         query = query[0]
         with torch.no_grad():
-            own = self.editable.weight(self.layers[0]) @ query
+            own = self.editable.weight(layer) @ query
             if getattr(self.module, "bias", None) is not None:
                 own = own + self.module.bias
-        return query, own
+        return query, own, seen.get("below")
 
     def _edit_one(self, request: EditRequest) -> tuple[float, str]:
         hp = self.hparams
         device = self.editable.parameter_device()
         batch, rows, cols, tokens = target_nll_batch(self.tokenizer, [request])
         batch, rows, cols, tokens = batch.to(device), rows.to(device), cols.to(device), tokens.to(device)
-        query, own_output = self._query(batch, int(cols[0]))  # the last prompt token predicts the first answer token
+        # the last prompt token predicts the first answer token
+        query, own_output, below = self._query(batch, int(cols[0]))
 
         def new_value():
             if hp.grace_value_init == "warm":
@@ -174,16 +188,21 @@ class GraceEditor:
         _, event = self.codebook.update(query, tuple(int(t) for t in tokens), self.edits, hp.grace_eps_init,
                                         hp.grace_eps_expand, new_value)
         optimizer = torch.optim.Adam([self.codebook.values], lr=hp.grace_lr)
-        with torch.enable_grad():
-            for _ in range(hp.grace_n_iter):
+        # The blocks below the wrapped layer cannot see the codebook: they replay their recorded output, and each
+        # step runs only the blocks from the wrapped one up (same numbers; 0.60× the time on SmolLM2 at layer 25).
+        replay = (replaying(self.editable.blocks, self.layers[0] - 1, below) if below is not None
+                  else contextlib.nullcontext())
+        with replay:
+            with torch.enable_grad():
+                for _ in range(hp.grace_n_iter):
+                    logits = self.editable.model(**batch.model_inputs(), use_cache=False).logits
+                    loss = F.cross_entropy(logits[rows, cols].float(), tokens)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+            with torch.no_grad():
                 logits = self.editable.model(**batch.model_inputs(), use_cache=False).logits
-                loss = F.cross_entropy(logits[rows, cols].float(), tokens)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-        with torch.no_grad():
-            logits = self.editable.model(**batch.model_inputs(), use_cache=False).logits
-            prob = float(torch.exp(-F.cross_entropy(logits[rows, cols].float(), tokens)))
+                prob = float(torch.exp(-F.cross_entropy(logits[rows, cols].float(), tokens)))
         self.codebook.values.grad = None
         self.edits += 1
         return prob, event
