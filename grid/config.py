@@ -612,8 +612,10 @@ def _method_combos(methods, problems: list[str]) -> list[dict]:
     return combos or [{}]
 
 
-def expand_trials(cfg: dict, source: str = "config") -> list[Trial]:
+def expand_trials(cfg: dict, source: str = "config", check_depth: bool = False) -> list[Trial]:
     """Validate and expand the grid into trials; raises ConfigError listing every problem of every trial.
+    ``check_depth``: also check ``hparams.layers`` against each model's depth, read from its config
+    (``layer_problems``; no weights load), in the same message.
 
     Trials are ``methods:`` combinations (each method with its own axes) × ``grid:`` axes.
     """
@@ -640,8 +642,11 @@ def expand_trials(cfg: dict, source: str = "config") -> list[Trial]:
         for key, value in chosen.items():
             set_dotted(trial_cfg, key, copy.deepcopy(value))
         label = ", ".join(f"{k}={v}" for k, v in chosen.items())
-        problems += [f"trial {index} ({label}): {p}" if chosen else p for p in trial_problems(trial_cfg)]
+        own = trial_problems(trial_cfg)
+        problems += [f"trial {index} ({label}): {p}" if chosen else p for p in own]
         trials.append(Trial(index=index, config=trial_cfg, axes=chosen))
+        if check_depth:
+            problems += layer_problems(trials[-1:])
     problems += ray_problems(cfg)
     experiments = sorted({str(t.config.get("experiment")) for t in trials})
     if len(experiments) > 1:
@@ -713,8 +718,11 @@ def layer_problems(trials: list[Trial]) -> list[str]:
     problems = []
     for trial in trials:
         cfg = trial.config
-        layers = method_settings(cfg["method"], cfg.get("hparams") or {}).hparams.get("layers")
-        if not layers:
+        try:
+            layers = method_settings(cfg["method"], cfg.get("hparams") or {}).hparams.get("layers")
+        except (ConfigError, TypeError, AttributeError):  # an unknown method or bad hparams: reported already
+            continue
+        if not layers or not isinstance(layers, list) or not all(_is_int(layer) for layer in layers):
             continue
         model = str(cfg["model"])
         if model not in depth:

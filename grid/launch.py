@@ -69,17 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("alembic", "mlflow", "httpx", "urllib3", "filelock", "faiss", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from grid.config import ConfigError, expand_trials, layer_problems, load_config
+    from grid.config import ConfigError, expand_trials, load_config
     from grid.tracking import TrackingConfigError, resolve_tracking_uri
 
     if args.report:
         return _report(args.report, resolve_tracking_uri(args.tracking_uri), args.report_dir)
     try:
         cfg, source = load_config(args.config, args.overrides)
-        trials = expand_trials(cfg, source)
-        depth_problems = layer_problems(trials)
-        if depth_problems:
-            raise ConfigError(source, depth_problems)
+        trials = expand_trials(cfg, source, check_depth=True)
         tracking_uri = resolve_tracking_uri(args.tracking_uri)
     except (ConfigError, TrackingConfigError) as err:
         print(f"error: {err}", file=sys.stderr)

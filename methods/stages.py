@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from methods.editors.grace import GraceEditor, GraceHParams
 from methods.editors.ultraedit import UltraEditEditor, UltraEditHParams
+from methods.editors.wise import WiseEditor, WiseHParams
 from methods.restraints.prune import PruneRestraint
 from methods.solvers.alphaedit import AlphaEditSolver
 from methods.solvers.lyaplock import LyapLockSolver
@@ -158,6 +159,8 @@ class EditorKind:
     # The layers when none are configured, as fractions of the model's depth (0 = first block, 1 = last): these
     # methods edit deep layers, and a fixed index would not carry from one model to another.
     default_depths: tuple[float, ...]
+    # Problems that involve several hyper-parameters at once (merged preset + config values) -> messages.
+    check: Callable[[dict], list[str]] | None = None
 
 
 def _one_of(*choices: str) -> Param:
@@ -182,6 +185,25 @@ EDITOR_KINDS: dict[str, EditorKind] = {
                 "grace_value_init": _one_of("cold", "warm"),
                 "grace_eps_expand": _one_of("coverage", "moving_average")},
         writes_weights=False, max_layers=1, default_depths=(0.87,)),
+    "wise": EditorKind(
+        build=lambda editable, tokenizer, layers, hparams, seed: WiseEditor(
+            editable, tokenizer, layers, _dataclass_from(WiseHParams, hparams), seed=seed),
+        params={"wise_mode": _one_of("retrieve", "merge"),
+                "wise_lr": Param(NUMBER, _positive, "> 0"),
+                "wise_n_iter": Param(int, lambda v: v >= 1, "an integer >= 1"),
+                "wise_alpha": Param(NUMBER, _positive, "> 0 (an activation-score distance)"),
+                "wise_beta": Param(NUMBER, _positive, "> 0 (an activation-score distance)"),
+                "wise_gamma": Param(NUMBER, _positive, "> 0 (an activation-score margin)"),
+                "wise_act_ratio": Param(NUMBER, _positive, "> 0"),
+                "wise_mask_ratio": FRACTION,
+                "wise_save_freq": Param(int, lambda v: v >= 1, "an integer >= 1"),
+                "wise_merge_freq": Param(int, lambda v: v >= 1, "an integer >= 1"),
+                "wise_density": FRACTION},
+        writes_weights=False, max_layers=1, default_depths=(0.87,),
+        check=lambda hp: ([f"hparams.wise_merge_freq: {hp['wise_merge_freq']} must be a multiple of "
+                           f"wise_save_freq ({hp['wise_save_freq']}): a merge takes whole shards"]
+                          if isinstance(hp.get("wise_merge_freq"), int) and isinstance(hp.get("wise_save_freq"), int)
+                          and hp["wise_save_freq"] >= 1 and hp["wise_merge_freq"] % hp["wise_save_freq"] else [])),
 }
 
 
@@ -296,6 +318,8 @@ def method_problems(spec: MethodSpec, where: str = "hparams") -> list[str]:
     if spec.max_layers is not None and isinstance(layers, list) and len(layers) > spec.max_layers:
         what = f"editor {spec.editor!r}" if spec.kind is not None else f"solver {spec.solver!r}"
         problems.append(f"{where}.layers: {layers} — {what} edits at most {spec.max_layers} layer(s)")
+    if spec.kind is not None and spec.kind.check is not None:
+        problems.extend(spec.kind.check(spec.hparams))
     if spec.solver == "rome" and spec.hparams.get("target_site", "block") != "mlp":
         problems.append(f"{where}.target_site: {spec.hparams.get('target_site', 'block')!r} — ROME optimises v* at "
                         "the MLP output of its layer (target_site: mlp)")

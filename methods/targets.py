@@ -100,12 +100,19 @@ def _head_logits(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
                       for start in range(0, weight.shape[0], HEAD_CHUNK_ROWS)], dim=-1)
 
 
-def _final_hidden_to_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+def final_hidden_to_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     logits = _head_logits(model.get_output_embeddings(), hidden)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:  # e.g. Gemma-2 caps its logits; keep the distribution identical to the model's own forward
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def logits_at(model, inputs: dict, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The model's logits at positions (rows[j], cols[j]) only: the output head (49,152 × 576 on SmolLM2, the
+    largest product of a short sequence) runs on the positions a loss reads instead of on every token."""
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
+    return final_hidden_to_logits(model, hidden[rows, cols])
 
 
 def build_target_batch(tokenizer, requests: list[EditRequest], context_groups: list[list[str]]):
@@ -485,7 +492,7 @@ def _first_pass(model, base, chunk: _Chunk, site_module, blocks, replay_last: in
                 base(input_ids=chunk.prefix_ids, attention_mask=chunk.attention_mask[:, :chunk.prefix_len],
                      position_ids=chunk.position_ids[:, :chunk.prefix_len], **with_cache(base, chunk.cache))
             hidden = _run_fed(base, chunk)
-            chunk.kl_initial = F.log_softmax(_final_hidden_to_logits(model, hidden[chunk.kl_rows, 0]).float(), dim=-1)
+            chunk.kl_initial = F.log_softmax(final_hidden_to_logits(model, hidden[chunk.kl_rows, 0]).float(), dim=-1)
     finally:
         for handle in handles:
             handle.remove()
@@ -526,7 +533,7 @@ def _chunk_loss(model, base, chunk: _Chunk, delta: torch.Tensor, site_module, bl
         # per direction instead of two.
         read_rows = torch.cat([chunk.label_rows, chunk.kl_rows])
         read_cols = torch.cat([chunk.label_cols, torch.zeros_like(chunk.kl_rows)])
-        logits = _final_hidden_to_logits(model, hidden[read_rows, read_cols])
+        logits = final_hidden_to_logits(model, hidden[read_rows, read_cols])
     log_probs = F.log_softmax(logits.float(), dim=-1)
     num_labels = chunk.label_rows.shape[0]
     token_logp = log_probs[:num_labels].gather(1, chunk.label_tokens[:, None]).squeeze(1)

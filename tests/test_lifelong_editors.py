@@ -1,4 +1,4 @@
-"""UltraEdit and GRACE (methods/editors) against their equations (ALGORITHMS.md §11, §13), on tiny random models
+"""UltraEdit, GRACE and WISE (methods/editors) against their equations (ALGORITHMS.md §11–13), on tiny random models
 with independent references, and on the real SmolLM2: an edit changes what the model says, an unrelated prompt does
 not move. Their registration (configs refused before any model loads) is checked here too."""
 
@@ -101,7 +101,9 @@ def test_ultraedit_update_equals_the_closed_form_from_independently_read_keys_an
             k, v = keys.t(), values.t()
             expected = v @ k.t() @ torch.linalg.inv(k @ k.t() + torch.eye(96).double())
             written = editable.weight(layer).double() - before[layer].double()
-            torch.testing.assert_close(written, expected, rtol=1e-4, atol=1e-7)
+            # fp32 gradients summed in another order (the editor's head runs in vocabulary chunks) and the fp32 add
+            # to W: agreement to 1e-4 of the update's scale
+            torch.testing.assert_close(written, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
             assert report.update_norm[layer] == pytest.approx(float(expected.norm()), rel=1e-4)
     finally:
         with torch.no_grad():
@@ -196,7 +198,7 @@ def test_grace_state_round_trips(tiny_llama, smol_tokenizer):
 # ---------------------------------------------------------------------------------------------- registry
 
 def test_lifelong_presets_expand_and_bad_values_are_refused_together():
-    for method in ("ultraedit", "grace", "ultraedit+scr", "grace+scr"):
+    for method in ("ultraedit", "grace", "wise", "wise-retrieve", "ultraedit+scr", "grace+scr", "wise+scr"):
         cfg, source = load_config(None, [f"method={method}"])
         (trial,) = expand_trials(cfg, source)
         assert trial.config["method"] == method
@@ -234,7 +236,8 @@ UNRELATED = "The chemical symbol for gold is"
 
 
 @pytest.mark.parametrize("method,hparams", [("ultraedit", {"ultra_lr": 3e-3}),
-                                            ("grace", {"grace_eps_init": 3.0, "grace_n_iter": 30})])
+                                            ("grace", {"grace_eps_init": 3.0, "grace_n_iter": 30}),
+                                            ("wise-retrieve", {"wise_n_iter": 30})])
 def test_an_edit_changes_what_smollm2_says_and_leaves_an_unrelated_prompt(method, hparams, smollm2):
     model, tok = smollm2.model, smollm2.tokenizer
     editable = EditableModel.wrap(model)
@@ -252,7 +255,7 @@ def test_an_edit_changes_what_smollm2_says_and_leaves_an_unrelated_prompt(method
         assert hits >= 2, said
         unrelated_after = _next_token_logits(model, tok, UNRELATED)
         assert int(unrelated_after.argmax()) == int(unrelated_before.argmax())
-        if method == "grace":  # no key near the unrelated prompt's tokens: the model computes exactly as before
+        if method != "ultraedit":  # the unrelated prompt is not routed to the memory: computed exactly as before
             torch.testing.assert_close(unrelated_after, unrelated_before)
     finally:
         if hasattr(editor, "remove"):
@@ -260,3 +263,75 @@ def test_an_edit_changes_what_smollm2_says_and_leaves_an_unrelated_prompt(method
         with torch.no_grad():
             for layer, weight in before.items():
                 editable.weight(layer).copy_(weight)
+
+
+# ---------------------------------------------------------------------------------------------- WISE
+
+def test_ties_merge_trims_elects_the_sign_and_averages_the_agreeing_entries():
+    from methods.editors.wise import ties_merge
+    base = torch.zeros(1, 4)
+    a = torch.tensor([[4.0, -1.0, 2.0, 0.1]])
+    b = torch.tensor([[2.0, 3.0, -4.0, 0.2]])
+    # density 0.5: a keeps [4, 0, 2, 0], b keeps [0, 3, -4, 0]. Weighted sums (½ each): [2, 1.5, -1, 0] → elected
+    # signs +, +, −, + (0 counts as +).
+    merged = ties_merge(base, [a, b], [0.5, 0.5], density=0.5)
+    # entry 0: only a's 4 survives → 4; entry 1: b's 3; entry 2: a's +2 disagrees with −, b's −4 agrees → −4;
+    # entry 3: trimmed away in both → 0.
+    torch.testing.assert_close(merged, torch.tensor([[4.0, 3.0, -4.0, 0.0]]))
+    both = ties_merge(base, [a, torch.tensor([[2.0, 0.0, 1.0, 0.0]])], [0.5, 0.5], density=0.5)
+    assert float(both[0, 0]) == 3.0  # where both agree: their weighted mean (½·4 + ½·2)/(½ + ½)
+    # Merge mode's later merges weigh the old main memory 0.6 and each new shard 0.4/n
+    torch.testing.assert_close(ties_merge(base, [a, a], [0.4, 0.6], density=1.0), a)
+
+
+def test_wise_scores_and_routes_by_the_learnt_threshold(tiny_llama, smol_tokenizer):
+    from methods.editors.wise import WiseEditor, WiseHParams, activation_scores, positive_mean
+    assert float(positive_mean(torch.tensor([-1.0, 2.0, 4.0]))) == 3.0
+    assert float(positive_mean(torch.tensor([-1.0, -2.0]))) == 0.0
+    act = torch.nn.functional.silu
+    x = torch.randn(2, 3, 96)
+    base, other = torch.randn(64, 96), torch.randn(64, 96)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    expected = [(act(x[i] @ other.t()) - act(x[i] @ base.t())).norm(dim=-1)[mask[i].bool()].mean() for i in range(2)]
+    torch.testing.assert_close(activation_scores(x, other, base, act, mask), torch.stack(expected))
+
+    editable = EditableModel.wrap(tiny_llama)
+    editor = WiseEditor(editable, smol_tokenizer, [2], WiseHParams())
+    module = editable.mlp_out(2)
+    try:
+        plain = module(x)
+        editor.edits, editor.side = 1, editor.base + 0.5 * torch.randn(64, 96)
+        scores = activation_scores(x, editor.side, editor.base, editor.act)
+        editor.recorded = [float(scores.min() + scores.max()) / 2 / editor.hparams.wise_act_ratio]  # ε between
+        out = module(x)
+        high = int(scores.argmax())
+        torch.testing.assert_close(out[high], x[high] @ editor.side.t())  # above ε: the side memory serves it
+        torch.testing.assert_close(out[1 - high], plain[1 - high])  # below ε: W₀
+        assert editor.metrics()["wise/routed_side_share"] == 0.5
+    finally:
+        editor.remove()
+
+
+def test_wise_shards_merge_and_state_round_trips(tiny_llama, smol_tokenizer):
+    from methods.editors.wise import WiseEditor, WiseHParams
+    editable = EditableModel.wrap(tiny_llama)
+    hparams = WiseHParams(wise_n_iter=2, wise_save_freq=1, wise_merge_freq=2, wise_mode="retrieve")
+    editor = WiseEditor(editable, smol_tokenizer, [2], hparams, seed=1)
+    try:
+        before = editable.weight(2).clone()
+        editor.apply(REQUESTS[:3])
+        # 3 edits, a shard each, merged in twos: one stored memory, one shard pending, the side memory reset
+        assert (len(editor.memories), len(editor.shards), editor.merges) == (1, 1, 1)
+        torch.testing.assert_close(editor.side, editor.base)
+        torch.testing.assert_close(editable.weight(2), before)  # W₀ itself never changes
+        state = editor.state_dict()
+    finally:
+        editor.remove()
+    other = WiseEditor(editable, smol_tokenizer, [2], hparams, seed=7)
+    try:
+        other.load_state_dict(state)
+        torch.testing.assert_close(other.memories[0][0], editor.memories[0][0])
+        assert other.recorded == editor.recorded and other.edits == 3
+        torch.testing.assert_close(torch.rand(3, generator=other.generator), torch.rand(3, generator=editor.generator))
+    finally:
+        other.remove()

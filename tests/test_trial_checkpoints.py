@@ -2,7 +2,7 @@
 evaluation checkpoint and run again continues from that checkpoint and ends with exactly the history an
 uninterrupted run logs — same steps, same values — in one child run; plus the collapse stopper and the validation
 of both sections. Tiny random Llama, so the solvers' state (AlphaEdit's K_pK_pᵀ, LyapLock's queue and memories,
-RandomDrop's RNG, the SCR memory, UltraEdit's lifelong normaliser, GRACE's codebook) is what decides whether the resumed numbers match."""
+RandomDrop's RNG, the SCR memory, UltraEdit's lifelong normaliser, GRACE's codebook, WISE's shards) is what decides whether the resumed numbers match."""
 
 from __future__ import annotations
 
@@ -25,7 +25,10 @@ def _sets(overrides):
 
 # Per method: settings that keep the tiny trial fast (the memory editors take no v* settings).
 EDITING = {"scr": [], "ultraedit": ["hparams.layers=[1, 2]", "hparams.ultra_lr=0.1", "hparams.ultra_micro_batch=1"],
-           "grace": ["hparams.layers=[2]", "hparams.grace_n_iter=3"]}
+           "grace": ["hparams.layers=[2]", "hparams.grace_n_iter=3"],
+           # shards every 2 edits, merged every 4: the resumed run must carry a pending shard across the checkpoint
+           "wise": ["hparams.layers=[2]", "hparams.wise_n_iter=2", "hparams.wise_save_freq=2",
+                    "hparams.wise_merge_freq=4"]}
 
 
 def _args(uri, tmp_path, model_dir, corpus, method, extra=()):
@@ -67,7 +70,7 @@ def _interrupt_after(monkeypatch, batches_done: int) -> None:
     monkeypatch.setattr(grid.trial, "batches", failing)
 
 
-@pytest.mark.parametrize("method", ["lyaplock", "alphaedit", "memit+dr", "scr", "ultraedit", "grace"])
+@pytest.mark.parametrize("method", ["lyaplock", "alphaedit", "memit+dr", "scr", "ultraedit", "grace", "wise"])
 def test_interrupted_trial_resumes_from_its_checkpoint_with_the_uninterrupted_history(
         method, tmp_path, tiny_llama_dir, small_corpus, monkeypatch):
     straight_uri = f"sqlite:///{tmp_path}/straight.db"

@@ -36,7 +36,7 @@ from methods.editor import BatchReport
 from methods.finetune import target_nll_batch
 from methods.hooks import CaptureSite, capture, hidden_of, replace_hidden
 from methods.requests import EditRequest
-from methods.targets import detached_output, replaying
+from methods.targets import detached_output, logits_at, replaying
 
 SPLIT_MARGIN = 1e-5  # the original's gap between two split balls
 
@@ -195,14 +195,14 @@ class GraceEditor:
         with replay:
             with torch.enable_grad():
                 for _ in range(hp.grace_n_iter):
-                    logits = self.editable.model(**batch.model_inputs(), use_cache=False).logits
-                    loss = F.cross_entropy(logits[rows, cols].float(), tokens)
+                    logits = logits_at(self.editable.model, batch.model_inputs(), rows, cols)
+                    loss = F.cross_entropy(logits.float(), tokens)
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
             with torch.no_grad():
-                logits = self.editable.model(**batch.model_inputs(), use_cache=False).logits
-                prob = float(torch.exp(-F.cross_entropy(logits[rows, cols].float(), tokens)))
+                logits = logits_at(self.editable.model, batch.model_inputs(), rows, cols)
+                prob = float(torch.exp(-F.cross_entropy(logits.float(), tokens)))
         self.codebook.values.grad = None
         self.edits += 1
         return prob, event

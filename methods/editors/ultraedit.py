@@ -38,6 +38,7 @@ from methods.editor import BatchReport
 from methods.finetune import target_nll_batch
 from methods.hooks import hidden_of, replace_hidden
 from methods.requests import EditRequest
+from methods.targets import logits_at
 
 NORMALIZER_EPS = 1.19e-7  # float32 machine epsilon, added to σ as the original does
 
@@ -160,8 +161,8 @@ class UltraEditEditor:
             handles = [self.editable.mlp_out(layer).register_forward_hook(hook_for(layer)) for layer in self.layers]
             try:
                 with torch.enable_grad():
-                    logits = self.editable.model(**batch.model_inputs(), use_cache=False).logits
-                    loss = F.cross_entropy(logits[rows, cols].float(), tokens)  # one mean over all answer tokens
+                    logits = logits_at(self.editable.model, batch.model_inputs(), rows, cols)
+                    loss = F.cross_entropy(logits.float(), tokens)  # one mean over all answer tokens
                     gradients = torch.autograd.grad(loss, [probes[layer] for layer in self.layers])
             finally:
                 for handle in handles:
