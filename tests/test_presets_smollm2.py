@@ -59,7 +59,13 @@ def test_preset_edits_smollm2_and_logs_its_stages(method, trial_env):
     layers = [int(x) for x in tags["editgrid.layers"].split(",") if x]  # none for scr (no weight edit)
     if spec_solver == "rome":
         assert len(layers) == 1
-    for layer in layers:  # the core's diagnostics, D(W) included, for every method
+    memory_metric = {"grace": "grace/codebook_size", "wise": "wise/threshold"}.get(tags["editgrid.editor"])
+    if memory_metric:  # a memory editor: its own diagnostics after every batch, and no weight moved
+        assert len(layers) == 1
+        assert [m.step for m in client.get_metric_history(result.run_id, memory_metric)] == [2, 4]
+        assert not any(n.startswith("diag/") for n in names)
+        layers = []
+    for layer in layers:  # the core's diagnostics, D(W) included, for every method that writes weights
         assert [m.step for m in client.get_metric_history(result.run_id, f"editing/L{layer}/update_norm")] == [2, 4]
         for name in ("weight_change", "cond", "sigma_max_delta", "drift"):
             assert f"diag/L{layer}/{name}" in names
