@@ -56,6 +56,7 @@ import torch
 from evals.autoregressive import GenerationSettings, answer_queries, generate_answers
 from evals.datasets import load_records
 from evals.judge import Judge, JudgeItem, TransformersJudge
+from evals.jsonl import jsonl_objects
 from evals.teacher_forced import count_scored_pairs, evaluate_records
 from grid.config import method_settings, parse_override
 from grid.tracking import TrialTracker, format_summary_table, resolve_tracking_uri
@@ -174,13 +175,8 @@ def write_reference_corpus(data_dir: Path, out: Path) -> Path:
         raise FileNotFoundError(f"--reference-workload: no {data_dir / 'general'}/*.jsonl files")
     lines = []
     for path in files:
-        for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):  # not splitlines: \u2028 in text
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not JSON ({error})") from error
+        # not splitlines: \u2028 occurs in the text
+        for _, record in jsonl_objects(path.read_text(encoding="utf-8").split("\n"), path, sys.maxsize, ValueError):
             # Sentences, not labels: a category such as "high_school_macroeconomics" is long but has no space.
             lines += [" ".join(value.split()) for value in record.values()
                       if isinstance(value, str) and len(value) > REFERENCE_CORPUS_MIN_CHARS and " " in value.strip()]

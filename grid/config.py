@@ -642,11 +642,10 @@ def expand_trials(cfg: dict, source: str = "config", check_depth: bool = False) 
         for key, value in chosen.items():
             set_dotted(trial_cfg, key, copy.deepcopy(value))
         label = ", ".join(f"{k}={v}" for k, v in chosen.items())
-        own = trial_problems(trial_cfg)
-        problems += [f"trial {index} ({label}): {p}" if chosen else p for p in own]
+        problems += [f"trial {index} ({label}): {p}" if chosen else p for p in trial_problems(trial_cfg)]
         trials.append(Trial(index=index, config=trial_cfg, axes=chosen))
-        if check_depth:
-            problems += layer_problems(trials[-1:])
+    if check_depth:  # each model's config read once for all its trials
+        problems += layer_problems(trials)
     problems += ray_problems(cfg)
     experiments = sorted({str(t.config.get("experiment")) for t in trials})
     if len(experiments) > 1:

@@ -93,7 +93,8 @@ def batches(num_edits: int, batch_size: int):
 
 
 def resolve_layers(editable: EditableModel, spec: MethodSpec, trial_name: str) -> list[int]:
-    """The configured layers, or the architecture's default window (its last layer(s) for one-layer solvers)."""
+    """The configured layers, else the editor kind's default depths, else the architecture's default window (its
+    last layer(s) for one-layer solvers)."""
     layers = spec.layers(editable.default_layers(), editable.num_layers)
     outside = [layer for layer in layers if layer >= editable.num_layers]
     if outside:

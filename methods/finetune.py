@@ -38,13 +38,19 @@ def target_nll_batch(tokenizer, requests: list[EditRequest]):
         spans.append(TextSpan(text=filled + req.target_with_space, start=req.prompt.find("{}"),
                               end=req.prompt.find("{}") + len(req.subject), answer_start=len(filled)))
     batch = encode_spans(tokenizer, spans, padding_side="right")
+    return (batch, *answer_positions(batch, len(requests)))
+
+
+def answer_positions(batch, num_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, position predicting it, token) for every answer token of the first ``num_rows`` rows of a
+    right-padded batch."""
     rows, cols, tokens = [], [], []
-    for r in range(len(requests)):
+    for r in range(num_rows):
         for pos in range(int(batch.answer_first[r]), int(batch.lengths[r])):
             rows.append(r)
             cols.append(pos - 1)
             tokens.append(int(batch.input_ids[r, pos]))
-    return batch, torch.tensor(rows), torch.tensor(cols), torch.tensor(tokens)
+    return torch.tensor(rows), torch.tensor(cols), torch.tensor(tokens)
 
 
 class FineTuneEditor:

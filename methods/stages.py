@@ -152,9 +152,9 @@ LOCATE_THEN_EDIT = "locate_then_edit"  # the default editor kind: target × solv
 class EditorKind:
     """An editor that is not a locate-then-edit composition (methods/editors)."""
 
-    build: Callable  # (editable, tokenizer, layers, hparams, seed) -> the editor
-    params: dict[str, Param]  # its hyper-parameters (``layers`` is common to all)
-    writes_weights: bool  # False: it wraps a module with its own memory and never changes a weight
+    editor: type  # the class: editor(editable, tokenizer, layers, settings, seed=...), with ``writes_weights``
+    settings: type  # its hyper-parameter dataclass, built from the method's hparams
+    params: dict[str, Param]  # its hyper-parameters with their valid ranges (``layers`` is common to all)
     max_layers: int | None
     # The layers when none are configured, as fractions of the model's depth (0 = first block, 1 = last): these
     # methods edit deep layers, and a fixed index would not carry from one model to another.
@@ -162,32 +162,45 @@ class EditorKind:
     # Problems that involve several hyper-parameters at once (merged preset + config values) -> messages.
     check: Callable[[dict], list[str]] | None = None
 
+    @property
+    def writes_weights(self) -> bool:
+        """False: the editor wraps a module with its own memory and never changes a weight."""
+        return self.editor.writes_weights
+
+    def build(self, editable, tokenizer, layers: list[int], hparams: dict, seed: int):
+        return self.editor(editable, tokenizer, layers, _dataclass_from(self.settings, hparams), seed=seed)
+
 
 def _one_of(*choices: str) -> Param:
     return Param(str, lambda v: v in choices, "one of " + ", ".join(choices))
 
 
+def _wise_problems(hparams: dict) -> list[str]:
+    save, merge = hparams.get("wise_save_freq"), hparams.get("wise_merge_freq")
+    if isinstance(save, int) and isinstance(merge, int) and save >= 1 and merge % save:
+        return [f"hparams.wise_merge_freq: {merge} must be a multiple of wise_save_freq ({save}): a merge takes "
+                "whole shards"]
+    return []
+
+
 EDITOR_KINDS: dict[str, EditorKind] = {
     "ultraedit": EditorKind(
-        build=lambda editable, tokenizer, layers, hparams, seed: UltraEditEditor(
-            editable, tokenizer, layers, _dataclass_from(UltraEditHParams, hparams)),
+        editor=UltraEditEditor, settings=UltraEditHParams,
         params={"ultra_lr": Param(NUMBER, _positive, "> 0 (η)"),
                 "ultra_micro_batch": Param(int, lambda v: v >= 1, "an integer >= 1"),
                 "ultra_ridge": Param(NUMBER, _positive, "> 0"),
                 "ultra_norm_scope": _one_of("shape", "module")},
-        writes_weights=True, max_layers=None, default_depths=(0.9, 0.93, 0.97)),
+        max_layers=None, default_depths=(0.9, 0.93, 0.97)),
     "grace": EditorKind(
-        build=lambda editable, tokenizer, layers, hparams, seed: GraceEditor(
-            editable, tokenizer, layers, _dataclass_from(GraceHParams, hparams), seed=seed),
+        editor=GraceEditor, settings=GraceHParams,
         params={"grace_eps_init": Param(NUMBER, _positive, "> 0 (a distance in the layer's input space)"),
                 "grace_lr": Param(NUMBER, _positive, "> 0"),
                 "grace_n_iter": Param(int, lambda v: v >= 1, "an integer >= 1"),
                 "grace_value_init": _one_of("cold", "warm"),
                 "grace_eps_expand": _one_of("coverage", "moving_average")},
-        writes_weights=False, max_layers=1, default_depths=(0.87,)),
+        max_layers=1, default_depths=(0.87,)),
     "wise": EditorKind(
-        build=lambda editable, tokenizer, layers, hparams, seed: WiseEditor(
-            editable, tokenizer, layers, _dataclass_from(WiseHParams, hparams), seed=seed),
+        editor=WiseEditor, settings=WiseHParams,
         params={"wise_mode": _one_of("retrieve", "merge"),
                 "wise_lr": Param(NUMBER, _positive, "> 0"),
                 "wise_n_iter": Param(int, lambda v: v >= 1, "an integer >= 1"),
@@ -199,11 +212,7 @@ EDITOR_KINDS: dict[str, EditorKind] = {
                 "wise_save_freq": Param(int, lambda v: v >= 1, "an integer >= 1"),
                 "wise_merge_freq": Param(int, lambda v: v >= 1, "an integer >= 1"),
                 "wise_density": FRACTION},
-        writes_weights=False, max_layers=1, default_depths=(0.87,),
-        check=lambda hp: ([f"hparams.wise_merge_freq: {hp['wise_merge_freq']} must be a multiple of "
-                           f"wise_save_freq ({hp['wise_save_freq']}): a merge takes whole shards"]
-                          if isinstance(hp.get("wise_merge_freq"), int) and isinstance(hp.get("wise_save_freq"), int)
-                          and hp["wise_save_freq"] >= 1 and hp["wise_merge_freq"] % hp["wise_save_freq"] else [])),
+        max_layers=1, default_depths=(0.87,), check=_wise_problems),
 }
 
 
@@ -304,7 +313,8 @@ def method_problems(spec: MethodSpec, where: str = "hparams") -> list[str]:
     if problems:
         return problems
     allowed = spec.allowed_params()
-    stages = "+".join([spec.solver if spec.kind is None else spec.editor, *spec.transforms, *(s for s in (spec.restraint, spec.retrieval) if s)])
+    first = spec.solver if spec.kind is None else spec.editor
+    stages = "+".join([first, *spec.transforms, *(s for s in (spec.restraint, spec.retrieval) if s)])
     for key, value in spec.hparams.items():
         param = allowed.get(key)
         if param is None:

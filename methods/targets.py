@@ -327,6 +327,30 @@ def replaying(blocks: torch.nn.ModuleList, last: int, output):
             blocks[i] = block
 
 
+@contextlib.contextmanager
+def replaying_below(model, blocks: torch.nn.ModuleList, layer: int, inputs: dict):
+    """While active, the blocks below ``layer`` return the output they give on ``inputs`` (recorded now, in one
+    forward pass without gradients) instead of recomputing it: for a memory that sits at ``layer`` and is trained
+    on the same tokens for many steps, each step then runs only the blocks from ``layer`` up (GRACE, WISE).
+    Nothing is replayed for layer 0."""
+    if layer == 0:
+        yield
+        return
+    recorded = {}
+
+    def keep(module, args, output):
+        recorded["output"] = detached_output(output)
+
+    handle = blocks[layer - 1].register_forward_hook(keep)
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    with replaying(blocks, layer - 1, recorded["output"]):
+        yield
+
+
 AUTOCAST_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION_CHOICES = ("model", "eager", "sdpa")
 

@@ -24,7 +24,6 @@ of a label tensor that includes −100s), and keys, labels and edit ids are appe
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -36,7 +35,7 @@ from methods.editor import BatchReport
 from methods.finetune import target_nll_batch
 from methods.hooks import CaptureSite, capture, hidden_of, replace_hidden
 from methods.requests import EditRequest
-from methods.targets import detached_output, logits_at, replaying
+from methods.targets import logits_at, replaying_below
 
 SPLIT_MARGIN = 1e-5  # the original's gap between two split balls
 
@@ -149,28 +148,17 @@ class GraceEditor:
         replaced = torch.where(hit[:, None], values, hidden.reshape(-1, hidden.shape[-1]))
         return replace_hidden(output, replaced.reshape(hidden.shape))
 
-    def _query(self, batch, position: int) -> tuple[torch.Tensor, torch.Tensor, object]:
-        """The layer's input at ``position`` of the single row of ``batch``, the layer's own (unreplaced) output
-        there, and the output of the block below the wrapped one (None when it is block 0)."""
-        layer = self.layers[0]
-        seen = {}
-
-        def below(module, args, output):
-            seen["below"] = detached_output(output)
-
-        handle = self.editable.block(layer - 1).register_forward_hook(below) if layer > 0 else None
-        try:
-            (query,) = capture(self.editable.model, batch, [CaptureSite(self.module, "input")],
-                               torch.tensor([0]), torch.tensor([position]))
-        finally:
-            if handle is not None:
-                handle.remove()
+    def _query(self, batch, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's input at ``position`` of the single row of ``batch``, and the layer's own (unreplaced)
+        output there."""
+        (query,) = capture(self.editable.model, batch, [CaptureSite(self.module, "input")],
+                           torch.tensor([0]), torch.tensor([position]))
         query = query[0]
         with torch.no_grad():
-            own = self.editable.weight(layer) @ query
+            own = self.editable.weight(self.layers[0]) @ query
             if getattr(self.module, "bias", None) is not None:
                 own = own + self.module.bias
-        return query, own, seen.get("below")
+        return query, own
 
     def _edit_one(self, request: EditRequest) -> tuple[float, str]:
         hp = self.hparams
@@ -178,7 +166,7 @@ class GraceEditor:
         batch, rows, cols, tokens = target_nll_batch(self.tokenizer, [request])
         batch, rows, cols, tokens = batch.to(device), rows.to(device), cols.to(device), tokens.to(device)
         # the last prompt token predicts the first answer token
-        query, own_output, below = self._query(batch, int(cols[0]))
+        query, own_output = self._query(batch, int(cols[0]))
 
         def new_value():
             if hp.grace_value_init == "warm":
@@ -188,11 +176,8 @@ class GraceEditor:
         _, event = self.codebook.update(query, tuple(int(t) for t in tokens), self.edits, hp.grace_eps_init,
                                         hp.grace_eps_expand, new_value)
         optimizer = torch.optim.Adam([self.codebook.values], lr=hp.grace_lr)
-        # The blocks below the wrapped layer cannot see the codebook: they replay their recorded output, and each
-        # step runs only the blocks from the wrapped one up (same numbers; 0.60× the time on SmolLM2 at layer 25).
-        replay = (replaying(self.editable.blocks, self.layers[0] - 1, below) if below is not None
-                  else contextlib.nullcontext())
-        with replay:
+        # The blocks below the wrapped layer cannot see the codebook: each step runs only the blocks from it up.
+        with replaying_below(self.editable.model, self.editable.blocks, self.layers[0], batch.model_inputs()):
             with torch.enable_grad():
                 for _ in range(hp.grace_n_iter):
                     logits = logits_at(self.editable.model, batch.model_inputs(), rows, cols)

@@ -113,7 +113,8 @@ class UltraEditEditor:
     def remove(self) -> None:  # nothing wraps the model
         pass
 
-    def __init__(self, editable: EditableModel, tokenizer, layers: list[int], hparams: UltraEditHParams):
+    def __init__(self, editable: EditableModel, tokenizer, layers: list[int], hparams: UltraEditHParams,
+                 seed: int = 0):  # seed: every editor kind takes one; UltraEdit draws nothing at random
         self.editable = editable
         self.tokenizer = tokenizer
         self.layers = sorted(layers)

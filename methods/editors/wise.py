@@ -40,7 +40,6 @@ never changes the editor (the original merges pending shards on the first forwar
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -49,8 +48,9 @@ import torch.nn.functional as F
 
 from methods.arch import EditableModel
 from methods.editor import BatchReport
+from methods.finetune import answer_positions
 from methods.requests import EditRequest
-from methods.targets import detached_output, logits_at, replaying
+from methods.targets import logits_at, replaying_below
 from methods.tokens import TextSpan, encode_spans
 
 TEMPLATE_STARTERS = ("I", "You", "Because", "Yes", "Q: ")
@@ -198,24 +198,21 @@ class WiseEditor:
             return None
         mask = self._token_mask(activations)
         hp = self.hparams
+        weights = [self.base, self.main, self.side, *(memory for memory, _ in self.memories)]  # indexed by choice
         with torch.no_grad():
             side = activation_scores(activations, self.side, self.base, self.act, mask)
-            choice = torch.zeros(activations.shape[0], dtype=torch.long)  # 0 = W₀
             if hp.wise_mode == "merge":
                 main = activation_scores(activations, self.main, self.base, self.act, mask)
                 passes = (main >= self.threshold) | (side >= self.threshold)
-                choice = torch.where(passes, torch.where(side > main, 2, 1), 0).cpu()  # 1 = W_L, 2 = W′
-                weights = [self.base, self.main, self.side]
+                choice = torch.where(passes, torch.where(side > main, 2, 1), 0).cpu()  # 0 = W₀, 1 = W_L, 2 = W′
             else:
                 best = side.clone()
                 choice = torch.where(side >= self.threshold, 2, 0).cpu()
-                weights = [self.base, self.main, self.side]
-                for index, (memory, eps_stat) in enumerate(self.memories):
+                for index, (memory, eps_stat) in enumerate(self.memories):  # top-1 over the stored memories
                     score = activation_scores(activations, memory, self.base, self.act, mask)
                     wins = (score > best) & (score > hp.wise_act_ratio * eps_stat)
                     best = torch.where(wins, score, best)
                     choice = torch.where(wins.cpu(), 3 + index, choice)
-                    weights.append(memory)
         if bool((choice == 0).all()):
             self.routed["base"] += activations.shape[0]
             return None
@@ -240,13 +237,7 @@ class WiseEditor:
                  for text in texts]
         spans.append(TextSpan(text=irrelevant, start=0, end=1))
         batch = encode_spans(self.tokenizer, spans, padding_side="right")
-        rows, cols, tokens = [], [], []
-        for r in range(len(texts)):
-            for position in range(int(batch.answer_first[r]), int(batch.lengths[r])):
-                rows.append(r)
-                cols.append(position - 1)
-                tokens.append(int(batch.input_ids[r, position]))
-        return batch, torch.tensor(rows), torch.tensor(cols), torch.tensor(tokens), len(texts)
+        return (batch, *answer_positions(batch, len(texts)), len(texts))
 
     def _edit_one(self, request: EditRequest) -> float:
         hp = self.hparams
@@ -260,20 +251,6 @@ class WiseEditor:
         def grab(module, args):
             captured["a"] = args[0]
 
-        below = {}
-        layer = self.layers[0]
-        if layer > 0:  # the blocks below the side memory cannot see it: record their output once, replay it
-            def keep(module, args, output):
-                below["output"] = detached_output(output)
-
-            handle = self.editable.block(layer - 1).register_forward_hook(keep)
-            try:
-                with torch.no_grad():
-                    self.editable.model(**batch.model_inputs(), use_cache=False)
-            finally:
-                handle.remove()
-        replay = (replaying(self.editable.blocks, layer - 1, below["output"]) if below
-                  else contextlib.nullcontext())
         grab_handle = self.module.register_forward_pre_hook(grab)
         self.side_param = torch.nn.Parameter(self.side.clone())
         optimizer = torch.optim.SGD([self.side_param], lr=hp.wise_lr, weight_decay=WEIGHT_DECAY)
@@ -281,33 +258,33 @@ class WiseEditor:
         counts = torch.bincount(rows, minlength=n_scope).float()
         losses, delta_e = [], torch.zeros(n_scope)
         self._training = True
-        stack = contextlib.ExitStack()
-        stack.enter_context(replay)
+        # The blocks below the side memory cannot see it: each step runs only the blocks from it up.
         try:
-            for _ in range(hp.wise_n_iter):
-                logits = logits_at(self.editable.model, batch.model_inputs(), rows, cols)
-                nll = F.cross_entropy(logits.float(), tokens, reduction="none")
-                per_row = torch.zeros(n_scope, device=nll.device).index_add(0, rows, nll) / (counts + 1)
-                loss_ft = per_row.mean()
-                scores = activation_scores(captured["a"], self.side_param, self.base, self.act,
-                                           batch.attention_mask)
-                delta_e, delta_i = scores[:n_scope], scores[n_scope]
-                loss_act = (positive_mean(delta_i - delta_e + hp.wise_gamma) + F.relu(delta_i - hp.wise_alpha)
-                            + positive_mean(hp.wise_beta - delta_e))
-                loss = loss_ft + loss_act
-                optimizer.zero_grad()
-                loss.backward()
-                self.side_param.grad *= mask
-                optimizer.step()
-                with torch.no_grad():
-                    self.side_param.copy_(torch.clamp(self.side_param, self.base - CLAMP, self.base + CLAMP))
-                losses.append(float(loss))
-                if len(losses) >= 2 and abs(losses[-1] - losses[-2]) <= STOP_DELTA and losses[-1] <= STOP_LOSS:
-                    break
+            with replaying_below(self.editable.model, self.editable.blocks, self.layers[0], batch.model_inputs()):
+                for _ in range(hp.wise_n_iter):
+                    logits = logits_at(self.editable.model, batch.model_inputs(), rows, cols)
+                    nll = F.cross_entropy(logits.float(), tokens, reduction="none")
+                    per_row = torch.zeros(n_scope, device=nll.device).index_add(0, rows, nll) / (counts + 1)
+                    loss_ft = per_row.mean()
+                    scores = activation_scores(captured["a"], self.side_param, self.base, self.act,
+                                               batch.attention_mask)
+                    delta_e, delta_i = scores[:n_scope], scores[n_scope]
+                    loss_act = (positive_mean(delta_i - delta_e + hp.wise_gamma) + F.relu(delta_i - hp.wise_alpha)
+                                + positive_mean(hp.wise_beta - delta_e))
+                    loss = loss_ft + loss_act
+                    optimizer.zero_grad()
+                    loss.backward()
+                    self.side_param.grad *= mask
+                    optimizer.step()
+                    with torch.no_grad():
+                        self.side_param.copy_(torch.clamp(self.side_param, self.base - CLAMP, self.base + CLAMP))
+                    losses.append(float(loss))
+                    if (len(losses) >= 2 and abs(losses[-1] - losses[-2]) <= STOP_DELTA
+                            and losses[-1] <= STOP_LOSS):
+                        break
         finally:
             self._training = False
             grab_handle.remove()
-            stack.close()
         self.side = self.side_param.detach().clone()
         del self.side_param
         self.recorded.append(float(delta_e.detach().mean()))
@@ -366,7 +343,8 @@ class WiseEditor:
         return {"main": self.main.clone(), "side": self.side.clone(), "mask": self.mask.clone(),
                 "shards": [s.clone() for s in self.shards], "shard_eps": list(self.shard_eps),
                 "memories": [(m.clone(), e) for m, e in self.memories], "recorded": list(self.recorded),
-                "edits": self.edits, "merges": self.merges, "generator": self.generator.get_state()}
+                "edits": self.edits, "merges": self.merges, "generator": self.generator.get_state(),
+                "routed": dict(self.routed)}
 
     def load_state_dict(self, state: dict) -> None:
         self.main, self.side, self.mask = state["main"].clone(), state["side"].clone(), state["mask"].clone()
@@ -375,4 +353,5 @@ class WiseEditor:
         self.memories = [(m.clone(), float(e)) for m, e in state["memories"]]
         self.recorded = list(state["recorded"])
         self.edits, self.merges = int(state["edits"]), int(state["merges"])
+        self.routed = dict(state["routed"])  # the checkpoint's evaluation, reported with the next batch
         self.generator.set_state(state["generator"])
