@@ -58,6 +58,7 @@ from evals.datasets import load_records
 from evals.judge import Judge, JudgeItem, TransformersJudge
 from evals.jsonl import jsonl_objects
 from evals.teacher_forced import count_scored_pairs, evaluate_records
+from grid.assembly import assemble_method, resolve_layers
 from grid.config import method_settings, parse_override
 from grid.tracking import TrialTracker, format_summary_table, resolve_tracking_uri
 from grid.trial import batches, to_request
@@ -68,7 +69,6 @@ from methods.cpu_linear import LINEAR_BACKENDS
 from methods.linear_plan import machine_identity
 from methods.memory import peak_memory_mb, reset_peak_memory
 from methods.models import load_model
-from methods.stages import build_editor
 from methods.stats import FORWARD_DTYPE_BY_NAME, second_moments
 from methods.targets import AUTOCAST_DTYPES
 
@@ -312,11 +312,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             window = sorted(args.layers)
             spec = method_settings(method, {**args.hparam_values,
                                             "layers": window[-spec.max_layers:] if spec.max_layers else window})
-        layers = spec.layers(editable.default_layers(), editable.num_layers)
-        outside = [layer for layer in layers if layer >= editable.num_layers]
-        if outside:
-            raise ValueError(f"layers {outside} are outside the model ({editable.num_layers} layers)")
-        settings[method], layers_of[method] = spec, layers
+        settings[method] = spec
+        layers_of[method] = resolve_layers(editable, spec, f"--methods {method}")
     all_layers = sorted({layer for layers in layers_of.values() for layer in layers})
     # C is only read by the locate-then-edit solvers (the other editor kinds need no statistics).
     stats_layers = sorted({layer for method, layers in layers_of.items() if settings[method].kind is None
@@ -392,7 +389,8 @@ def _run_cell(args, method: str, spec, autocast: str, batch_size: int, layers: l
         restore()
         torch.manual_seed(args.seed)
         reset_peak_memory(device)
-        editor = build_editor(spec, editable, tokenizer, layers, moments, context_groups, seed=args.seed)
+        editor = assemble_method(spec, editable, tokenizer, layers, moments, seed=args.seed,
+                                 context_groups=context_groups).editor
         total = target = solve = 0.0
         probs: list[float] = []
         request_steps: list[int] = []

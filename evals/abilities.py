@@ -78,21 +78,20 @@ import torch
 from evals.batching import left_padded, model_device, positions_from_mask
 from evals.jsonl import jsonl_objects
 from evals.teacher_forced import score_continuations
+from evals.metric_names import COST_ABILITIES_EVAL_SECONDS as COST_SECONDS, abilities_metric
 from methods.cache import cached_path, content_key
 
 FORMAT_VERSION = 1
-PREFIX = "abilities"
+PREFIX = "abilities"  # the cache folder
 ACC, ACC_NORM, PERPLEXITY = "acc", "acc_norm", "perplexity"
 TOKEN_PERPLEXITY, WORD_PERPLEXITY, BITS_PER_BYTE = "token_perplexity", "word_perplexity", "bits_per_byte"
-COST_SECONDS = "cost/abilities_eval_seconds"  # seconds of one evaluation (a cache read at step 0 when cached)
 TABLE_DIR = "tables/abilities"
-CURVES_FILE = "plots/abilities_vs_edits.png"
 ROLLING_TOKENS_PER_BATCH = 2048  # WikiText windows per forward: about this many tokens (bounds the logits' memory)
 
 
 def metric_name(task: str, metric: str) -> str:
     """The MLflow name of one ability metric: ``abilities/<task>/<metric>``."""
-    return f"{PREFIX}/{task}/{metric}"
+    return abilities_metric(task, metric)
 
 
 class AbilityTaskError(ValueError):

@@ -24,6 +24,7 @@ from typing import Callable
 from evals.answer_backends import AnswerBackend, InProcessAnswers
 from evals.generation import cut_at_stop
 from evals.judge import Judge, JudgeItem
+from evals.metric_names import gen_metric, judge_metric
 from evals.records import EditRecord
 
 RELIABILITY, GENERALIZATION, PORTABILITY, LOCALITY = "reliability", "generalization", "portability", "locality"
@@ -160,13 +161,13 @@ def evaluate_generation(model, tokenizer, records: list[EditRecord], judge: Judg
     for dimension, dim_rows in per_dimension.items():
         if not dim_rows:
             continue  # a dimension no record supports is omitted, not reported as 0
-        metrics[f"judge/{dimension}"] = sum(r["verdict"] == "A" for r in dim_rows) / len(dim_rows)
-        metrics[f"gen/contains/{dimension}"] = sum(r["contains"] for r in dim_rows) / len(dim_rows)
+        metrics[judge_metric(dimension)] = sum(r["verdict"] == "A" for r in dim_rows) / len(dim_rows)
+        metrics[gen_metric(f"contains/{dimension}")] = sum(r["contains"] for r in dim_rows) / len(dim_rows)
     if rows:
-        metrics["gen/contains"] = sum(r["contains"] for r in rows) / len(rows)
-        metrics["judge/agreement_with_contains"] = sum((r["verdict"] == "A") == r["contains"] for r in rows) / len(rows)
-        metrics["judge/unparsable"] = sum(r["verdict"] is None for r in rows) / len(rows)
+        metrics[gen_metric("contains")] = sum(r["contains"] for r in rows) / len(rows)
+        metrics[judge_metric("agreement_with_contains")] = sum((r["verdict"] == "A") == r["contains"] for r in rows) / len(rows)
+        metrics[judge_metric("unparsable")] = sum(r["verdict"] is None for r in rows) / len(rows)
     locality = [r for r in per_dimension[LOCALITY] if "unchanged" in r]
     if locality:
-        metrics["gen/locality_unchanged"] = sum(r["unchanged"] for r in locality) / len(locality)
+        metrics[gen_metric("locality_unchanged")] = sum(r["unchanged"] for r in locality) / len(locality)
     return GenerationEvaluation(metrics, rows, by_prompt)

@@ -15,6 +15,7 @@ import math
 import torch
 from torch import Tensor
 
+from evals.metric_names import diag_metric
 from methods.drift import preservation_drift
 
 DIAGNOSTIC_NAMES = ("weight_norm", "weight_change", "cond", "sigma_max_delta")
@@ -69,8 +70,8 @@ def layer_diagnostics(weights: dict[int, Tensor], originals: dict[int, Tensor],
     metrics: dict[str, float] = {}
     for layer in sorted(weights):
         for name, value in weight_diagnostics(weights[layer], originals[layer]).items():
-            metrics[f"diag/L{layer}/{name}"] = value
+            metrics[diag_metric(layer, name)] = value
         if second_moments is not None:
-            metrics[f"diag/L{layer}/drift"] = preservation_drift(weights[layer], originals[layer],
-                                                                 second_moments[layer])
+            metrics[diag_metric(layer, "drift")] = preservation_drift(weights[layer], originals[layer],
+                                                                  second_moments[layer])
     return metrics

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 from evals.generation import generate_greedy
 from evals.jsonl import jsonl_objects
+from evals.metric_names import general_metric
 from evals.teacher_forced import score_continuations
 
 GENERATED_TOKENS = 5
@@ -157,17 +158,17 @@ def evaluate_general(model, tokenizer, items_by_task: dict[str, list[dict]], bat
         for i in range(len(items)):
             totals = [sum(s.token_logprobs) for s in scores[i * width:(i + 1) * width]]
             forced.append(max(range(width), key=totals.__getitem__))
-        metrics[f"general/{task}"] = _score(spec, gold, forced)
+        metrics[general_metric(task)] = _score(spec, gold, forced)
         if task == "mrpc":
-            metrics["general/mrpc/f1"] = f1_positive(gold, forced)
+            metrics[general_metric("mrpc", "f1")] = f1_positive(gold, forced)
         replies = [""] * len(items)
         generated: list[int | None] = [None] * len(items)
         if generate:
             replies = [g.text for g in generate_greedy(model, tokenizer, prompts, max_new_tokens=GENERATED_TOKENS,
                                                        stop=("\n",), batch_size=batch_size)]
             generated = [parse_label(r, spec.labels) for r in replies]
-            metrics[f"general/{task}/generated"] = _score(spec, gold, generated)
-            metrics[f"general/{task}/unparsable"] = sum(g is None for g in generated) / len(items)
+            metrics[general_metric(task, "generated")] = _score(spec, gold, generated)
+            metrics[general_metric(task, "unparsable")] = sum(g is None for g in generated) / len(items)
         for i, item in enumerate(items):
             rows.append({"task": task, "index": i, "gold": spec.labels[gold[i]], "forced": spec.labels[forced[i]],
                          "generated": None if generated[i] is None else spec.labels[generated[i]],

@@ -14,6 +14,8 @@ import importlib.util
 import logging
 from pathlib import Path
 
+from evals.metric_names import lm_eval_metric
+
 logger = logging.getLogger(__name__)
 
 
@@ -31,8 +33,8 @@ def metric_name(task: str, key: str) -> str | None:
     if key == "alias" or metric.endswith("_stderr"):
         return None
     if key == "sample_len":  # how many documents were scored
-        return f"lm_eval/{task}/n_items"
-    return f"lm_eval/{task}/{metric}" + ("" if result_filter in ("", "none") else f"/{result_filter}")
+        return lm_eval_metric(task, "n_items")
+    return lm_eval_metric(task, metric, result_filter)
 
 
 def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 16,

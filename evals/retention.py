@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from evals.metric_names import retention_metric
+
 WILSON_Z = 1.959963984540054  # the 97.5 % normal quantile: a two-sided 95 % interval
 
 NEWEST_BATCH = "newest_batch"
@@ -110,8 +112,8 @@ def retention_metrics(sample: RetentionSample, rows: dict[int, dict], names: tup
     ``<prefix>/<name>_n`` its sample size; ``retention/<stratum>/<name>`` (+ ``_ci95_low|high``, ``_n``) per age bin
     and for the newest batch; ``retention/edits_scored`` and ``retention/complete``.
     """
-    metrics: dict[str, float] = {"retention/edits_scored": float(len(sample.indices)),
-                                 "retention/complete": float(sample.complete)}
+    metrics: dict[str, float] = {retention_metric("", "edits_scored"): float(len(sample.indices)),
+                                 retention_metric("", "complete"): float(sample.complete)}
 
     def put(key: str, values: list[float], estimate: float | None = None) -> None:
         if not values:
@@ -126,11 +128,11 @@ def retention_metrics(sample: RetentionSample, rows: dict[int, dict], names: tup
         weighted, weight, scored = 0.0, 0, []
         for k, ((start, end), chosen) in enumerate(zip(sample.bins, sample.by_bin)):
             values = [rows[i][name] for i in chosen if name in rows.get(i, {})]
-            put(f"retention/{age_stratum(k, strata)}/{name}", values)
+            put(retention_metric(age_stratum(k, strata), name), values)
             if values:
                 weighted += (end - start) * sum(values) / len(values)
                 weight += end - start
                 scored += values
         put(f"{prefix}/{name}", scored, weighted / weight if weight else None)
-        put(f"retention/{NEWEST_BATCH}/{name}", [rows[i][name] for i in sample.newest if name in rows.get(i, {})])
+        put(retention_metric(NEWEST_BATCH, name), [rows[i][name] for i in sample.newest if name in rows.get(i, {})])
     return metrics

@@ -26,10 +26,9 @@ from tqdm.auto import tqdm
 
 from evals.batching import left_padded, model_device, positions_from_mask
 from evals.records import EditRecord, PromptCase
+from evals.metric_names import EDIT_RATES as METRIC_ORDER, EDIT_SCORE, EVAL_NUM_RECORDS, SCORE_PARTS, edit_metric
 from methods.kv_cache import cache_argument, with_cache
 
-METRIC_ORDER = ("efficacy", "generalization", "specificity", "locality", "portability")
-SCORE_PARTS = ("efficacy", "generalization", "specificity")
 GAP_METRICS = ("efficacy_prob_gap", "generalization_prob_gap", "specificity_prob_gap")
 PROTOCOLS = ("probability", "token_accuracy")
 
@@ -464,8 +463,8 @@ def _record_row(plan: _RecordPlan, scores: list[ContinuationScore],
 
 def edit_score(metrics: dict[str, float]) -> dict[str, float]:
     """``edit/score``: the harmonic mean of efficacy, generalization and specificity, when all three are there."""
-    if all(f"edit/{name}" in metrics for name in SCORE_PARTS):
-        return {"edit/score": _harmonic_mean([metrics[f"edit/{name}"] for name in SCORE_PARTS])}
+    if all(edit_metric(name) in metrics for name in SCORE_PARTS):
+        return {EDIT_SCORE: _harmonic_mean([metrics[edit_metric(name)] for name in SCORE_PARTS])}
     return {}
 
 
@@ -528,11 +527,11 @@ def evaluate_records(model: torch.nn.Module, tokenizer, records: list[EditRecord
     for name in METRIC_ORDER:
         values = [row[name] for row in rows if name in row]
         if values:
-            metrics[f"edit/{name}"] = _mean(values)
+            metrics[edit_metric(name)] = _mean(values)
     metrics.update(edit_score(metrics))
     for name in GAP_METRICS:
         values = [row[name] for row in rows if name in row]
         if values:
-            metrics[f"edit/{name}"] = _mean(values)
-    metrics["eval/num_records"] = float(len(rows))
+            metrics[edit_metric(name)] = _mean(values)
+    metrics[EVAL_NUM_RECORDS] = float(len(rows))
     return EvalResult(metrics=metrics, per_record=rows)

@@ -24,6 +24,9 @@ _HERE = Path(__file__).resolve().parent
 if sys.path and Path(sys.path[0]).resolve() == _HERE:
     sys.path[0] = str(_HERE.parent)
 
+from evals.metric_names import (COST_SECONDS_PER_EDIT, EFFICACY, GENERALIZATION, LOCALITY,  # noqa: E402
+                                PORTABILITY, SPECIFICITY)
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow's own handler ignores our logging config
 
@@ -140,8 +143,7 @@ def _run_grid(args, cfg: dict, source: str, trials, tracking_uri: str) -> int:
     return 0
 
 
-SUMMARY_COLUMNS = ("edit/efficacy", "edit/generalization", "edit/specificity", "edit/locality", "edit/portability",
-                   "cost/seconds_per_edit")
+SUMMARY_COLUMNS = (EFFICACY, GENERALIZATION, SPECIFICITY, LOCALITY, PORTABILITY, COST_SECONDS_PER_EDIT)
 
 
 def _print_summary(rows: list[dict]) -> None:

@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from evals.metric_names import (COST_EVAL_SHARE, COST_SECONDS_PER_EDIT, EDIT_SCORE, EFFICACY, GENERALIZATION,
+                                SPECIFICITY)
 from grid.config import Trial, trial_resources
 from grid.gridrun import GridRun
 
@@ -41,8 +43,7 @@ def _run_one(trial_spec: dict, tracking_uri: str, parent_run_id: str, progress: 
 
 
 # What Tune's status table shows per trial, besides ``edits``: the headline rates and the cost so far.
-TUNE_COLUMNS = ("edit/efficacy", "edit/generalization", "edit/specificity", "edit/score", "cost/seconds_per_edit",
-                "cost/eval_share")
+TUNE_COLUMNS = (EFFICACY, GENERALIZATION, SPECIFICITY, EDIT_SCORE, COST_SECONDS_PER_EDIT, COST_EVAL_SHARE)
 
 
 def tune_row(checkpoint: dict) -> dict:

@@ -19,24 +19,27 @@ from collections import defaultdict
 from pathlib import Path
 
 from evals.abilities import metric_name
+from evals.metric_names import (DIAG_PREFIX, EDIT_SCORE, EFFICACY, GENERALIZATION, LOCALITY, PORTABILITY,
+                                RETENTION_PREFIX, SCR_PREFIX, SPECIFICITY, EDIT_PREFIX, diag_metric, gen_metric,
+                                judge_metric, report_prefixes, retention_metric, scr_metric)
 from evals.retention import CI_HIGH_SUFFIX, CI_LOW_SUFFIX, NEWEST_BATCH, age_stratum
 from grid.gridrun import GRID_ID_TAG, ROLE_TAG, child_runs
 from grid.tracking import _mlflow_client, _rows_to_csv
 
-EVAL_MARKER = "edit/efficacy"  # logged at every evaluation (step 0 and each checkpoint)
-ROW_PREFIXES = ("edit/", "retention/", "scr/", "cost/", "eval/", "judge/", "gen/", "general/", "abilities/")
-PLOTTED_EDIT_METRICS = ("edit/efficacy", "edit/generalization", "edit/specificity", "edit/score", "edit/locality",
-                        "edit/portability", "scr/recall_at_k/generalization", "scr/locality_rejection_rate")
-PLOTTED_GENERATION = ("judge/reliability", "judge/generalization", "judge/portability", "judge/locality",
-                      "gen/locality_unchanged", "gen/contains", "gen/fluency")
-PLOTTED_DIAGNOSTICS = ("diag/mean/drift", "diag/mean/weight_change", "diag/mean/sigma_max_delta", "diag/mean/cond")
+EVAL_MARKER = EFFICACY  # logged at every evaluation (step 0 and each checkpoint)
+ROW_PREFIXES = report_prefixes()  # the families evals/metric_names.py marks for the report
+PLOTTED_EDIT_METRICS = (EFFICACY, GENERALIZATION, SPECIFICITY, EDIT_SCORE, LOCALITY, PORTABILITY,
+                        scr_metric("recall_at_k/generalization"), scr_metric("locality_rejection_rate"))
+PLOTTED_GENERATION = (*(judge_metric(d) for d in ("reliability", "generalization", "portability", "locality")),
+                      gen_metric("locality_unchanged"), gen_metric("contains"), gen_metric("fluency"))
+PLOTTED_DIAGNOSTICS = tuple(diag_metric("mean", name) for name in ("drift", "weight_change", "sigma_max_delta", "cond"))
 # The oldest quarter of the edits against the newest batch (evals/retention.py with its default 4 age bins).
-PLOTTED_RETENTION = tuple(f"retention/{stratum}/{rate}" for rate in ("efficacy", "generalization")
+PLOTTED_RETENTION = tuple(retention_metric(stratum, rate) for rate in ("efficacy", "generalization")
                           for stratum in (age_stratum(0, 4), NEWEST_BATCH))
 PLOTTED_ABILITIES = (*(metric_name(task, "acc_norm") for task in ("arc_easy", "arc_challenge", "piqa", "hellaswag",
                                                                   "openbookqa")),
                      metric_name("lambada", "acc"), metric_name("wikitext2", "token_perplexity"))
-_LAYER_METRIC = re.compile(r"^diag/L\d+/(?P<name>.+)$")
+_LAYER_METRIC = re.compile(rf"^{DIAG_PREFIX}L\d+/(?P<name>.+)$")
 
 
 class ReportError(LookupError):
@@ -87,7 +90,7 @@ def comparison_rows(tracking_uri: str, parent_run) -> list[dict]:
         if not steps:
             rows.append({**identity, "edits": None, "failure_reason": run.data.tags.get("failure_reason")})
         for step in steps:
-            diag = {f"diag/mean/{name}": sum(values) / len(values) for name, values in layer_values[step].items()}
+            diag = {diag_metric("mean", name): sum(values) / len(values) for name, values in layer_values[step].items()}
             rows.append({**identity, "edits": step, **dict(sorted(per_step[step].items())), **diag})
     return rows
 
@@ -120,7 +123,7 @@ def _plot(rows: list[dict], metrics: tuple[str, ...], title: str):
                     axis.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band],
                                       color=line.get_color(), alpha=0.15, linewidth=0)
         values = [r[metric] for r in rows if isinstance(r.get(metric), (int, float))]
-        if metric.startswith(("edit/", "scr/", "retention/")) and values and 0 <= min(values) and max(values) <= 1:
+        if metric.startswith((EDIT_PREFIX, SCR_PREFIX, RETENTION_PREFIX)) and values and 0 <= min(values) and max(values) <= 1:
             axis.set_ylim(-0.03, 1.03)  # rates: the same scale in every panel and every report
         axis.xaxis.get_major_locator().set_params(integer=True)
         axis.set_title(metric)

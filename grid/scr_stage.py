@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from evals.generation import generate_greedy
+from evals.metric_names import SCR_INDEX_BYTES, SCR_MEMORY_SIZE, scr_metric
 from evals.records import EditRecord
 from methods.stages import MethodSpec
 from retrieval.embedder import Embedder
@@ -106,9 +107,9 @@ class ScrStage:
             decided.update({d.query: d for d in self.reasoner.decide(unseen)} if unseen else {})
             return [decided[p].prompt for p in prompts]
 
-        metrics = scr_metrics(queries, decided, self.top_k)
-        metrics["scr/memory_size"] = float(len(self.memory))
-        metrics["scr/index_bytes"] = float(self.memory.index_bytes)
+        metrics = {scr_metric(name): value for name, value in scr_metrics(queries, decided, self.top_k).items()}
+        metrics[SCR_MEMORY_SIZE] = float(len(self.memory))
+        metrics[SCR_INDEX_BYTES] = float(self.memory.index_bytes)
         rows = [_decision_row(q, decided[q.text]) for q in queries]
         return ScrEvaluation(prompt_builder, metrics, rows)
 
@@ -131,13 +132,12 @@ class ScrStage:
         self._generate([d.prompt for d in decisions], LATENCY_ANSWER_TOKENS, ())
         through_scr = time.perf_counter() - started
         n = len(queries)
-        return {"scr/latency/base_ms_per_query": 1000 * bare / n,
-                "scr/latency/scr_ms_per_query": 1000 * through_scr / n,
-                "scr/latency/overhead_ms_per_query": 1000 * (through_scr - bare) / n,
-                "scr/latency/decide_ms_per_query": 1000 * (decided - started) / n,
-                "scr/latency/retrieval_ms_per_query": 1000 * retrieval / n,
-                "scr/latency/selection_ms_per_query": 1000 * selection / n,
-                "scr/latency/ratio": through_scr / bare if bare > 0 else float("nan")}
+        latency = {"base_ms_per_query": 1000 * bare / n, "scr_ms_per_query": 1000 * through_scr / n,
+                   "overhead_ms_per_query": 1000 * (through_scr - bare) / n,
+                   "decide_ms_per_query": 1000 * (decided - started) / n,
+                   "retrieval_ms_per_query": 1000 * retrieval / n, "selection_ms_per_query": 1000 * selection / n,
+                   "ratio": through_scr / bare if bare > 0 else float("nan")}
+        return {scr_metric(f"latency/{name}"): value for name, value in latency.items()}
 
     def save(self, folder: str | Path) -> Path:
         return self.memory.save(folder)

@@ -23,38 +23,41 @@ age (evals/retention.py). Every number goes to the trial's MLflow run with ``ste
                 evaluation excluded), statistics seconds, evaluation seconds, peak memory, and eval_share: the
                 evaluation's share of the trial's editing + evaluation time so far
 
+The trial is a ``TrialRun``: it loads the model, assembles the method (grid/assembly.py, shared with
+benchmarks/bench_editing.py), builds the checkpoint evaluators the config asks for (grid/evaluators.py: one class
+per metric family, registered once) and then alternates editing batches and evaluations. Metric names and where
+each family is computed: evals/metric_names.py (``python -m evals.metric_names <name>``).
+
 Inside a grid (a parent run) every evaluation checkpoint also writes a trial checkpoint (grid/trial_checkpoint.py);
 an attempt that finds one — a Ray retry, or the grid submitted again after its driver died — copies the history the
 interrupted attempt logged up to it into its own run, deletes that run, restores the edited weights, the editor's
 state and the SCR memory, and continues with the next batch. ``stop_on_collapse`` (grid/collapse.py) can end a
 trial at a checkpoint where it has collapsed; the run is then tagged ``editgrid.stopped_early`` with the reason.
 """
-
 from __future__ import annotations
 
-import logging
-from contextlib import nullcontext
 import json
+import logging
 import math
-import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from evals.abilities import (CURVES_FILE as ABILITY_CURVES, TABLE_DIR as ABILITY_TABLES, AbilitiesEvaluator,
-                             AbilitySettings)
 from evals.datasets import load_records
-from evals.diagnostics import layer_diagnostics
+from evals.metric_names import (COST_EVAL_SECONDS, COST_EVAL_SECONDS_TOTAL, COST_EVAL_SHARE,
+                                COST_INTERVAL_PEAK_MEMORY_MB, COST_PEAK_MEMORY_MB, COST_SECONDS_PER_EDIT,
+                                COST_STATS_SECONDS, HEADLINE_PREFIXES, VSTAR_TARGET_PROB, VSTAR_TARGET_PROB_MIN,
+                                editing_metric)
 from evals.records import EditRecord
-from evals.pre_edit import pre_edit_outputs
-from evals.retention import RetentionPlan, retention_metrics
-from evals.teacher_forced import METRIC_ORDER, edit_score, evaluate_records
+from evals.retention import RetentionPlan
+from grid.assembly import AssemblyError, MethodAssembly, assemble_method, resolve_layers as _resolve_layers
 from grid.collapse import collapse_reason
 from grid.config import Trial, method_settings
-from grid.generation_stage import GenerationStage
+from grid.evaluators import Checkpoint, TrialClock, TrialContext, build_evaluators
 from grid.gridrun import delete_runs, unfinished_trial_runs
 from grid.scr_stage import ScrStage
 from grid.tracking import TrialTracker
@@ -66,7 +69,7 @@ from methods.corpus import parse_corpus
 from methods.memory import peak_memory_mb, reset_peak_memory
 from methods.models import load_model
 from methods.requests import EditRequest
-from methods.stages import MethodSpec, build_editor, build_restraint
+from methods.stages import MethodSpec
 from methods.stats import FORWARD_DTYPE_BY_NAME, second_moments
 
 logger = logging.getLogger(__name__)
@@ -93,14 +96,11 @@ def batches(num_edits: int, batch_size: int):
 
 
 def resolve_layers(editable: EditableModel, spec: MethodSpec, trial_name: str) -> list[int]:
-    """The configured layers, else the editor kind's default depths, else the architecture's default window (its
-    last layer(s) for one-layer solvers)."""
-    layers = spec.layers(editable.default_layers(), editable.num_layers)
-    outside = [layer for layer in layers if layer >= editable.num_layers]
-    if outside:
-        raise TrialError(f"trial {trial_name}: hparams.layers {outside} are outside the model "
-                         f"({editable.num_layers} layers, 0–{editable.num_layers - 1})")
-    return layers
+    """grid/assembly.py's ``resolve_layers``, reported as a TrialError."""
+    try:
+        return _resolve_layers(editable, spec, f"trial {trial_name}")
+    except AssemblyError as err:
+        raise TrialError(str(err)) from err
 
 
 def cache_root(cfg: dict) -> Path:
@@ -168,279 +168,273 @@ def run_trial(trial: Trial, tracking_uri: str, parent_run_id: str | None = None,
                             trial.name, resume.cursor, copied, source)
             delete_runs(tracker.tracking_uri, unfinished)
         result = TrialResult(trial=trial, run_id=tracker.run_id)
-        _run(trial, cfg, spec, tracker, result, progress, store, resume, on_checkpoint)
+        TrialRun(trial, spec, tracker, result, progress, store, on_checkpoint).run(resume)
     if store is not None and not (cfg.get("checkpoints") or {}).get("keep_final"):
         store.remove()
     return result
 
 
-def _restore(state: TrialState, editable: EditableModel, layers: list[int], editor, scr: ScrStage | None) -> None:
-    """Put the model, the editor and the SCR memory back as they were at ``state.cursor`` edits."""
-    if sorted(state.weights) != sorted(layers):
-        raise TrialError(f"checkpoint after {state.cursor} edits holds layers {sorted(state.weights)}, the trial "
-                         f"edits {layers}")
-    with torch.no_grad():
-        for layer in layers:
-            editable.weight(layer).copy_(state.weights[layer])
-    if editor is not None:
-        editor.load_state_dict(state.editor_state)
-    if scr is not None:
-        if state.scr_memory is None:
-            raise TrialError(f"checkpoint after {state.cursor} edits has no SCR memory")
-        scr.restore(state.scr_memory)
-    torch.set_rng_state(state.rng_state)
+class TrialRun:
+    """One trial inside its MLflow run: set up (model, records, method, evaluators), then edit batch by batch and
+    evaluate at step 0 and every checkpoint."""
 
+    def __init__(self, trial: Trial, spec: MethodSpec, tracker: TrialTracker, result: TrialResult, progress: bool,
+                 store: TrialCheckpoints | None = None, on_checkpoint=None):
+        self.trial, self.cfg, self.spec = trial, trial.config, spec
+        self.tracker, self.result, self.progress = tracker, result, progress
+        self.store, self.on_checkpoint = store, on_checkpoint
+        self.clock = TrialClock()
+        self.vstar_probs: list[float] = []
+        self.pre_rows: dict = {}
+        self.post_rows: dict = {}
+        self._setup()
 
-def _run(trial: Trial, cfg: dict, spec: MethodSpec, tracker: TrialTracker, result: TrialResult,
-         progress: bool, store: TrialCheckpoints | None = None, resume: TrialState | None = None,
-         on_checkpoint=None) -> None:
-    cache_dir = cache_root(cfg)
-    margs = cfg["model_args"]
-    loaded = load_model(cfg["model"], dtype=margs["dtype"], device=margs["device"], cache_dir=cache_dir,
-                        linear_backend=margs["linear_backend"])
-    editable = EditableModel.wrap(loaded.model, blocks=margs.get("blocks"), mlp=margs.get("mlp"),
-                                  mlp_out=margs.get("mlp_out"))
-    tokenizer = loaded.tokenizer
-    model_key = f"{loaded.model_id}@{loaded.fingerprint}"  # names the unedited weights in every cache key
-    device = editable.parameter_device()
-    layers = resolve_layers(editable, spec, trial.name) if spec.edits_model else []
-    tracker.set_tags({"editgrid.layers": ",".join(map(str, layers)), "editgrid.model_fingerprint": loaded.fingerprint,
-                      "editgrid.linear_backend": loaded.linear_backend, "editgrid.linear_plan": loaded.linear_plan})
+    # -- set-up -------------------------------------------------------------------------------------------------
 
-    data = cfg["data"]
-    checkpoints = cfg["edits"]["checkpoints"]
-    records = load_records(data["path"], format=data["format"], limit=data["limit"] or checkpoints[-1],
-                           offset=data["offset"])
-    if len(records) < checkpoints[-1]:
-        raise TrialError(f"trial {trial.name}: {data['path']} has {len(records)} usable records after offset "
-                         f"{data['offset']}, fewer than the last checkpoint {checkpoints[-1]}")
-    records = records[:checkpoints[-1]]
-    requests = [to_request(r) for r in records]
+    def _setup(self) -> None:
+        cfg, spec, tracker = self.cfg, self.spec, self.tracker
+        self.cache_dir = cache_root(cfg)
+        margs = cfg["model_args"]
+        loaded = load_model(cfg["model"], dtype=margs["dtype"], device=margs["device"], cache_dir=self.cache_dir,
+                            linear_backend=margs["linear_backend"])
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.editable = EditableModel.wrap(loaded.model, blocks=margs.get("blocks"), mlp=margs.get("mlp"),
+                                           mlp_out=margs.get("mlp_out"))
+        self.model_key = f"{loaded.model_id}@{loaded.fingerprint}"  # names the unedited weights in every cache key
+        self.device = self.editable.parameter_device()
+        layers = resolve_layers(self.editable, spec, self.trial.name) if spec.edits_model else []
+        tracker.set_tags({"editgrid.layers": ",".join(map(str, layers)),
+                          "editgrid.model_fingerprint": loaded.fingerprint,
+                          "editgrid.linear_backend": loaded.linear_backend, "editgrid.linear_plan": loaded.linear_plan})
+        self.records = self._load_records()
+        self.requests = [to_request(r) for r in self.records]
+        self.stats = self._second_moments(layers)
+        self.method = self._assemble(layers)
+        self.live_weights = self.method.live_weights(self.editable)
+        self.scr = (ScrStage(spec, self.model, self.tokenizer, cfg["eval"]["batch_size"],
+                             embedder_device=self.device.type, progress=self.progress)
+                    if spec.retrieval else None)
+        retention = cfg["eval"]["retention"]
+        self.retention = RetentionPlan(len(self.requests), retention["sample_size"], retention["strata"],
+                                       seed=cfg["seed"] if retention["seed"] is None else retention["seed"])
+        started = time.perf_counter()
+        self.context = TrialContext(cfg=cfg, tracker=tracker, model=self.model, tokenizer=self.tokenizer,
+                                    records=self.records, model_key=self.model_key, cache_dir=self.cache_dir,
+                                    method=self.method, live_weights=self.live_weights, scr=self.scr,
+                                    clock=self.clock, progress=self.progress)
+        self.evaluators = build_evaluators(self.context)
+        # Building the evaluators computes the unedited model's outputs (or reads them from the cache): step 0's cost.
+        self.evaluators_setup_seconds = time.perf_counter() - started
 
-    stats, moments, editor = None, {}, None
-    if spec.edits_weights:  # C for the solvers and for the drift diagnostic D of every weight-writing editor
-        stats_cfg = cfg["stats"]
-        stats = second_moments(editable, tokenizer, layers, parse_corpus(stats_cfg["corpus"]),
-                               stats_cfg["num_tokens"], model_key=model_key,
-                               cache_dir=cache_dir, max_length=stats_cfg["max_length"], progress=progress,
+    def _load_records(self) -> list[EditRecord]:
+        data, checkpoints = self.cfg["data"], self.cfg["edits"]["checkpoints"]
+        records = load_records(data["path"], format=data["format"], limit=data["limit"] or checkpoints[-1],
+                               offset=data["offset"])
+        if len(records) < checkpoints[-1]:
+            raise TrialError(f"trial {self.trial.name}: {data['path']} has {len(records)} usable records after offset "
+                             f"{data['offset']}, fewer than the last checkpoint {checkpoints[-1]}")
+        return records[:checkpoints[-1]]
+
+    def _second_moments(self, layers: list[int]):
+        """C for the solvers and for the drift diagnostic D of every weight-writing editor (None otherwise)."""
+        if not self.spec.edits_weights:
+            return None
+        stats_cfg = self.cfg["stats"]
+        stats = second_moments(self.editable, self.tokenizer, layers, parse_corpus(stats_cfg["corpus"]),
+                               stats_cfg["num_tokens"], model_key=self.model_key, cache_dir=self.cache_dir,
+                               max_length=stats_cfg["max_length"], progress=self.progress,
                                corpus_seed=stats_cfg["seed"],
                                forward_dtype=FORWARD_DTYPE_BY_NAME.get(stats_cfg["forward_dtype"]))
-        tracker.log_dict({"corpus": stats.corpus, "tokens": stats.tokens, "from_cache": stats.from_cache},
-                         "stats/second_moments.json")
-        moments = {layer: stats.moments[layer].to(device) for layer in layers}
-    if spec.edits_model:
-        context_groups = []
-        if spec.kind is None:  # v*'s context templates (locate-then-edit only)
-            context_groups = generate_context_templates(loaded.model, tokenizer, seed=cfg["seed"])
-            tracker.log_dict({"context_templates": context_groups}, "editing/context_templates.json")
-        editor = build_editor(spec, editable, tokenizer, layers, moments, context_groups, seed=cfg["seed"],
-                              cache_dir=cache_dir)
-    # The matrices the editor writes in place (none for editors that wrap a module with a memory, e.g. GRACE).
-    weight_layers = layers if spec.edits_weights else []
-    originals = {layer: editable.weight(layer).detach().clone() for layer in weight_layers}
-    live_weights = {layer: editable.weight(layer) for layer in weight_layers}
-    restraint = build_restraint(spec)
-    if restraint is not None:
-        restraint.prepare(originals)
-    eval_batch = cfg["eval"]["batch_size"]
-    scr = (ScrStage(spec, loaded.model, tokenizer, eval_batch, embedder_device=device.type, progress=progress)
-           if spec.retrieval else None)
+        self.tracker.log_dict({"corpus": stats.corpus, "tokens": stats.tokens, "from_cache": stats.from_cache},
+                              "stats/second_moments.json")
+        return stats
 
-    retention_cfg = cfg["eval"]["retention"]
-    retention = RetentionPlan(len(requests), retention_cfg["sample_size"], retention_cfg["strata"],
-                              seed=cfg["seed"] if retention_cfg["seed"] is None else retention_cfg["seed"])
-    # Every checkpoint's evaluation so far, step 0 included (cost/eval_share), and the peak memory so far.
-    clock = {"eval_seconds": 0.0, "peak_memory_mb": 0.0}
+    def _assemble(self, layers: list[int]) -> MethodAssembly:
+        groups = None
+        if self.spec.edits_model and self.spec.kind is None:  # v*'s context templates (locate-then-edit only)
+            groups = generate_context_templates(self.model, self.tokenizer, seed=self.cfg["seed"])
+            self.tracker.log_dict({"context_templates": groups}, "editing/context_templates.json")
+        try:
+            return assemble_method(self.spec, self.editable, self.tokenizer, layers,
+                                   self.stats.moments if self.stats is not None else {}, seed=self.cfg["seed"],
+                                   cache_dir=self.cache_dir, context_groups=groups)
+        except AssemblyError as err:
+            raise TrialError(f"trial {self.trial.name}: {err}") from err
 
-    def evaluate(step: int, edit_seconds: float, vstar_probs: list[float], newest_start: int = 0
-                 ) -> tuple[dict, dict]:
-        """Metrics after ``step`` edits (0 = before editing, over every record of the trial; later, over the
-        retention sample of the edits so far, evals/retention.py), and the per-record rows."""
+    # -- evaluation ---------------------------------------------------------------------------------------------
+
+    def evaluate(self, step: int, newest_start: int = 0) -> dict[str, float]:
+        """Every due evaluator after ``step`` edits (0 = before editing, over every record of the trial; later,
+        over the retention sample of the edits so far), then the cost/* and vstar/* metrics; logged at ``step``."""
         started = time.perf_counter()
-        sample = None
+        checkpoints = self.cfg["edits"]["checkpoints"]
         if step == 0:
-            subset = records
+            point = Checkpoint(step, self.records, None)
         else:
-            sample = retention.sample(step, newest_start,
-                                      score_all=step == checkpoints[-1] and retention_cfg["final"] == "all")
-            subset = [records[i] for i in sample.indices]
-        # PRUNE's official protocol: the restrained weights are the ones evaluated (and described by diag/*);
-        # the unrestrained ones are restored afterwards and editing continues from them.
+            final_all = step == checkpoints[-1] and self.cfg["eval"]["retention"]["final"] == "all"
+            sample = self.retention.sample(step, newest_start, score_all=final_all)
+            point = Checkpoint(step, [self.records[i] for i in sample.indices], sample)
+        seconds: dict[str, float] = {}
+        if step == 0:
+            seconds[COST_EVAL_SECONDS] = self.evaluators_setup_seconds
+        metrics: dict[str, float] = {}
+        # PRUNE's official protocol: the restrained weights are the ones evaluated (and described by diag/*); the
+        # unrestrained ones are restored afterwards and editing continues from them.
+        restraint = self.method.restraint
         once = step and restraint is not None and not restraint.every_step
-        swap = restraint.swapped_in(live_weights) if once else nullcontext()
-        with swap:
-            # SCR decides, with the model as it is now, what each evaluation prompt becomes (empty memory: itself).
-            scr_eval = scr.evaluate(subset) if scr is not None and step else None
-            if step == 0:  # the unedited model: the same for every trial on this model and data slice
-                evaluation = pre_edit.evaluation
-            else:
-                evaluation = evaluate_records(loaded.model, tokenizer, subset, reference=pre_edit.reference,
-                                              batch_size=eval_batch,
-                                              progress=f"evaluating {len(subset)} edits" if progress else None,
-                                              prompt_builder=scr_eval.prompt_builder if scr_eval else None)
-            metrics = dict(evaluation.metrics)
-            if sample is not None:  # stratified estimates with intervals replace the plain means of the sample
-                metrics.update(retention_metrics(sample, dict(zip(sample.indices, evaluation.per_record)),
-                                                 METRIC_ORDER))
-                metrics.update(edit_score(metrics))
-            if live_weights:
-                metrics.update(layer_diagnostics(live_weights, originals, moments))
-            eval_seconds = time.perf_counter() - started + (0.0 if step else pre_edit_seconds)
-            if protocol.active:  # generation + judge, general abilities, fluency: same model, same prompts
-                protocol_started = time.perf_counter()
-                protocol_metrics, protocol_tables = protocol.evaluate(
-                    step, subset, scr_eval.prompt_builder if scr_eval is not None else None)
-                metrics.update(protocol_metrics)
-                metrics["cost/protocol_eval_seconds"] = time.perf_counter() - protocol_started
-            if abilities is not None and abilities.due(step):  # step 0 from the shared cache
-                ability = abilities.evaluate(step)
-                metrics.update(ability.metrics)
-                tracker.log_table(ability.rows, f"{ABILITY_TABLES}/step_{step:06d}.json")
-                if step == 0:
-                    tracker.set_tags({"editgrid.abilities_from_cache": ability.from_cache})
-            if scr_eval is not None:
-                metrics.update(scr_eval.metrics)
-                metrics.update(scr.measure_latency(subset, cfg["eval"]["scr_latency_queries"]))
-        if scr is not None:
-            metrics["scr/memory_size"] = float(len(scr.memory))
-            if step:
-                metrics["scr/add_seconds_per_edit"] = scr_add_seconds / step
-        for artifact, rows in (protocol_tables.items() if protocol.active else ()):
-            tracker.log_table(rows, artifact)
-        if scr_eval is not None:
-            tracker.log_table(scr_eval.rows, f"tables/scr_decisions/step_{step:06d}.json")
-            with tempfile.TemporaryDirectory() as folder:  # the memory as of this checkpoint, reloadable
-                tracker.log_artifacts(str(scr.save(folder)), "checkpoints/scr_memory")
-        if step and restraint is not None:
-            metrics.update(restraint.metrics())
-        metrics["cost/stats_seconds"] = stats.seconds if stats is not None else 0.0
-        metrics["cost/eval_seconds"] = eval_seconds
-        # Everything this checkpoint evaluated (teacher-forced, protocol, abilities, SCR), against editing so far.
-        clock["eval_seconds"] += time.perf_counter() - started + (0.0 if step else pre_edit_seconds)
-        metrics["cost/eval_seconds_total"] = clock["eval_seconds"]
-        if step:
-            metrics["cost/eval_share"] = clock["eval_seconds"] / (clock["eval_seconds"] + edit_seconds)
+        with restraint.swapped_in(self.live_weights) if once else nullcontext():
+            for evaluator in self.evaluators:
+                if not evaluator.due(step):
+                    continue
+                evaluator_started = time.perf_counter()
+                metrics.update(evaluator.evaluate(point))
+                if evaluator.cost_metric is not None:
+                    seconds[evaluator.cost_metric] = (seconds.get(evaluator.cost_metric, 0.0)
+                                                      + time.perf_counter() - evaluator_started)
+        metrics.update(seconds)
+        metrics.update(self._cost_metrics(step, time.perf_counter() - started
+                                          + (self.evaluators_setup_seconds if step == 0 else 0.0)))
+        if self.vstar_probs:
+            metrics[VSTAR_TARGET_PROB] = sum(self.vstar_probs) / len(self.vstar_probs)
+            metrics[VSTAR_TARGET_PROB_MIN] = min(self.vstar_probs)
+        self.tracker.log_metrics(metrics, step=step)
+        self.result.checkpoints.append({"step": step, **{k: v for k, v in metrics.items()
+                                                          if k.startswith(HEADLINE_PREFIXES)}})
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self.result.checkpoints[-1])
+        reset_peak_memory(self.device)
+        rows = point.record_rows
+        for case_id, notes in point.record_notes.items():
+            rows.setdefault(case_id, {}).update(notes)
+        if step == 0:
+            self.pre_rows = rows
+        else:
+            self.post_rows = rows
+        return metrics
+
+    def _cost_metrics(self, step: int, evaluation_seconds: float) -> dict[str, float]:
+        clock = self.clock
+        clock.eval_seconds += evaluation_seconds
         # Peak since the previous checkpoint (editing + this evaluation): flat in N when nothing grows with it.
-        interval_peak = peak_memory_mb(device)
-        clock["peak_memory_mb"] = max(clock["peak_memory_mb"], interval_peak)
-        metrics["cost/interval_peak_memory_mb"] = interval_peak
-        metrics["cost/peak_memory_mb"] = clock["peak_memory_mb"]
+        interval_peak = peak_memory_mb(self.device)
+        clock.peak_memory_mb = max(clock.peak_memory_mb, interval_peak)
+        metrics = {COST_STATS_SECONDS: self.stats.seconds if self.stats is not None else 0.0,
+                   # everything this checkpoint evaluated (every family), against editing so far
+                   COST_EVAL_SECONDS_TOTAL: clock.eval_seconds,
+                   COST_INTERVAL_PEAK_MEMORY_MB: interval_peak, COST_PEAK_MEMORY_MB: clock.peak_memory_mb}
         if step:
-            metrics["cost/seconds_per_edit"] = edit_seconds / step
-        if vstar_probs:
-            metrics["vstar/target_prob"] = sum(vstar_probs) / len(vstar_probs)
-            metrics["vstar/target_prob_min"] = min(vstar_probs)
-        tracker.log_metrics(metrics, step=step)
-        result.checkpoints.append({"step": step, **{k: v for k, v in metrics.items()
-                                                     if k.startswith(("edit/", "cost/seconds", "cost/eval_share",
-                                                                      "vstar/"))}})
-        if on_checkpoint is not None:
-            on_checkpoint(result.checkpoints[-1])
-        reset_peak_memory(device)
-        rows = {row["case_id"]: dict(row) for row in evaluation.per_record}
-        for decision in scr_eval.rows if scr_eval is not None else []:
-            if decision["category"] == "rewrite":
-                rows[decision["case_id"]].update(scr_status=decision["status"], scr_chosen_id=decision["chosen_id"])
-        return rows, metrics
+            metrics[COST_EVAL_SHARE] = clock.eval_seconds / (clock.eval_seconds + clock.edit_seconds)
+            metrics[COST_SECONDS_PER_EDIT] = clock.edit_seconds / step
+        return metrics
 
-    pre_edit_started = time.perf_counter()
-    pre_edit = pre_edit_outputs(loaded.model, tokenizer, records, model_key, eval_batch, cache_dir,
-                                progress=f"evaluating the unedited model on {len(records)} edits" if progress else None)
-    pre_edit_seconds = time.perf_counter() - pre_edit_started  # counted in step 0's cost/eval_seconds
-    tracker.set_tags({"editgrid.pre_edit_from_cache": pre_edit.from_cache})
-    protocol = GenerationStage(cfg["eval"], loaded.model, tokenizer, records, model_key, cfg["model"], margs,
-                               cache_dir, progress=progress)
-    abilities = (AbilitiesEvaluator(AbilitySettings.from_config(cfg["eval"]["abilities"], eval_batch), loaded.model,
-                                    tokenizer, model_key, cache_dir, progress=progress)
-                 if (cfg["eval"].get("abilities") or {}).get("enabled") else None)
-    if protocol.judge is not None:
-        tracker.set_tags({"editgrid.protocol": "teacher_forced+generation_judge",
-                          "editgrid.judge": protocol.judge.backend.name,
-                          "editgrid.generation": json.dumps(protocol.settings.describe())})
-    edit_seconds, scr_add_seconds, vstar_probs = 0.0, 0.0, []
-    post_rows: dict = {}
-    if resume is None:
-        pre_rows, _ = evaluate(0, 0.0, [])
-        cursor = 0
-    else:
-        _restore(resume, editable, weight_layers, editor, scr)
-        pre_rows, post_rows, cursor = resume.pre_rows, resume.post_rows, resume.cursor
-        edit_seconds, scr_add_seconds = resume.edit_seconds, resume.scr_add_seconds
-        clock["eval_seconds"] = resume.eval_seconds
-        vstar_probs = list(resume.vstar_probs)
-        result.checkpoints.extend(resume.result_rows)
+    # -- editing ------------------------------------------------------------------------------------------------
 
-    def save_checkpoint(step: int) -> None:
-        state = TrialState(trial_id=trial.trial_id, cursor=step,
-                           weights={layer: editable.weight(layer) for layer in weight_layers},
-                           editor_state=editor.state_dict() if editor is not None else {},
-                           edit_seconds=edit_seconds, scr_add_seconds=scr_add_seconds, vstar_probs=vstar_probs,
-                           eval_seconds=clock["eval_seconds"],
-                           pre_rows=pre_rows, post_rows=post_rows, result_rows=result.checkpoints,
-                           rng_state=torch.get_rng_state())
-        store.save(state, tracker.run_id, scr_saver=scr.save if scr is not None else None)
-
-    bar = tqdm(total=len(requests), initial=cursor, desc=f"editing ({trial.name})", unit="edit",
-               disable=not progress)
-    for start, end in batches(len(requests), cfg["edits"]["batch_size"]):
-        if end <= cursor:  # applied before the checkpoint this attempt resumed from
-            continue
-        postfix = {}
+    def edit(self, start: int, end: int) -> dict:
+        """Apply requests [start, end) (and add them to SCR's memory); log the editor's per-batch metrics.
+        Returns the progress bar's postfix."""
+        postfix, editor, restraint = {}, self.method.editor, self.method.restraint
         if editor is not None:
-            report = editor.apply(requests[start:end])
-            edit_seconds += report.seconds
+            report = editor.apply(self.requests[start:end])
+            self.clock.edit_seconds += report.seconds
             if restraint is not None and restraint.every_step:
                 restrain_start = time.perf_counter()
-                restraint.apply_in_place(live_weights)  # PRUNE appendix C.6: the next batch edits restrained weights
-                edit_seconds += time.perf_counter() - restrain_start
+                restraint.apply_in_place(self.live_weights)  # PRUNE appendix C.6: the next batch edits restrained W
+                self.clock.edit_seconds += time.perf_counter() - restrain_start
             batch_metrics = editor.metrics()
-            batch_metrics.update({f"editing/L{layer}/update_norm": norm
-                                  for layer, norm in report.update_norm.items()})
-            batch_metrics.update({f"editing/L{layer}/residual_norm": norm
-                                  for layer, norm in report.residual_norm.items()})
-            tracker.log_metrics(batch_metrics, step=end)
-            vstar_probs.extend(report.target_prob)
+            for name, values in (("update_norm", report.update_norm), ("residual_norm", report.residual_norm)):
+                batch_metrics.update({editing_metric(layer, name): value for layer, value in values.items()})
+            self.tracker.log_metrics(batch_metrics, step=end)
+            self.vstar_probs.extend(report.target_prob)
             if report.target_prob:
                 postfix["vstar_p"] = f"{min(report.target_prob):.2f}"
-        if scr is not None:
-            added = scr.add(records[start:end])
-            scr_add_seconds += added
-            edit_seconds += added
-        bar.set_postfix(s_per_edit=f"{edit_seconds / end:.2f}", **postfix, refresh=False)
-        bar.update(end - start)
-        if any(not math.isfinite(float(weight.abs().max())) for weight in live_weights.values()):
-            raise TrialError(f"trial {trial.name}: edited weights became NaN/Inf after {end} edits")
-        if end in checkpoints:
-            bar.clear()
-            post_rows, metrics = evaluate(end, edit_seconds, vstar_probs, newest_start=start)
-            stopped = collapse_reason(cfg.get("stop_on_collapse") or {}, metrics, end, trial.name)
-            if stopped:
-                logger.warning("trial %s: %s; stopping early", trial.name, stopped)
-                tracker.set_tags({"editgrid.stopped_early": stopped})
-                break
-            if store is not None and (end < checkpoints[-1] or (cfg.get("checkpoints") or {}).get("keep_final")):
-                save_checkpoint(end)
-            bar.refresh()
-    bar.close()
+        if self.scr is not None:
+            added = self.scr.add(self.records[start:end])
+            self.clock.scr_add_seconds += added
+            self.clock.edit_seconds += added
+        if any(not math.isfinite(float(weight.abs().max())) for weight in self.live_weights.values()):
+            raise TrialError(f"trial {self.trial.name}: edited weights became NaN/Inf after {end} edits")
+        return postfix
 
-    table = []
-    for record in records:
-        pre, post = pre_rows.get(record.case_id, {}), post_rows.get(record.case_id, {})
-        row = {"case_id": record.case_id, "subject": record.subject, "prompt": record.prompt,
-               "target_true": record.target_true, "target_new": record.target_new}
-        row.update({f"pre_{k}": v for k, v in pre.items() if k not in ("case_id", "source", "protocol")})
-        row.update({f"post_{k}": v for k, v in post.items() if k not in ("case_id", "source", "protocol")})
-        table.append(row)
-    tracker.log_table(table, "tables/per_edit_results.json")
-    tracker.log_curves("plots/metrics_vs_edits.png", prefixes=("edit/",))
-    tracker.log_curves("plots/retention_by_age_vs_edits.png", prefixes=("retention/",))
-    if protocol.active:
-        tracker.log_curves("plots/generation_vs_edits.png", prefixes=("judge/", "gen/", "general/"))
-    if abilities is not None:
-        tracker.log_curves(ABILITY_CURVES, prefixes=("abilities/",))
-    if live_weights:
-        tracker.log_curves("plots/diagnostics_vs_edits.png", prefixes=("diag/",))
-    if scr is not None:
-        tracker.log_curves("plots/scr_vs_edits.png", prefixes=("scr/recall_at_k/", "scr/acceptance_rate",
-                                                             "scr/correct_selection_rate",
-                                                             "scr/locality_rejection_rate"))
+    # -- checkpoints --------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self, step: int) -> None:
+        editor = self.method.editor
+        state = TrialState(trial_id=self.trial.trial_id, cursor=step,
+                           weights={layer: self.editable.weight(layer) for layer in self.method.weight_layers},
+                           editor_state=editor.state_dict() if editor is not None else {},
+                           edit_seconds=self.clock.edit_seconds, scr_add_seconds=self.clock.scr_add_seconds,
+                           vstar_probs=self.vstar_probs, eval_seconds=self.clock.eval_seconds,
+                           pre_rows=self.pre_rows, post_rows=self.post_rows, result_rows=self.result.checkpoints,
+                           rng_state=torch.get_rng_state())
+        self.store.save(state, self.tracker.run_id, scr_saver=self.scr.save if self.scr is not None else None)
+
+    def restore(self, state: TrialState) -> None:
+        """Put the model, the editor, the SCR memory and the running totals back as they were at ``state.cursor``
+        edits."""
+        layers = self.method.weight_layers
+        if sorted(state.weights) != sorted(layers):
+            raise TrialError(f"checkpoint after {state.cursor} edits holds layers {sorted(state.weights)}, the trial "
+                             f"edits {layers}")
+        with torch.no_grad():
+            for layer in layers:
+                self.editable.weight(layer).copy_(state.weights[layer])
+        if self.method.editor is not None:
+            self.method.editor.load_state_dict(state.editor_state)
+        if self.scr is not None:
+            if state.scr_memory is None:
+                raise TrialError(f"checkpoint after {state.cursor} edits has no SCR memory")
+            self.scr.restore(state.scr_memory)
+        torch.set_rng_state(state.rng_state)
+        self.pre_rows, self.post_rows = state.pre_rows, state.post_rows
+        self.clock.edit_seconds, self.clock.scr_add_seconds = state.edit_seconds, state.scr_add_seconds
+        self.clock.eval_seconds = state.eval_seconds
+        self.vstar_probs = list(state.vstar_probs)
+        self.result.checkpoints.extend(state.result_rows)
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+
+    def run(self, resume: TrialState | None = None) -> None:
+        cfg, checkpoints = self.cfg, self.cfg["edits"]["checkpoints"]
+        if resume is None:
+            self.evaluate(0)
+            cursor = 0
+        else:
+            self.restore(resume)
+            cursor = resume.cursor
+        bar = tqdm(total=len(self.requests), initial=cursor, desc=f"editing ({self.trial.name})", unit="edit",
+                   disable=not self.progress)
+        for start, end in batches(len(self.requests), cfg["edits"]["batch_size"]):
+            if end <= cursor:  # applied before the checkpoint this attempt resumed from
+                continue
+            postfix = self.edit(start, end)
+            bar.set_postfix(s_per_edit=f"{self.clock.edit_seconds / end:.2f}", **postfix, refresh=False)
+            bar.update(end - start)
+            if end in checkpoints:
+                bar.clear()
+                metrics = self.evaluate(end, newest_start=start)
+                stopped = collapse_reason(cfg.get("stop_on_collapse") or {}, metrics, end, self.trial.name)
+                if stopped:
+                    logger.warning("trial %s: %s; stopping early", self.trial.name, stopped)
+                    self.tracker.set_tags({"editgrid.stopped_early": stopped})
+                    break
+                if self.store is not None and (end < checkpoints[-1]
+                                               or (cfg.get("checkpoints") or {}).get("keep_final")):
+                    self.save_checkpoint(end)
+                bar.refresh()
+        bar.close()
+        self.finish()
+
+    def finish(self) -> None:
+        """The per-edit table (before and after) and every evaluator's curves."""
+        table = []
+        for record in self.records:
+            pre, post = self.pre_rows.get(record.case_id, {}), self.post_rows.get(record.case_id, {})
+            row = {"case_id": record.case_id, "subject": record.subject, "prompt": record.prompt,
+                   "target_true": record.target_true, "target_new": record.target_new}
+            row.update({f"pre_{k}": v for k, v in pre.items() if k not in ("case_id", "source", "protocol")})
+            row.update({f"post_{k}": v for k, v in post.items() if k not in ("case_id", "source", "protocol")})
+            table.append(row)
+        self.tracker.log_table(table, "tables/per_edit_results.json")
+        for evaluator in self.evaluators:
+            for artifact, prefixes in evaluator.curves:
+                self.tracker.log_curves(artifact, prefixes=prefixes)

@@ -94,23 +94,23 @@ def _share(flags: list[bool]) -> float | None:
 
 
 def scr_metrics(queries: list[ScrQuery], decisions: dict[str, ScrDecision], top_k: int) -> dict[str, float]:
-    """``scr/*`` metrics of one evaluation (see the README's metric contract)."""
+    """The rates of one evaluation, unprefixed (the grid logs them as ``scr/<name>``: grid/scr_stage.py)."""
     metrics: dict[str, float] = {}
     in_scope = [q for q in queries if q.category in IN_SCOPE]
     for category in IN_SCOPE:
         flags = [any(h.fact_id == q.fact_id for h in decisions[q.text].hits) for q in in_scope if q.category == category]
         value = _share(flags)
         if value is not None:
-            metrics[f"scr/recall_at_k/{category}"] = value
+            metrics[f"recall_at_k/{category}"] = value
     accepted = [decisions[q.text].status == "accepted" for q in in_scope]
     correct = [decisions[q.text].chosen is not None and decisions[q.text].chosen.fact_id == q.fact_id for q in in_scope]
     local = [q for q in queries if q.category == LOCALITY]
     rejected = [decisions[q.text].status != "accepted" for q in local]
     everything = list(dict.fromkeys(q.text for q in queries))
     unparsable = [decisions[t].status == "unparsable" for t in everything]
-    for name, value in (("scr/acceptance_rate", _share(accepted)), ("scr/correct_selection_rate", _share(correct)),
-                        ("scr/locality_rejection_rate", _share(rejected)), ("scr/unparsable_rate", _share(unparsable))):
+    for name, value in (("acceptance_rate", _share(accepted)), ("correct_selection_rate", _share(correct)),
+                        ("locality_rejection_rate", _share(rejected)), ("unparsable_rate", _share(unparsable))):
         if value is not None:
             metrics[name] = value
-    metrics["scr/top_k"] = float(top_k)
+    metrics["top_k"] = float(top_k)
     return metrics

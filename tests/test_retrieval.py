@@ -228,6 +228,6 @@ def test_scr_metrics_count_recall_selection_and_locality():
     queries = [ScrQuery("r1", "rewrite", "a"), ScrQuery("r2", "rewrite", "b"),
                ScrQuery("p1", "generalization", "a"), ScrQuery("n1", "locality"), ScrQuery("n2", "locality")]
     metrics = scr_metrics(queries, decisions, top_k=2)
-    assert metrics == {"scr/recall_at_k/rewrite": 0.5, "scr/recall_at_k/generalization": 1.0,
-                       "scr/acceptance_rate": pytest.approx(2 / 3), "scr/correct_selection_rate": pytest.approx(1 / 3),
-                       "scr/locality_rejection_rate": 0.5, "scr/unparsable_rate": 0.2, "scr/top_k": 2.0}
+    assert metrics == {"recall_at_k/rewrite": 0.5, "recall_at_k/generalization": 1.0,
+                       "acceptance_rate": pytest.approx(2 / 3), "correct_selection_rate": pytest.approx(1 / 3),
+                       "locality_rejection_rate": 0.5, "unparsable_rate": 0.2, "top_k": 2.0}
