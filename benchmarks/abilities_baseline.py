@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from evals.abilities import (ACC, ACC_NORM, CHOICE_TASKS, DEFAULT_TASKS, TASK_NAMES, evaluate_abilities,  # noqa: E402
                              load_abilities, metric_name)
-from methods.models import load_model  # noqa: E402
+from methods.infra.models import load_model  # noqa: E402
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "abilities_baseline_smollm2.json"
 CARD = ("SmolLM2-135M-Instruct model card, Evaluation (lighteval, 0-shot); copy at remyolson/llm-lab "

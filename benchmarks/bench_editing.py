@@ -12,7 +12,7 @@ For one model it measures, separately:
   whatever the machine); the mean v* target probability; efficacy of the edited records; teacher-forced evaluation
   throughput on them (scored prompt/continuation pairs per second); peak memory of the editing alone
   (``edit peak MB``) and of the whole cell (``peak MB``): resident-set high-water mark reset per cell on Linux,
-  CUDA max allocated on GPU (methods/memory.py).
+  CUDA max allocated on GPU (methods/infra/memory.py).
 
 * autoregressive evaluation throughput (``--eval-generations N``): greedy answers to the first N evaluation
   prompts of the edited records per second, and the same model judging those answers (judgments/s);
@@ -62,13 +62,13 @@ from grid.assembly import assemble_method, resolve_layers
 from grid.config import method_settings, parse_override
 from grid.tracking import TrialTracker, format_summary_table, resolve_tracking_uri
 from grid.trial import batches, to_request
-from methods.arch import EditableModel
+from methods.infra.arch import EditableModel
 from methods.context import generate_context_templates
 from methods.corpus import parse_corpus
-from methods.cpu_linear import LINEAR_BACKENDS
-from methods.linear_plan import machine_identity
-from methods.memory import peak_memory_mb, reset_peak_memory
-from methods.models import load_model
+from methods.infra.cpu_linear import LINEAR_BACKENDS
+from methods.infra.linear_plan import machine_identity
+from methods.infra.memory import peak_memory_mb, reset_peak_memory
+from methods.infra.models import load_model
 from methods.stats import FORWARD_DTYPE_BY_NAME, second_moments
 from methods.targets import AUTOCAST_DTYPES
 

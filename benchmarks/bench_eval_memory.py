@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evals.datasets import load_records  # noqa: E402
 from evals.teacher_forced import compute_reference, evaluate_records  # noqa: E402
-from methods.models import load_model  # noqa: E402
+from methods.infra.models import load_model  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -2,12 +2,12 @@
 
 This machine's speed drifts by 10–20 % over minutes, so two benchmark runs taken at different times cannot tell
 a 1.2× kernel gain from drift. Here the backends run interleaved in one process on the same model
-(``methods.cpu_linear.route_linears`` switches them; ``onednn`` multiplies by packed weights, ``onednn-dense`` by
+(``methods.infra.cpu_linear.route_linears`` switches them; ``onednn`` multiplies by packed weights, ``onednn-dense`` by
 the dense ones): first single products of the model's own shapes (weights not in cache, as in a forward pass),
 then whole v* requests of the reference setting (layers 4–8, 25 steps, v_lr 0.1, the first N CounterFact
 records), each request timed under every backend (the order reversed from one request to the next), and the v*
 compared with aten's. ``auto`` is the default backend: the per-shape, per-row-band plan this machine measured
-(methods/linear_plan.py; read from ``--cache-dir`` or measured there first), whose measurements are printed too.
+(methods/infra/linear_plan.py; read from ``--cache-dir`` or measured there first), whose measurements are printed too.
 The packed copies are kept across the switches (``keep_packed``), as in a run that stays on one backend.
 
     .venv/bin/python benchmarks/bench_linear_backend.py --data ../shared/data/counterfact/counterfact-edit.json
@@ -27,14 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from grid.trial import to_request  # noqa: E402
-from methods.memory import peak_memory_mb  # noqa: E402
+from methods.infra.memory import peak_memory_mb  # noqa: E402
 from evals.datasets import load_records  # noqa: E402
-from methods.arch import EditableModel  # noqa: E402
+from methods.infra.arch import EditableModel  # noqa: E402
 from methods.context import generate_context_templates  # noqa: E402
-from methods.cache import default_cache_dir  # noqa: E402
-from methods.cpu_linear import LinearBackendError, resolve_linear_backend, route_linears  # noqa: E402
-from methods.linear_plan import plan_linears  # noqa: E402
-from methods.models import load_model  # noqa: E402
+from methods.infra.cache import default_cache_dir  # noqa: E402
+from methods.infra.cpu_linear import LinearBackendError, resolve_linear_backend, route_linears  # noqa: E402
+from methods.infra.linear_plan import plan_linears  # noqa: E402
+from methods.infra.models import load_model  # noqa: E402
 from methods.targets import TargetHParams, compute_target_values  # noqa: E402
 
 KERNELS = ("aten", "onednn-dense", "onednn")  # the single-product table's columns

@@ -26,9 +26,9 @@ import torch  # noqa: E402
 
 import methods.stats as current_stats  # noqa: E402
 from benchmarks.bench_editing import git_commit, write_reference_corpus  # noqa: E402
-from methods.arch import EditableModel  # noqa: E402
+from methods.infra.arch import EditableModel  # noqa: E402
 from methods.corpus import parse_corpus  # noqa: E402
-from methods.models import load_model  # noqa: E402
+from methods.infra.models import load_model  # noqa: E402
 
 
 def load_stats_module(path: Path):

@@ -23,8 +23,8 @@ import torch
 from evals.causal_trace import (HIDDEN, MLP, CausalTracer, TracingError, bootstrap_peak_frequencies,
                                 eligible_centres, embedding_noise_std, prepare_prompt, recommend_edit_layers,
                                 select_known_facts, summarise)
-from methods.arch import EditableModel
-from methods.models import load_model
+from methods.infra.arch import EditableModel
+from methods.infra.models import load_model
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "counterfact" / "counterfact-edit.json"
 EDIT_WIDTH = 5  # layers per recommended edit window, as in MEMIT/AlphaEdit's published tables

@@ -19,10 +19,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evals.datasets import load_records  # noqa: E402
-from methods.arch import EditableModel  # noqa: E402
-from methods.hooks import CaptureSite, capture  # noqa: E402
-from methods.models import load_model  # noqa: E402
-from methods.tokens import TextSpan, encode_spans  # noqa: E402
+from methods.infra.arch import EditableModel  # noqa: E402
+from methods.infra.hooks import CaptureSite, capture  # noqa: E402
+from methods.infra.models import load_model  # noqa: E402
+from methods.infra.tokens import TextSpan, encode_spans  # noqa: E402
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 

@@ -58,7 +58,7 @@ scores the unedited weights at every step.
 **The unedited model** gives the same numbers in every trial on the same weights, task files and settings: they are
 computed once and stored in ``<cache_dir>/abilities/<key>.json`` (``key`` = the model key, the task files' sha256,
 and every setting that changes a number, batch size included since batch composition moves fp32 logits in the last
-bits), built under the cache's file lock and renamed into place when complete (methods/cache.py), as
+bits), built under the cache's file lock and renamed into place when complete (methods/infra/cache.py), as
 evals/pre_edit.py does for the edit metrics. ``AbilitiesEvaluator.evaluate(0)`` reads it; later steps run the model.
 """
 
@@ -79,7 +79,7 @@ from evals.batching import left_padded, model_device, positions_from_mask
 from evals.jsonl import jsonl_objects
 from evals.teacher_forced import score_continuations
 from evals.metric_names import COST_ABILITIES_EVAL_SECONDS as COST_SECONDS, abilities_metric
-from methods.cache import cached_path, content_key
+from methods.infra.cache import cached_path, content_key
 
 FORMAT_VERSION = 1
 PREFIX = "abilities"  # the cache folder

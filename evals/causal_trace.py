@@ -29,8 +29,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from methods.arch import EditableModel
-from methods.kv_cache import returned_cache, with_cache
+from methods.infra.arch import EditableModel
+from methods.infra.kv_cache import returned_cache, with_cache
 
 MLP = "mlp"
 HIDDEN = "hidden"

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from evals.records import EditRecord, PromptCase, Protocol
-from methods.cache import hub_offline
+from methods.infra.cache import hub_offline
 
 BUILTIN_NAME = "builtin"
 BUILTIN_EDITS_PATH = Path(__file__).resolve().parent / "data" / "builtin_edits.json"

@@ -25,7 +25,7 @@ from evals.answer_backends import AnswerBackend
 from evals.autoregressive import GenerationSettings, answer_queries, generate_answers
 from evals.records import EditRecord
 from evals.teacher_forced import EvalResult, PreEditReference, compute_reference, evaluate_records
-from methods.cache import cached_path, content_key
+from methods.infra.cache import cached_path, content_key
 
 FORMAT_VERSION = 1
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from evals.batching import left_padded, model_device, positions_from_mask
 from evals.records import EditRecord, PromptCase
 from evals.metric_names import EDIT_RATES as METRIC_ORDER, EDIT_SCORE, EVAL_NUM_RECORDS, SCORE_PARTS, edit_metric
-from methods.kv_cache import cache_argument, with_cache
+from methods.infra.kv_cache import cache_argument, with_cache
 
 GAP_METRICS = ("efficacy_prob_gap", "generalization_prob_gap", "specificity_prob_gap")
 PROTOCOLS = ("probability", "token_accuracy")

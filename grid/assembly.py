@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from methods.arch import EditableModel
+from methods.infra.arch import EditableModel
 from methods.context import generate_context_templates
 from methods.stages import FINE_TUNING, NO_SOLVER, MethodSpec, build_editor, build_restraint
 

@@ -22,16 +22,16 @@ import yaml
 from evals.abilities import DEFAULT_TASKS as ABILITY_TASKS
 from evals.datasets import BUILTIN_NAME, DATASET_FORMATS, HUB_PREFIX
 from methods.corpus import CorpusError, parse_corpus
-from methods.cpu_linear import LinearBackendError, resolve_linear_backend
-from methods.models import DTYPES, EMBEDDED_MODELS
+from methods.infra.cpu_linear import LinearBackendError, resolve_linear_backend
+from methods.infra.models import DTYPES, EMBEDDED_MODELS
 from methods.stages import LOCATE_THEN_EDIT, NO_SOLVER, REQUIRED, MethodSpec, method_problems
 from methods.stats import FORWARD_DTYPE_BY_NAME
 
 DEFAULTS: dict[str, Any] = {
     "experiment": "editgrid",
     "model": "smollm2-135m",
-    # linear_backend: the kernel of the model's nn.Linear products (methods/cpu_linear.py); auto = per weight shape
-    # and row band whichever of oneDNN and PyTorch measured faster on this CPU (methods/linear_plan.py)
+    # linear_backend: the kernel of the model's nn.Linear products (methods/infra/cpu_linear.py); auto = per weight shape
+    # and row band whichever of oneDNN and PyTorch measured faster on this CPU (methods/infra/linear_plan.py)
     "model_args": {"dtype": "auto", "device": "auto", "blocks": None, "mlp": None, "mlp_out": None,
                    "linear_backend": "auto"},
     "data": {"path": BUILTIN_NAME, "format": "auto", "limit": None, "offset": 0},
@@ -715,7 +715,7 @@ def layer_problems(trials: list[Trial]) -> list[str]:
     """
     from transformers import AutoConfig
 
-    from methods.models import model_folder
+    from methods.infra.models import model_folder
 
     depth: dict[str, int | None] = {}
     problems = []

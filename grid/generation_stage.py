@@ -56,7 +56,7 @@ def build_judge(judge_cfg: dict, trial_model: str, model_args: dict, cache_dir: 
     elif backend_name == "vllm":
         backend = VllmJudge(judge_cfg["model"], chat_template=judge_cfg["chat_template"])
     else:
-        from methods.models import load_model
+        from methods.infra.models import load_model
 
         name = judge_cfg["model"] or trial_model
         loaded = load_model(name, dtype=model_args["dtype"], device=model_args["device"], cache_dir=cache_dir,
@@ -75,7 +75,7 @@ def build_unedited_backend(section: dict, trial_model: str, model_args: dict, ca
     if section["backend"] == "openai":
         return OpenAICompletionsAnswers(section["base_url"], section["model"], **endpoint_settings(section))
     if section["backend"] == "vllm":
-        from methods.models import model_folder
+        from methods.infra.models import model_folder
 
         folder = section["model"] or model_folder(trial_model, cache_dir=cache_dir)
         dtype = model_args["dtype"] if model_args["dtype"] in ("float32", "float16", "bfloat16") else "auto"

@@ -62,12 +62,12 @@ from grid.gridrun import delete_runs, unfinished_trial_runs
 from grid.scr_stage import ScrStage
 from grid.tracking import TrialTracker
 from grid.trial_checkpoint import TrialCheckpoints, TrialState
-from methods.arch import EditableModel
-from methods.cache import default_cache_dir
+from methods.infra.arch import EditableModel
+from methods.infra.cache import default_cache_dir
 from methods.context import generate_context_templates
 from methods.corpus import parse_corpus
-from methods.memory import peak_memory_mb, reset_peak_memory
-from methods.models import load_model
+from methods.infra.memory import peak_memory_mb, reset_peak_memory
+from methods.infra.models import load_model
 from methods.requests import EditRequest
 from methods.stages import MethodSpec
 from methods.stats import FORWARD_DTYPE_BY_NAME, second_moments

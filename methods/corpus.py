@@ -29,7 +29,7 @@ from typing import Iterator
 
 import torch
 
-from methods.cache import cached_path, content_key, default_cache_dir, hub_offline
+from methods.infra.cache import cached_path, content_key, default_cache_dir, hub_offline
 
 MODEL_SAMPLES = "model-samples"
 HF_PREFIX = "hf:"
@@ -185,7 +185,7 @@ def iter_corpus_texts(spec: CorpusSpec, model: torch.nn.Module | None = None, to
             raise CorpusError("the model-samples corpus needs the model and its tokenizer")
         fingerprint = model_fingerprint
         if not fingerprint:
-            from methods.models import weights_fingerprint
+            from methods.infra.models import weights_fingerprint
             fingerprint = weights_fingerprint(model)
         yield from _iter_model_samples(model, tokenizer, spec.sampling or SampleSettings(), seed, fingerprint,
                                        Path(cache_dir) if cache_dir else default_cache_dir(), progress)

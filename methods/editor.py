@@ -28,7 +28,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from methods.arch import EditableModel
+from methods.infra.arch import EditableModel
 from methods.keys import compute_keys, compute_keys_and_site_outputs
 from methods.requests import EditRequest
 from methods.solvers.base import Solver

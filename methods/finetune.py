@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from methods.arch import EditableModel
+from methods.infra.arch import EditableModel
 from methods.editor import BatchReport, UpdateTransform, load_transform_states, transform_states
 from methods.requests import EditRequest
-from methods.tokens import TextSpan, encode_spans
+from methods.infra.tokens import TextSpan, encode_spans
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from methods.arch import EditableModel
+from methods.infra.arch import EditableModel
 from methods.context import flatten_templates
-from methods.hooks import CaptureSite, capture
+from methods.infra.hooks import CaptureSite, capture
 from methods.requests import EditRequest
-from methods.tokens import encode_spans, subject_span
+from methods.infra.tokens import encode_spans, subject_span
 
 
 def _subject_batch(tokenizer, requests: list[EditRequest], templates: list[str]):

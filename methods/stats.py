@@ -30,8 +30,8 @@ import torch
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from methods.arch import EditableModel
-from methods.cache import content_key, default_cache_dir
+from methods.infra.arch import EditableModel
+from methods.infra.cache import content_key, default_cache_dir
 from methods.corpus import CorpusSpec, corpus_identity, iter_corpus_texts
 
 STATS_VERSION = 1  # bump when the computation changes in a way that changes the numbers

@@ -39,11 +39,11 @@ import torch
 import torch.nn.functional as F
 
 from methods.context import flatten_templates
-from methods.cpu_linear import OneDnnLinear
-from methods.hooks import CaptureSite, add_at_positions, capture
-from methods.kv_cache import with_cache
+from methods.infra.cpu_linear import OneDnnLinear
+from methods.infra.hooks import CaptureSite, add_at_positions, capture
+from methods.infra.kv_cache import with_cache
 from methods.requests import EditRequest
-from methods.tokens import EncodedBatch, TextSpan, encode_spans
+from methods.infra.tokens import EncodedBatch, TextSpan, encode_spans
 
 KL_PROMPT = "{} is a"
 
@@ -89,7 +89,7 @@ def _head_logits(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     With the few rows v* reads (7 at batch 1) one product against the whole vocab × d weight hits a slow BLAS
     path on CPU: 32 ms forward + 25 ms backward for SmolLM2 here, against 12 + 12 ms in 2048-row chunks (never
     slower from 1 to 112 rows). Autograd sums the chunks' input gradients, so the backward is chunked too.
-    A head that oneDNN computes at this row count (methods/cpu_linear.py) needs no chunks: its forward on 7 rows
+    A head that oneDNN computes at this row count (methods/infra/cpu_linear.py) needs no chunks: its forward on 7 rows
     took 7.9 ms, 4.7 ms with packed weights.
     """
     if not isinstance(head, torch.nn.Linear) or (isinstance(head, OneDnnLinear) and head.takes_over(hidden)):

@@ -24,7 +24,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def smol_folder() -> str:
-    from methods.models import model_folder
+    from methods.infra.models import model_folder
     return model_folder("smollm2-135m")
 
 
@@ -40,7 +40,7 @@ def smol_tokenizer(smol_folder):
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M (LoadedModel). Tests that edit it must restore the weights they change."""
-    from methods.models import load_model
+    from methods.infra.models import load_model
     return load_model("smollm2-135m")
 
 

@@ -105,7 +105,7 @@ def test_reference_corpus_of_the_shared_data_is_the_issues_corpus(shared_data, t
 
 
 def test_bench_linear_backend_smoke(tmp_path, tiny_llama_dir, shared_data, capsys):
-    from methods.cpu_linear import onednn_available
+    from methods.infra.cpu_linear import onednn_available
 
     if not onednn_available():
         import pytest
@@ -127,8 +127,8 @@ def test_bench_linear_backend_smoke(tmp_path, tiny_llama_dir, shared_data, capsy
                for row in results["products"])
     plan = results["auto_plan"]  # only the tiny model's 64->49152 head is big enough for oneDNN to take over
     # ... and only at the row bands within the output-size cap (up to 8 rows: bands 1, 2–7 and 8)
-    from methods.cpu_linear import MAX_OUTPUT_ELEMENTS
-    from methods.linear_plan import ROW_BANDS
+    from methods.infra.cpu_linear import MAX_OUTPUT_ELEMENTS
+    from methods.infra.linear_plan import ROW_BANDS
     allowed = [band for band in ROW_BANDS if band[0] <= MAX_OUTPUT_ELEMENTS // 49152]
     assert [entry["product"] for entry in plan["measurements"]] == ["64->49152"] * len(allowed) == ["64->49152"] * 3
     assert [entry["band"][1] for entry in plan["measurements"]] == [1, 7, 8]

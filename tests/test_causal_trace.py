@@ -8,7 +8,7 @@ import torch
 from evals.causal_trace import (HIDDEN, MLP, CausalTracer, TracedPrompt, TracingError, bootstrap_peak_frequencies,
                                 eligible_centres, embedding_noise_std, prepare_prompt, recommend_edit_layers,
                                 select_known_facts, subject_token_span, summarise, window_layers)
-from methods.arch import EditableModel
+from methods.infra.arch import EditableModel
 
 MID_PROMPT = ("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "French")
 END_PROMPT = ("The capital city of France", "France", "Paris")  # one-token subject that ends the prompt

@@ -251,7 +251,7 @@ def test_protocol_sections_are_validated_with_every_problem_listed(tmp_path, mon
     with pytest.raises(ConfigError, match=r"model_args.linear_backend: linear backend 'mkl' is not one of "
                                           r"\['auto', 'onednn', 'onednn-dense', 'aten'\]"):
         _expand("model_args.linear_backend=mkl")
-    import methods.cpu_linear as cpu_linear
+    import methods.infra.cpu_linear as cpu_linear
 
     monkeypatch.setattr(cpu_linear, "onednn_available", lambda: False)
     with pytest.raises(ConfigError, match=r"model_args.linear_backend: linear backend 'onednn' asked for, but this "

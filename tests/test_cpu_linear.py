@@ -1,13 +1,13 @@
-"""oneDNN linear products (methods/cpu_linear.py): the same numbers as PyTorch's own, gradients included, and
+"""oneDNN linear products (methods/infra/cpu_linear.py): the same numbers as PyTorch's own, gradients included, and
 out of the way wherever they would not be the same computation."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from methods.cpu_linear import (LinearBackendError, OneDnnLinear, onednn_available, resolve_linear_backend,
+from methods.infra.cpu_linear import (LinearBackendError, OneDnnLinear, onednn_available, resolve_linear_backend,
                                 route_linears)
-from methods.models import ModelLoadError, load_model
+from methods.infra.models import ModelLoadError, load_model
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN linear")
 
@@ -32,7 +32,7 @@ def _logits_and_input_grad(model, ids):
 
 
 def test_routed_model_gives_the_same_logits_and_input_gradients(monkeypatch):
-    import methods.cpu_linear as cpu_linear
+    import methods.infra.cpu_linear as cpu_linear
 
     calls = []
     real = cpu_linear._onednn_product
@@ -55,7 +55,7 @@ def test_routed_model_gives_the_same_logits_and_input_gradients(monkeypatch):
 
 
 def test_the_kernel_is_called_only_where_it_computes_the_same_product(monkeypatch):
-    import methods.cpu_linear as cpu_linear
+    import methods.infra.cpu_linear as cpu_linear
 
     calls = []
     real = cpu_linear._onednn_product
@@ -99,7 +99,7 @@ def test_backend_choice_and_errors(monkeypatch):
     assert resolve_linear_backend("aten", torch.device("cpu")) == "aten"
     with pytest.raises(LinearBackendError, match="'mkl' is not one of"):
         resolve_linear_backend("mkl", torch.device("cpu"))
-    import methods.cpu_linear as cpu_linear
+    import methods.infra.cpu_linear as cpu_linear
 
     monkeypatch.setattr(cpu_linear, "onednn_available", lambda: False)
     assert resolve_linear_backend("auto", torch.device("cpu")) == "aten"
@@ -118,8 +118,8 @@ def test_loaded_model_records_its_backend(smollm2):
 def test_packed_weights_are_reused_and_repacked_after_an_in_place_edit(monkeypatch):
     import copy
 
-    import methods.cpu_linear as cpu_linear
-    from methods.arch import EditableModel
+    import methods.infra.cpu_linear as cpu_linear
+    from methods.infra.arch import EditableModel
 
     monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 0)
     model = _tiny_llama()
@@ -152,7 +152,7 @@ def test_packed_weights_are_reused_and_repacked_after_an_in_place_edit(monkeypat
 
 
 def test_without_packing_support_the_dense_weight_is_used(monkeypatch):
-    import methods.cpu_linear as cpu_linear
+    import methods.infra.cpu_linear as cpu_linear
 
     monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 0)
     monkeypatch.setattr(cpu_linear, "packing_available", lambda: False)
@@ -169,7 +169,7 @@ def test_without_packing_support_the_dense_weight_is_used(monkeypatch):
 
 
 def test_dense_backend_computes_on_onednn_without_packed_copies(monkeypatch):
-    import methods.cpu_linear as cpu_linear
+    import methods.infra.cpu_linear as cpu_linear
 
     monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 0)
     calls = []
@@ -201,7 +201,7 @@ def test_dense_backend_computes_on_onednn_without_packed_copies(monkeypatch):
 
 
 def test_switching_backends_can_keep_the_packed_copies(monkeypatch):
-    import methods.cpu_linear as cpu_linear
+    import methods.infra.cpu_linear as cpu_linear
 
     monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 0)
     model = _tiny_llama()

@@ -1,6 +1,6 @@
 """The locate-then-edit machinery against straightforward references (ALGORITHMS.md §1–§3).
 
-* subject positions in padded batches (methods/tokens.py) and keys (methods/keys.py) against a plain hook on one
+* subject positions in padded batches (methods/infra/tokens.py) and keys (methods/keys.py) against a plain hook on one
   unpadded forward pass, on a Llama-style (nn.Linear) and a GPT-2-style (Conv1D) model;
 * v* (methods/targets.py, prefix KV cache + suffix re-runs) against a reference that runs every whole rewriting
   prompt unpadded with δ added by a hook, step for step; batch independence, the clamp, and that it learns;
@@ -20,9 +20,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods.arch import EditableModel
-from methods import cpu_linear
-from methods.cpu_linear import onednn_available, route_linears
+from methods.infra.arch import EditableModel
+from methods.infra import cpu_linear
+from methods.infra.cpu_linear import onednn_available, route_linears
 from methods.editor import LocateThenEditEditor
 from methods.keys import compute_keys, compute_site_outputs, compute_keys_and_site_outputs
 from methods.linalg import cholesky_factor, solve_gram_updated
@@ -31,7 +31,7 @@ from methods.solvers.alphaedit import AlphaEditSolver, nullspace_projector
 from methods.solvers.memit import MemitSolver
 from methods import targets
 from methods.targets import KL_PROMPT, TargetHParams, compute_target_values, plan_chunks
-from methods.tokens import TextSpan, encode_spans, subject_span
+from methods.infra.tokens import TextSpan, encode_spans, subject_span
 
 MODELS = ["tiny_llama", "tiny_gpt2"]
 

@@ -11,7 +11,7 @@ import torch
 from evals.datasets import load_records
 from evals.teacher_forced import evaluate_records
 from grid.trial import to_request
-from methods.arch import EditableModel
+from methods.infra.arch import EditableModel
 from methods.context import generate_context_templates
 from methods.corpus import parse_corpus
 from methods.editor import LocateThenEditEditor

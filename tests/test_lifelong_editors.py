@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from grid.config import ConfigError, expand_trials, load_config, method_settings
-from methods.arch import EditableModel
+from methods.infra.arch import EditableModel
 from methods.editors.grace import Codebook, GraceEditor, GraceHParams
 from methods.editors.ultraedit import (NORMALIZER_EPS, RunningMeanStd, UltraEditEditor, UltraEditHParams,
                                        ultraedit_delta)

@@ -1,14 +1,14 @@
-"""Backend auto (methods/linear_plan.py): each weight shape and row band goes to the kernel measured faster, the
+"""Backend auto (methods/infra/linear_plan.py): each weight shape and row band goes to the kernel measured faster, the
 plan is measured once per machine, and the routed model computes the same products."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import methods.cpu_linear as cpu_linear
-import methods.linear_plan as linear_plan
-from methods.cpu_linear import OneDnnLinear, onednn_available, route_linears
-from methods.linear_plan import LinearPlan, measure_plan, plan_linears, routable_linears
+import methods.infra.cpu_linear as cpu_linear
+import methods.infra.linear_plan as linear_plan
+from methods.infra.cpu_linear import OneDnnLinear, onednn_available, route_linears
+from methods.infra.linear_plan import LinearPlan, measure_plan, plan_linears, routable_linears
 
 pytestmark = pytest.mark.skipif(not cpu_linear.packing_available(), reason="this PyTorch build cannot pack for oneDNN")
 

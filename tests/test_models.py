@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from methods.arch import ArchitectureError, EditableModel, default_layer_window
-from methods.models import ModelLoadError, load_model, resolve_dtype
+from methods.infra.arch import ArchitectureError, EditableModel, default_layer_window
+from methods.infra.models import ModelLoadError, load_model, resolve_dtype
 
 
 @pytest.fixture()
@@ -24,7 +24,7 @@ def test_local_folder_loads_frozen_with_a_stable_fingerprint(gpt2_folder, tiny_g
     assert not any(p.requires_grad for p in first.model.parameters())
     assert torch.equal(first.model.transformer.h[1].mlp.c_proj.weight, tiny_gpt2.transformer.h[1].mlp.c_proj.weight)
     first.model.transformer.h[1].mlp.c_proj.weight.data[0, 0] += 1.0
-    from methods.models import weights_fingerprint
+    from methods.infra.models import weights_fingerprint
     assert weights_fingerprint(first.model) != second.fingerprint  # the key follows the weights, not the name
 
 

@@ -8,7 +8,7 @@ import pytest
 from evals.metric_names import family_of
 from grid.config import expand_trials, known_methods, load_config
 from grid.trial import run_trial
-from methods.cpu_linear import packing_available
+from methods.infra.cpu_linear import packing_available
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def test_preset_edits_smollm2_and_logs_its_stages(method, trial_env):
     tags = run.data.tags
     spec_solver = tags["editgrid.solver"]
     assert [name for name in names if family_of(name) is None] == []  # every name declared (evals/metric_names.py)
-    # which kernel ran the linear products: the measured plan of this machine (methods/linear_plan.py)
+    # which kernel ran the linear products: the measured plan of this machine (methods/infra/linear_plan.py)
     if packing_available():
         assert tags["editgrid.linear_backend"] == "auto"
         assert tags["editgrid.linear_plan"].startswith(("oneDNN: ", "PyTorch for every product"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from methods.arch import EditableModel
+from methods.infra.arch import EditableModel
 from methods.drift import preservation_drift
 from methods.editor import LocateThenEditEditor
 from methods.finetune import FineTuneEditor, FineTuneHParams, target_nll_batch

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from methods.arch import EditableModel
+from methods.infra.arch import EditableModel
 from methods.corpus import CorpusError, corpus_identity, iter_corpus_texts, parse_corpus
 from methods.stats import (GramAccumulator, StatsError, add_gram_upper, count_repeats, pack_batches,
                            second_moments, upper_to_full)

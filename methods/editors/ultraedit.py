@@ -33,10 +33,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from methods.arch import EditableModel
+from methods.infra.arch import EditableModel
 from methods.editor import BatchReport
 from methods.finetune import target_nll_batch
-from methods.hooks import hidden_of, replace_hidden
+from methods.infra.hooks import hidden_of, replace_hidden
 from methods.requests import EditRequest
 from methods.targets import logits_at
 

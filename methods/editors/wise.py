@@ -46,12 +46,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from methods.arch import EditableModel
+from methods.infra.arch import EditableModel
 from methods.editor import BatchReport
 from methods.finetune import answer_positions
 from methods.requests import EditRequest
 from methods.targets import logits_at, replaying_below
-from methods.tokens import TextSpan, encode_spans
+from methods.infra.tokens import TextSpan, encode_spans
 
 TEMPLATE_STARTERS = ("I", "You", "Because", "Yes", "Q: ")
 TEMPLATE_LENGTHS = (5, 10)

@@ -12,7 +12,7 @@ Update: X = solve(P(KKᵀ + K_p K_pᵀ) + α I, P K Rᵀ), Δ = Xᵀ = R (solve(
 the batch's keys, re-read on the edited model, are added to K_p K_pᵀ (the past-edit memory). λ does not enter.
 
 With a ``cache_dir`` the projectors are computed once per (C, null-space rule) and shared by every trial through
-``<cache_dir>/projectors/<key>.pt``, keyed by a hash of C's bytes (methods/cache.py: concurrent trials wait for
+``<cache_dir>/projectors/<key>.pt``, keyed by a hash of C's bytes (methods/infra/cache.py: concurrent trials wait for
 the first instead of recomputing the m×m eigendecomposition).
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from methods.cache import cached_path, content_key
+from methods.infra.cache import cached_path, content_key
 from methods.linalg import general_solve
 from methods.solvers.base import SolverDefaults
 

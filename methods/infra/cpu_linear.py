@@ -10,7 +10,7 @@ there on SmolLM2's shapes, weights not in cache, 14 rows: 576→1536 forward 439
 227 µs packed; its input gradient 468, 269 and 235 µs; the 576→576 projections 174 µs on MKL, 89 µs packed; the
 49,152-word output head on 7 rows 33.7 ms on MKL, 7.9 ms on oneDNN, 4.7 ms packed. On the project's Intel Xeon
 VM it is the other way round for the MLP and attention shapes (MKL faster; oneDNN only wins on the output head at
-2–31 rows), which is why the default backend ``auto`` measures per shape and row band (methods/linear_plan.py)
+2–31 rows), which is why the default backend ``auto`` measures per shape and row band (methods/infra/linear_plan.py)
 instead of routing everything (``benchmarks/bench_linear_backend.py`` times the model's products and whole v*
 requests under each backend).
 
@@ -90,7 +90,7 @@ def _packed_weight(module: torch.nn.Linear, transposed: bool) -> torch.Tensor:
 
     Without packing support in this PyTorch build, the dense weight (or a transposed view of it)."""
     weight = module.weight
-    # A plain nn.Linear packs too: methods/linear_plan.py times oneDNN on modules before routing them.
+    # A plain nn.Linear packs too: methods/infra/linear_plan.py times oneDNN on modules before routing them.
     if not (getattr(module, "packs_weights", True) and packing_available()):
         return weight.t() if transposed else weight
     signature = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
@@ -167,7 +167,7 @@ class OneDnnLinear(torch.nn.Linear):
     """An ``nn.Linear`` whose product runs on oneDNN when that gives the same product (see module docstring).
 
     ``onednn_rows``: the row counts it computes there, as inclusive ranges within 1..MAX_ROWS; every other count
-    goes to ``F.linear``. The backend ``auto`` sets it per module from a measurement (methods/linear_plan.py)."""
+    goes to ``F.linear``. The backend ``auto`` sets it per module from a measurement (methods/infra/linear_plan.py)."""
 
     packs_weights = True
     onednn_rows: tuple[tuple[int, int], ...] = ALL_ROWS
@@ -186,7 +186,7 @@ class OneDnnLinear(torch.nn.Linear):
 
 def onednn_linear_with_grad(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``module``'s product on oneDNN from its packed weight, with the input gradient, whatever the module's class
-    and row ranges (for timing the kernel before routing: methods/linear_plan.py)."""
+    and row ranges (for timing the kernel before routing: methods/infra/linear_plan.py)."""
     return _OneDnnLinearFunction.apply(x, module.weight, module.bias, module)
 
 
@@ -204,7 +204,7 @@ RowRangesByShape = Mapping[tuple[int, int], tuple[tuple[int, int], ...]]
 
 def resolve_linear_backend(backend: str, device: torch.device) -> str:
     """``auto`` stays ``auto`` on CPU where oneDNN can pack weights (each weight shape and row band then goes to
-    whichever kernel measured faster on this machine: methods/linear_plan.py), else ``aten`` (PyTorch's own
+    whichever kernel measured faster on this machine: methods/infra/linear_plan.py), else ``aten`` (PyTorch's own
     dispatch)."""
     if backend not in LINEAR_BACKENDS:
         raise LinearBackendError(f"linear backend {backend!r} is not one of {list(LINEAR_BACKENDS)}")
@@ -228,7 +228,7 @@ def route_linears(model: torch.nn.Module, backend: str, keep_packed: bool = Fals
     checked against the weight's storage and version before use)."""
     if backend == "auto":
         if rows_by_shape is None:
-            raise LinearBackendError("route_linears(backend='auto') needs rows_by_shape (methods/linear_plan.py)")
+            raise LinearBackendError("route_linears(backend='auto') needs rows_by_shape (methods/infra/linear_plan.py)")
     elif backend not in _CLASS_OF_BACKEND:
         raise LinearBackendError(f"route_linears takes one of {[*_CLASS_OF_BACKEND, 'auto']}, got {backend!r}")
     changed = 0

@@ -92,7 +92,7 @@ class EditableModel:
                             default_layers=base.default_layers)
         if spec is None or not (spec.blocks and spec.mlp and spec.mlp_out):
             raise ArchitectureError(
-                f"model_type {model_type!r} is not in methods/arch.py's table ({', '.join(sorted(ARCHITECTURES))}); "
+                f"model_type {model_type!r} is not in methods/infra/arch.py's table ({', '.join(sorted(ARCHITECTURES))}); "
                 "set model_args.blocks, model_args.mlp and model_args.mlp_out in the config "
                 "(e.g. blocks=model.layers, mlp=mlp, mlp_out=mlp.down_proj)")
         editable = cls(model=model, spec=spec)
@@ -139,7 +139,7 @@ class EditableModel:
 
     def weight(self, layer: int) -> torch.Tensor:
         """The edited matrix W (d×m) as a view of the parameter. A ``detach()`` view, not ``.data``: in-place edits
-        through it advance the parameter's version counter, by which derived copies (methods/cpu_linear.py's packed
+        through it advance the parameter's version counter, by which derived copies (methods/infra/cpu_linear.py's packed
         weights) notice that the weight changed."""
         param = self.mlp_out(layer).weight.detach()
         return param.t() if self.is_transposed(layer) else param

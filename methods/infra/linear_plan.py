@@ -5,7 +5,7 @@ walks the weight, and which kernel does that best depends on the CPU (``benchmar
 on the project's AMD EPYC VMs oneDNN's packed kernel ran SmolLM2's MLP shapes 1.2–1.7× faster than MKL at 7–128
 rows; on its Intel Xeon VM MKL ran them faster (oneDNN at 0.4–1.0× of its speed) except the 49,152-word output
 head at 4–16 rows (oneDNN 1.2–2.2×). So ``auto`` measures rather than guesses: for every weight shape that
-methods/cpu_linear.py may route (fp32, at least ``MIN_WEIGHT_ELEMENTS``) and every row band, the forward product
+methods/infra/cpu_linear.py may route (fp32, at least ``MIN_WEIGHT_ELEMENTS``) and every row band, the forward product
 plus the input gradient's product, under PyTorch (``F.linear``) and under packed oneDNN, interleaved, cycling
 through up to ``MODULES_PER_SHAPE`` layers of the shape so that the weights are not all in cache (as in a
 forward pass). oneDNN gets a band when its median time is at most ``ONEDNN_SHARE`` of PyTorch's; a closer call
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from methods.cache import cached_path, content_key, default_cache_dir
-from methods.cpu_linear import MAX_OUTPUT_ELEMENTS, MAX_ROWS, MIN_WEIGHT_ELEMENTS, ROUTABLE_CLASSES, onednn_linear_with_grad
+from methods.infra.cache import cached_path, content_key, default_cache_dir
+from methods.infra.cpu_linear import MAX_OUTPUT_ELEMENTS, MAX_ROWS, MIN_WEIGHT_ELEMENTS, ROUTABLE_CLASSES, onednn_linear_with_grad
 
 PLAN_VERSION = 1  # bump when the measurement or the decision rule changes
 # Row bands (inclusive), each timed at its geometric middle: 1 row is batch-1 decoding, 8–31 v* at batch 1,
@@ -71,7 +71,7 @@ class LinearPlan:
 
 
 def routable_linears(model: torch.nn.Module) -> dict[tuple[int, int], list[torch.nn.Linear]]:
-    """The model's ``nn.Linear`` modules (subclasses from methods/cpu_linear.py included) whose products oneDNN
+    """The model's ``nn.Linear`` modules (subclasses from methods/infra/cpu_linear.py included) whose products oneDNN
     may take over, by weight shape."""
     by_shape: dict[tuple[int, int], list[torch.nn.Linear]] = {}
     for module in model.modules():
@@ -108,7 +108,7 @@ def plan_linears(model: torch.nn.Module, cache_dir: Path | None = None, progress
     by_shape = routable_linears(model)
     if not by_shape:
         return LinearPlan(rows_by_shape={})
-    description = {"what": "linear kernel plan (methods/linear_plan.py)", "version": PLAN_VERSION,
+    description = {"what": "linear kernel plan (methods/infra/linear_plan.py)", "version": PLAN_VERSION,
                    "machine": machine_identity(), "shapes": sorted(by_shape), "row_bands": ROW_BANDS,
                    "max_output_elements": MAX_OUTPUT_ELEMENTS,
                    "onednn_share": ONEDNN_SHARE, "modules_per_shape": MODULES_PER_SHAPE}

@@ -13,7 +13,7 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
-from methods.tokens import EncodedBatch
+from methods.infra.tokens import EncodedBatch
 
 
 class _StopForward(Exception):

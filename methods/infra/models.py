@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from methods.cache import cached_path, content_key, default_cache_dir
-from methods.cpu_linear import LinearBackendError, resolve_linear_backend, route_linears
-from methods.linear_plan import plan_linears
+from methods.infra.cache import cached_path, content_key, default_cache_dir
+from methods.infra.cpu_linear import LinearBackendError, resolve_linear_backend, route_linears
+from methods.infra.linear_plan import plan_linears
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,8 @@ class LoadedModel:
     tokenizer: object
     model_id: str  # what the user named (hub id, path or embedded name)
     fingerprint: str  # content hash of the weights the model was loaded with (part of every cache key)
-    linear_backend: str = "aten"  # which kernel runs its nn.Linear products (methods/cpu_linear.py)
-    linear_plan: str = ""  # with backend auto: which products went to oneDNN (methods/linear_plan.py)
+    linear_backend: str = "aten"  # which kernel runs its nn.Linear products (methods/infra/cpu_linear.py)
+    linear_plan: str = ""  # with backend auto: which products went to oneDNN (methods/infra/linear_plan.py)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -131,9 +131,9 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto",
                cache_dir: Path | None = None, linear_backend: str = "auto") -> LoadedModel:
     """Load a causal LM and its tokenizer (hub id, local folder, or an embedded name such as ``smollm2-135m``).
 
-    ``linear_backend`` picks the kernel of its ``nn.Linear`` products (methods/cpu_linear.py): ``auto`` is, on
+    ``linear_backend`` picks the kernel of its ``nn.Linear`` products (methods/infra/cpu_linear.py): ``auto`` is, on
     CPU, whichever of oneDNN and PyTorch's own dispatch measured faster on this machine per weight shape and row
-    band (methods/linear_plan.py; measured once per machine into ``cache_dir``), and PyTorch's dispatch elsewhere."""
+    band (methods/infra/linear_plan.py; measured once per machine into ``cache_dir``), and PyTorch's dispatch elsewhere."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_device = resolve_device(device)
