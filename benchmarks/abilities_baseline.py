@@ -1,11 +1,14 @@
 """The unedited model's general abilities (evals/abilities.py) beside SmolLM2-135M's published figures.
 
-Scores the likelihood tasks of an abilities folder (laid out like ``../shared/data/abilities``) on a model as loaded
+Scores the likelihood tasks of an abilities folder (laid out like the shared data's ``abilities/``) on a model as loaded
 by EditGrid (the embedded SmolLM2-135M-Instruct by default: a Q4_1 GGUF dequantised to fp32), prints a table of acc
 and acc_norm beside the published figures, and writes the results with the machine, versions and commit to JSON.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/abilities_baseline.py --data ../shared/data/abilities \\
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/abilities_baseline.py --data <data>/abilities \\
         --n-items 500 --wikitext-chars 0 --threads 1
+
+``<data>``: a folder of the data sets laid out like the project's shared data folder (``counterfact/``,
+``general/``, …).
 
 The published figures (``PUBLISHED``) are from the SmolLM2-135M-Instruct model card's "Evaluation" section
 (huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct; read here in the copy of that card at remyolson/llm-lab
@@ -60,7 +63,7 @@ def _comma_list(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="the abilities folder (e.g. ../shared/data/abilities)")
+    parser.add_argument("--data", required=True, help="the abilities folder (e.g. <data>/abilities)")
     parser.add_argument("--model", default="smollm2-135m", help="hub id, local folder or embedded name")
     parser.add_argument("--tasks", type=_comma_list, default=[*DEFAULT_TASKS, "winogrande"],
                         help="comma list (default: the trial defaults and winogrande)")

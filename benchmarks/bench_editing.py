@@ -23,11 +23,14 @@ Repeated figures are reported as median and min–max. The machine and library v
 
     .venv/bin/python benchmarks/bench_editing.py                      # SmolLM2, memit + alphaedit, 10 edits
     .venv/bin/python benchmarks/bench_editing.py --methods memit --batch-sizes 1,5 --repeats 3 --fresh-stats
-    .venv/bin/python benchmarks/bench_editing.py --reference-workload ../shared/data   # issue 7's side-by-side
+    .venv/bin/python benchmarks/bench_editing.py --reference-workload <data>   # issue 7's side-by-side
     .venv/bin/python benchmarks/bench_editing.py --batch-sizes 1,10,100 --num-edits 100 \
-        --data ../shared/data/counterfact/counterfact-edit.json --offset 2000     # long-horizon batch sizes
+        --data <data>/counterfact/counterfact-edit.json --offset 2000     # long-horizon batch sizes
 
-``--reference-workload DATA`` is the setting the reference toolkit was timed on (README "Speed"): layers 4–8,
+``<data>``: a folder of the data sets laid out like the project's shared data folder (``counterfact/``,
+``general/``, …).
+
+``--reference-workload DATA`` is the setting the reference toolkit was timed on (benchmarks/RESULTS.md): layers 4–8,
 the first 50 records of DATA/counterfact/counterfact-edit.json, batch 1, v* with v_lr 0.1 and 25 steps, and
 statistics from every sentence field longer than 20 characters of DATA/general/*.jsonl, one per line (8,920
 lines, 325k tokens), computed fresh. Options given explicitly still win.
@@ -76,7 +79,7 @@ DEFAULT_JSON = ROOT / "benchmarks" / "results" / "bench_editing.json"
 TABLE_COLUMNS = ["method", "v* autocast", "batch", "edits", "s/edit", "÷ batch 1", "÷ 1st method", "batch median", "batch min",
                  "batch max", "v* s/edit", "solve s/edit", "v* steps", "v* tokens/edit", "v* p", "efficacy",
                  "eval pairs/s", "eval/edit", "gen/s", "judge/s", "edit peak MB", "peak MB"]
-REFERENCE = {  # what --reference-workload sets (README "Speed"), unless given explicitly
+REFERENCE = {  # what --reference-workload sets (benchmarks/RESULTS.md), unless given explicitly
     "methods": ["memit", "alphaedit", "rome"], "num_edits": 50, "layers": [4, 5, 6, 7, 8],
     "hparams": {"v_lr": 0.1, "v_num_grad_steps": 25}, "stats_max_length": 1024, "stats_tokens": 10**7,
     "fresh_stats": True,

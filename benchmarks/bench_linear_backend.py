@@ -10,7 +10,10 @@ compared with aten's. ``auto`` is the default backend: the per-shape, per-row-ba
 (methods/infra/linear_plan.py; read from ``--cache-dir`` or measured there first), whose measurements are printed too.
 The packed copies are kept across the switches (``keep_packed``), as in a run that stays on one backend.
 
-    .venv/bin/python benchmarks/bench_linear_backend.py --data ../shared/data/counterfact/counterfact-edit.json
+    .venv/bin/python benchmarks/bench_linear_backend.py --data <data>/counterfact/counterfact-edit.json
+
+``<data>``: a folder of the data sets laid out like the project's shared data folder (``counterfact/``,
+``general/``, …).
 """
 
 from __future__ import annotations

@@ -6,7 +6,10 @@ an earlier commit with ``git show <commit>:methods/stats.py > /tmp/stats_old.py`
 fresh, alternating in one process on one loaded model (the order flips every round), and their C are compared.
 
     git show 8eafcb6:methods/stats.py > /tmp/stats_8eafcb6.py
-    .venv/bin/python benchmarks/bench_stats_paired.py --against /tmp/stats_8eafcb6.py --data ../shared/data
+    .venv/bin/python benchmarks/bench_stats_paired.py --against /tmp/stats_8eafcb6.py --data <data>
+
+``<data>``: a folder of the data sets laid out like the project's shared data folder (``counterfact/``,
+``general/``, …).
 """
 
 from __future__ import annotations

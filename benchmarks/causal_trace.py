@@ -1,12 +1,12 @@
 """Causal tracing of MLP indirect effects on CounterFact, to choose a model's edited layers with evidence.
 
-Example (the run behind README "How the SmolLM2 layers were chosen"):
+Example (the run behind docs/methods.md, "How the SmolLM2 layers were chosen"):
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/causal_trace.py --model smollm2-135m --num-facts 60 \
         --output-stem causal_trace_smollm2
 
 Writes ``<output-dir>/<output-stem>.json`` (per-layer AIE, counts, settings, peak and recommended layers) and
-``.png`` (AIE against layer), and prints a paragraph for the README.
+``.png`` (AIE against layer), and prints a paragraph for docs/methods.md.
 """
 
 from __future__ import annotations

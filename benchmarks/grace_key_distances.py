@@ -5,7 +5,10 @@ that space. This prints percentiles of the distance between an edit prompt's que
 prompt's, (b) the nearest other edit prompt's, (c) its own first paraphrase's, (d) its own first neighbourhood
 prompt's. A useful ε_init covers (c) without reaching (b) and (d).
 
-    .venv/bin/python benchmarks/grace_key_distances.py --layer 25 --data ../shared/data/counterfact/counterfact-edit.json --offset 5000 --num 100
+    .venv/bin/python benchmarks/grace_key_distances.py --layer 25 --data <data>/counterfact/counterfact-edit.json --offset 5000 --num 100
+
+``<data>``: a folder of the data sets laid out like the project's shared data folder (``counterfact/``,
+``general/``, …).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """General abilities scored by likelihood, the way lm-evaluation-harness scores them (issue 19, deliverable 3).
 
-The tasks read a folder laid out like ``../shared/data/abilities/`` (see its README.md; the folder is given by the
+The tasks read a folder laid out like the shared data's ``abilities/`` (see its README.md; the folder is given by the
 configuration, ``eval.abilities.path``): one JSONL file per multiple-choice task, ``{"id", "context", "choices",
 "answer"}`` with ``answer`` a 0-based index; ``lambada.jsonl`` with ``{"id", "text"}``; and ``wikitext2_test.txt``,
 raw WikiText-2 test text. Every task uses the first ``n_items`` items in file order, so every checkpoint of every

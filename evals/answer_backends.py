@@ -1,4 +1,4 @@
-"""Where greedy answers are generated (ALGORITHMS.md §10): the trial's in-process model, or — for the *unedited*
+"""Where greedy answers are generated (docs/second_protocol.md): the trial's in-process model, or — for the *unedited*
 model only — vLLM's offline engine or an OpenAI-compatible completions endpoint (``vllm serve``).
 
 Every backend returns raw continuations: greedy (temperature 0), at most ``max_new_tokens`` tokens, stopped at the

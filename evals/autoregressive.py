@@ -1,4 +1,4 @@
-"""The second protocol (ALGORITHMS.md §10, the Revisiting paper): answers are *generated* and graded by an LLM judge.
+"""The second protocol (Ren et al. §5.1; docs/second_protocol.md): answers are *generated* and graded by an LLM judge.
 
 For every record evaluated at a checkpoint the model greedily answers its prompts — rewrite (gold: the new target),
 paraphrases (gold: the new target), portability prompts (gold: their answers) and locality prompts (CounterFact

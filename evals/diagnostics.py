@@ -1,4 +1,4 @@
-"""Weight diagnostics of edited matrices (ALGORITHMS.md §10, "Weight and representation diagnostics").
+"""Weight diagnostics of edited matrices (docs/methods.md, "Evaluation protocols").
 
 Per edited matrix: its Frobenius norm and relative change (AdaEdit), its condition number and the largest
 singular value of the cumulative update ΔW = W − W₀ (PRUNE).

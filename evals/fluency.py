@@ -1,4 +1,4 @@
-"""Text quality: the n-gram entropy of generations (ALGORITHMS.md §10, "Fluency"), as the ROME/MEMIT line of papers
+"""Text quality: the n-gram entropy of generations (docs/methods.md), as the ROME/MEMIT line of papers
 computes it. Per text, with H_n the Shannon entropy in bits of its word n-gram frequency distribution:
 
     fluency(text) = mean(⅔ · H₂, ⁴⁄₃ · H₃)

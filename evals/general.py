@@ -1,6 +1,6 @@
-"""General abilities (ALGORITHMS.md §10): zero-shot SST-2, MRPC, CoLA, RTE, NLI and MMLU on the model as it is.
+"""General abilities (docs/methods.md): zero-shot SST-2, MRPC, CoLA, RTE, NLI and MMLU on the model as it is.
 
-Tasks read JSONL files laid out like ``../shared/data/general/<task>.jsonl`` (the GLUE/MMLU field names). Each item
+Tasks read JSONL files laid out like the shared data's ``general/<task>.jsonl`` (the GLUE/MMLU field names). Each item
 becomes a prompt that ends where the label word should follow. Two readings of the model's choice:
 
 * **teacher-forced** (``general/<task>``): the label whose word (with its leading space) has the highest total

@@ -1,4 +1,4 @@
-"""Greedy generation on the in-process model (ALGORITHMS.md §10, "Autoregressive"), batched with left padding.
+"""Greedy generation on the in-process model (docs/second_protocol.md), batched with left padding.
 
 ``generate_greedy`` works on the model exactly as it is in memory, so an edited model is generated from without
 any copy. A reply is cut at the first stop string (newline by default) and stripped; the raw text is kept too.

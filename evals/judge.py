@@ -1,4 +1,4 @@
-"""The LLM judge of the autoregressive protocol (ALGORITHMS.md §10, the Revisiting paper's grader, in our words).
+"""The LLM judge of the autoregressive protocol (Ren et al. §5.1; the grader in our words).
 
 A judgment grades one generated answer against the gold answer of its question: the grader prompt shows question,
 gold answer and prediction and asks for one letter, **A** (correct: the prediction carries the gold answer's key

@@ -1,7 +1,7 @@
 """The one record type every dataset loader maps to.
 
 A record is one requested edit plus the prompts used to evaluate it. Which teacher-forced protocol scores it
-(ALGORITHMS.md §10) is stored with it, so the evaluator never guesses from file names:
+(docs/methods.md, "Evaluation protocols") is stored with it, so the evaluator never guesses from file names:
 
 * ``protocol == "probability"`` (CounterFact, the built-in set): a prompt counts as edited when the mean per-token
   NLL of `` target_new`` is below that of `` target_true``; neighbourhood prompts count when the reverse holds.

@@ -1,4 +1,4 @@
-"""Teacher-forced evaluation of edits (ALGORITHMS.md §10, "Teacher-forced").
+"""Teacher-forced evaluation of edits (docs/methods.md, "Evaluation protocols").
 
 ``score_continuations`` is the one place that runs the model: batched forward passes over ``prompt +
 continuation`` pairs (each distinct prompt run once, its continuations on top of its cached keys/values),
@@ -486,7 +486,7 @@ def evaluate_records(model: torch.nn.Module, tokenizer, records: list[EditRecord
                      reference: PreEditReference | None = None, batch_size: int = 32,
                      progress: str | None = None,
                      prompt_builder: Callable[[list[str]], list[str]] | None = None) -> EvalResult:
-    """Teacher-forced edit metrics of ``records`` on ``model`` (ALGORITHMS.md §10).
+    """Teacher-forced edit metrics of ``records`` on ``model`` (docs/methods.md).
 
     Per record, each metric is the mean over that record's prompts; a reported metric is the mean over the
     records that support it (records without paraphrases do not enter generalization, and so on; a metric no

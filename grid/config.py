@@ -77,7 +77,7 @@ DEFAULTS: dict[str, Any] = {
         "general": {"enabled": False, "path": None, "tasks": ["sst2", "mrpc", "cola", "rte", "nli", "mmlu"],
                     "n_items": 50, "steps": None, "generate": True},
         # Likelihood-scored abilities (evals/abilities.py) from <path> (a folder laid out like
-        # ../shared/data/abilities: <task>.jsonl, wikitext2_test.txt) at the listed steps (null = step 0 and every
+        # the shared data's abilities/: <task>.jsonl, wikitext2_test.txt) at the listed steps (null = step 0 and every
         # checkpoint); the first n_items items per task; WikiText-2: its first wikitext_chars characters, scored in
         # windows of max_length tokens. The unedited model's results are cached (<cache dir>/abilities).
         "abilities": {"enabled": False, "path": None, "tasks": list(ABILITY_TASKS), "n_items": 200,
@@ -512,7 +512,7 @@ def _abilities_problems(section: dict) -> list[str]:
         folder = section.get("path")
         if not isinstance(folder, str) or not Path(folder).is_dir():
             problems.append(f"eval.abilities.path: {folder!r} must be a folder holding the tasks' files "
-                            "(e.g. ../shared/data/abilities)")
+                            "(e.g. the shared data's abilities folder)")
         else:
             missing = [task_file(t) for t in tasks if not (Path(folder) / task_file(t)).is_file()]
             if missing:

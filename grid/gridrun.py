@@ -39,7 +39,7 @@ def git_commit() -> str:
     """The project's commit (with "+dirty" when the tree has changes), or "unknown" outside a git checkout.
 
     A ``ray job submit --working-dir`` upload carries no .git folder: pass the commit as ``EDITGRID_GIT_COMMIT``
-    in the job's runtime environment (README, "Running on a Ray cluster").
+    in the job's runtime environment (docs/cluster.md).
     """
     if os.environ.get("EDITGRID_GIT_COMMIT"):
         return os.environ["EDITGRID_GIT_COMMIT"]

@@ -1,4 +1,4 @@
-"""The SCR retrieval stage inside a trial (presets ``scr`` and ``<preset>+scr``; ALGORITHMS.md §9).
+"""The SCR retrieval stage inside a trial (presets ``scr`` and ``<preset>+scr``; docs/scr.md).
 
 Editing adds one sentence per edit to the fact memory (retrieval/memory.py). At each checkpoint ``evaluate``
 decides, for every prompt the teacher-forced evaluation will score, what the model is shown (retrieval/scr.py),
@@ -32,7 +32,7 @@ from retrieval.memory import FactMemory
 from retrieval.prompts import fact_sentence
 from retrieval.scr import LOCALITY, ScrDecision, ScrQuery, SelectiveContextReasoner, scr_metrics
 
-SELECTION_MAX_TOKENS = 50  # §9: greedy, at most 50 tokens, first line
+SELECTION_MAX_TOKENS = 50  # SCR's selection: greedy, at most 50 tokens, first line
 # The latency measurement generates answers of exactly this many tokens, bare and through SCR, so that the
 # difference is what SCR adds (retrieval, selection, the longer prompt) and not how long the answers happen to be.
 LATENCY_ANSWER_TOKENS = 16

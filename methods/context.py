@@ -1,4 +1,4 @@
-"""Context templates (ALGORITHMS.md §1): short model-generated prefixes that make keys and targets robust to
+"""Context templates (ROME/MEMIT; docs/methods.md): short model-generated prefixes that make keys and targets robust to
 what precedes the prompt. Generated once per model and trial with a fixed seed."""
 
 from __future__ import annotations

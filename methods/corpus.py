@@ -1,4 +1,4 @@
-"""Where the text for the second-moment statistics comes from (ALGORITHMS.md §1).
+"""Where the text for the second-moment statistics comes from (docs/methods.md, "Statistics").
 
 The papers use Wikipedia, which cannot be downloaded here, so the corpus is a setting, parsed from one string:
 

@@ -1,4 +1,4 @@
-"""Preservation drift of an edited matrix (ALGORITHMS.md §4): D(W) = tr((W − W₀) C (W − W₀)ᵀ).
+"""Preservation drift of an edited matrix (LyapLock §3.1; docs/methods.md): D(W) = tr((W − W₀) C (W − W₀)ᵀ).
 
 With C = E[k kᵀ] over general text, D(W) = E‖(W − W₀) k‖²: the mean squared change of the layer's outputs on text
 the edit should leave alone. LyapLock's queue is driven by it; the trial logs it for every method so solvers can

@@ -15,7 +15,7 @@ The stages are pluggable (DEVELOPERS.md "a method is a composition of small stag
   transforms    what is done to Δ before it is added (e.g. RECT, SRFusion) — callables Δ, W → Δ'
   (restraints such as PRUNE act on the cumulative W − W₀ and are applied by the trial runner, grid/trial.py)
 
-Spreading (ALGORITHMS.md §1): for the i-th of L edited layers (ascending),
+Spreading (MEMIT; docs/methods.md): for the i-th of L edited layers (ascending),
 ``R = (V* − h_L(current model)) / (L − i)``, with h_L re-read after the earlier layers were updated, and W_ℓ is
 updated immediately so the next layer's keys see it.
 """

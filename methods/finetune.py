@@ -1,4 +1,5 @@
-"""FT (ALGORITHMS.md §8): constrained fine-tuning of the edited layers' MLP output weights on the target NLL.
+"""FT (docs/methods.md, "ROME and FT"):
+constrained fine-tuning of the edited layers' MLP output weights on the target NLL.
 
 The simplest parametric baseline of the LyapLock and Revisiting papers. Per batch: Adam on the MLP output
 projections of the edited layers, minimising the mean target-token NLL of ``prompt + target`` (loss on the target

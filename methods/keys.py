@@ -1,4 +1,4 @@
-"""Keys and current values at the subject's last token (ALGORITHMS.md §1).
+"""Keys and current values at the subject's last token (ROME/MEMIT; docs/methods.md).
 
 Key of request j at layer ℓ: the input of the MLP output projection at the subject's last token, averaged over the
 context templates of each group, then across groups: ``k = ½·k("{}") + ½·mean_g k(g + ". {}")`` for the default

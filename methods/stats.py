@@ -1,4 +1,5 @@
-"""Second-moment statistics C = E[k kᵀ] of the MLP keys (ALGORITHMS.md §1), cached on disk per layer.
+"""Second-moment statistics C = E[k kᵀ] of the MLP keys (docs/methods.md, "Shared locate-then-edit
+machinery"), cached on disk per layer.
 
 k is the input of a layer's MLP output projection; the mean runs over every non-pad token of the corpus text.
 All requested layers are measured in one pass over the corpus, and each forward pass stops right after the

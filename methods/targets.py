@@ -1,4 +1,5 @@
-"""Target values v* (ALGORITHMS.md §1): the representation at the edit site that makes the model say the target.
+"""Target values v* (ROME/MEMIT; docs/methods.md):
+the representation at the edit site that makes the model say the target.
 
 For each request j a vector δ_j (start 0) is added to the output of the *site* module (the last edited block for
 MEMIT-style methods; the MLP of that layer for AdaEdit's FFN-only targets) at the subject's last token, in every

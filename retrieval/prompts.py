@@ -1,4 +1,4 @@
-"""Every prompt SCR shows the LLM, and the parser of its selection replies (ALGORITHMS.md §9). One place to read.
+"""Every prompt SCR shows the LLM, and the parser of its selection replies (docs/scr.md). One place to read.
 
 Three texts:
 

@@ -1,4 +1,5 @@
-"""SCR, selective contextual reasoning (ALGORITHMS.md §9; the Revisiting paper's retrieval baseline).
+"""SCR, selective contextual reasoning (He et al. 2025; the Revisiting paper's retrieval
+baseline; docs/methods.md, "SCR").
 
 For each query: retrieve the top-k facts from the memory; show them to the same LLM with the question and let it
 pick the one fact that answers it or reject them all (``retrieval/prompts.py``); an accepted fact becomes the

@@ -1,4 +1,4 @@
-"""GRACE (Hartvigsen et al. 2023; ALGORITHMS.md §13): a discrete key–value codebook wrapped around one layer.
+"""GRACE (Hartvigsen et al. 2023; docs/lifelong_editors.md): a discrete key–value codebook wrapped around one layer.
 
 The model's weights never change. The MLP output projection of one layer is wrapped: its input at a token is a
 query q; if the nearest codebook key k_i lies within its radius ε_i (‖q − k_i‖₂ ≤ ε_i) the layer's output at that
@@ -18,7 +18,7 @@ Which tokens are queries: every token position is looked up on its own (``replac
 causal model position t sees only its prefix, so this is the original's ``replace_last`` with the query at the last
 token, evaluated at every prefix at once: the teacher-forced scoring of ``prompt + target`` queries the last prompt
 token exactly as the edit did, and generation queries each new token. It avoids the stale ``key_id`` of EasyEdit's
-port (§13, third trap); the other two traps are avoided too: labels are compared as token sequences (not the mean
+port; the port's other two traps are avoided too: labels are compared as token sequences (not the mean
 of a label tensor that includes −100s), and keys, labels and edit ids are appended together.
 """
 

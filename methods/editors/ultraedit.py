@@ -1,4 +1,4 @@
-"""UltraEdit (Gu et al. 2025; ALGORITHMS.md §11): training-free lifelong editing, one closed-form step per batch.
+"""UltraEdit (Gu et al. 2025; docs/lifelong_editors.md): training-free lifelong editing, one closed-form step per batch.
 
 No v* optimisation and no covariance. For a batch ("turn") of requests, on the model as it is before the turn:
 

@@ -1,4 +1,4 @@
-"""WISE (Wang et al. 2024; ALGORITHMS.md §12): a side memory beside one MLP output projection, with routing.
+"""WISE (Wang et al. 2024; docs/lifelong_editors.md): a side memory beside one MLP output projection, with routing.
 
 The wrapped matrix keeps W₀ (frozen) and gets a trainable copy W′ (the side memory). Each edit trains W′ on the edit
 only through a random mask M of its entries; every ``wise_save_freq`` edits W′ becomes a *shard* and starts again
@@ -35,7 +35,7 @@ EditGrid's choices, documented: scores average over a sequence's real tokens (th
 original's batch-1 inference has no pads, its training batch averaged over pads too); the irrelevant text x_i of
 each edit comes from a fixed pool of the model's own greedy continuations of generic starters (the original draws
 a zsRE training question; an editor here sees only edit requests); merges happen only in ``apply`` — evaluating
-never changes the editor (the original merges pending shards on the first forward after save_freq edits, §12 trap).
+never changes the editor (the original merges pending shards on the first forward after save_freq edits).
 """
 
 from __future__ import annotations

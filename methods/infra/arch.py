@@ -1,6 +1,6 @@
 """Where to edit in a model: a small per-architecture table, decided by ``config.model_type`` and module types.
 
-Notation (ALGORITHMS.md): the edited matrix W ∈ R^{d×m} maps an MLP key (the input of the MLP output projection,
+Notation (docs/methods.md): the edited matrix W ∈ R^{d×m} maps an MLP key (the input of the MLP output projection,
 width m) to a value in the residual stream (width d): value = W·key. ``nn.Linear`` stores exactly that
 (``weight`` is [out=d, in=m]); GPT-2's ``Conv1D`` stores the transpose. The orientation is read off the module's
 type, never off the model's name.
@@ -31,7 +31,7 @@ class ArchSpec:
 _LLAMA_LIKE = dict(blocks="model.layers", mlp="mlp", mlp_out="mlp.down_proj")
 
 # Default layers: the published tables where a paper has one (GPT-2 XL 13–17, GPT-J 3–8, Llama-3-8B 4–8), and
-# for SmolLM2-135M (llama, 30 layers) the window chosen by causal tracing, see README "How the SmolLM2 layers
+# for SmolLM2-135M (llama, 30 layers) the window chosen by causal tracing, see docs/methods.md "How the SmolLM2 layers
 # were chosen".
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": ArchSpec(**_LLAMA_LIKE, default_layers={32: (4, 5, 6, 7, 8), 30: (3, 4, 5, 6, 7)}),

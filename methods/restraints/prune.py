@@ -1,4 +1,5 @@
-"""PRUNE (ALGORITHMS.md §5): restrain the large singular values of the cumulative edit ΔW = W − W₀.
+"""PRUNE (Ma et al. 2025, §4; docs/methods.md):
+restrain the large singular values of the cumulative edit ΔW = W − W₀.
 
     ΔW = U Σ Vᵀ (thin SVD),   σ̂ = σ_max(W₀)
     log:    F(σ) = σ                              for σ < σ̂

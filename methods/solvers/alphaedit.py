@@ -1,4 +1,4 @@
-"""AlphaEdit (ALGORITHMS.md §3): MEMIT's update projected onto the null space of the preserved keys.
+"""AlphaEdit (Fang et al. 2025; docs/methods.md): MEMIT's update projected onto the null space of the preserved keys.
 
 Projector, once per layer from C's eigendecomposition: keep the eigenvectors U_null of the "small" eigenvalues,
 P = U_null U_nullᵀ. Two ways to call an eigenvalue small:

@@ -1,4 +1,5 @@
-"""LyapLock (ALGORITHMS.md §4): MEMIT's least squares plus a queue-weighted drift penalty and a past-edit memory.
+"""LyapLock (its §3.3 as the authors' code computes it; docs/methods.md):
+MEMIT's least squares plus a queue-weighted drift penalty and a past-edit memory.
 
 Per layer it keeps C, W₀, the memory sums S_vk = Σ_p V̂_p K_pᵀ and S_kk = Σ_p K_p K_pᵀ, and a normalised virtual
 queue q. With D(W) = tr((W − W₀) C (W − W₀)ᵀ) (methods/drift.py):

@@ -1,4 +1,5 @@
-"""MEMIT (ALGORITHMS.md §2): Δ = R Kᵀ (λ C + K Kᵀ)⁻¹, applied to the current (already edited) weight.
+"""MEMIT (Meng et al. 2023; docs/methods.md):
+Δ = R Kᵀ (λ C + K Kᵀ)⁻¹, applied to the current (already edited) weight.
 
 λ (``mom2_update_weight``) trades the new keys against the preserved key distribution C. Its useful size scales
 with the MLP width m: for a typical key, kᵀ(λC)⁻¹k ≈ m/λ. The published tables sit near λ ≈ m (Llama-3-8B 15000 for

@@ -1,4 +1,5 @@
-"""ROME (ALGORITHMS.md §8): a rank-one update at one layer that maps the key k* exactly onto the target v*.
+"""ROME (Meng et al. 2022; docs/methods.md):
+a rank-one update at one layer that maps the key k* exactly onto the target v*.
 
     Δ = (v* − W k*) (C⁻¹ k*)ᵀ / ((C⁻¹ k*)ᵀ k*)        so that (W + Δ) k* = v*
 

@@ -1,4 +1,5 @@
-"""RECT (ALGORITHMS.md §7): keep only the top-k fraction of Δ's entries by relative change, zero the rest.
+"""RECT (Gu et al. 2024; docs/methods.md):
+keep only the top-k fraction of Δ's entries by relative change, zero the rest.
 
     score_ij = |Δ_ij| / |W_ij|      (W = the current weight, before Δ is added)
     Δ'_ij = Δ_ij if score_ij is among the n_keep = max(1, round(keep · d·m)) largest, else 0

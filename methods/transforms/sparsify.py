@@ -1,4 +1,4 @@
-"""Sparsifying baselines of AdaEdit §3 (ALGORITHMS.md §6) and the helpers every Δ transform shares.
+"""Sparsifying baselines of AdaEdit §3.3 (docs/methods.md, "AdaEdit") and the helpers every Δ transform shares.
 
 Both baselines "set the other parameters as zero" and do not rescale what is kept:
 

@@ -1,4 +1,5 @@
-"""AdaEdit's SRFusion (ALGORITHMS.md §6; our re-implementation, no public code exists): sparse low-rank Δ.
+"""AdaEdit's SRFusion (Li and Chu, §4.2; docs/methods.md; our re-implementation, no public code exists):
+sparse low-rank Δ.
 
     Δ = U Σ Vᵀ (thin SVD),   r = min(rank, numerical rank of Δ)
     u'_i = ‖u_i‖ · s(u_i) / ‖s(u_i)‖,   v'_i likewise     (i ≤ r)
