@@ -25,7 +25,8 @@ from methods.infra.models import load_model  # noqa: E402
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default="../shared/data/counterfact/counterfact-edit.json")
+    parser.add_argument("--data", required=True,
+                        help="CounterFact records (JSON), e.g. counterfact/counterfact-edit.json of the shared data")
     parser.add_argument("--offset", type=int, default=0)
     parser.add_argument("--num", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)

@@ -39,6 +39,7 @@ DIAG_PREFIX = "diag/"
 VSTAR_PREFIX = "vstar/"
 EDITING_PREFIX = "editing/"
 SCR_PREFIX = "scr/"
+MEMORY_PREFIX = "memory/"
 ABILITIES_PREFIX = "abilities/"
 JUDGE_PREFIX = "judge/"
 GEN_PREFIX = "gen/"
@@ -68,6 +69,11 @@ FAMILIES: tuple[MetricFamily, ...] = (
     MetricFamily(SCR_PREFIX, "the SCR fact memory: recall@k, acceptance / correct-selection / locality-rejection "
                  "rates, memory size, added latency", "every checkpoint", "grid/scr_stage.py, retrieval/scr.py",
                  report=True, curves="plots/scr_vs_edits.png"),
+    MetricFamily(MEMORY_PREFIX, "memory editors (GRACE, WISE): served_share/<category>, the share of rewrite, "
+                 "paraphrase and neighbourhood prompts of the scored edits that the editor's memory serves instead of "
+                 "the layer (rewrites and paraphrases should be served, neighbourhood prompts should not)",
+                 "every checkpoint after step 0", "grid/evaluators.py (MemoryLookups), methods/editors/", report=True,
+                 curves="plots/memory_served_vs_edits.png"),
     MetricFamily(ABILITIES_PREFIX, "likelihood-scored general abilities <task>/<metric>: ARC, PIQA, HellaSwag, "
                  "OpenBookQA, LAMBADA (acc, perplexity), WikiText-2 perplexity", "eval.abilities.steps",
                  "evals/abilities.py", report=True, curves="plots/abilities_vs_edits.png"),
@@ -150,6 +156,10 @@ SCR_ADD_SECONDS_PER_EDIT = f"{SCR_PREFIX}add_seconds_per_edit"
 def scr_metric(name: str) -> str:
     """``scr/<name>`` (retrieval/scr.py returns its rates unprefixed)."""
     return f"{SCR_PREFIX}{name}"
+
+
+def memory_served_metric(category: str) -> str:
+    return f"{MEMORY_PREFIX}served_share/{category}"
 
 
 def abilities_metric(task: str, metric: str) -> str:

@@ -23,10 +23,12 @@ from typing import Callable
 import torch
 
 from evals.abilities import TABLE_DIR as ABILITY_TABLES, AbilitiesEvaluator, AbilitySettings
+from evals.batching import left_padded
 from evals.diagnostics import layer_diagnostics
 from evals.metric_names import (ABILITIES_PREFIX, COST_EVAL_SECONDS, COST_PROTOCOL_EVAL_SECONDS, DIAG_PREFIX,
-                                EDIT_PREFIX, FAMILIES, GEN_PREFIX, GENERAL_PREFIX, JUDGE_PREFIX, RETENTION_PREFIX,
-                                SCR_ADD_SECONDS_PER_EDIT, SCR_MEMORY_SIZE, SCR_PREFIX, scr_metric)
+                                EDIT_PREFIX, FAMILIES, GEN_PREFIX, GENERAL_PREFIX, JUDGE_PREFIX, MEMORY_PREFIX,
+                                RETENTION_PREFIX, SCR_ADD_SECONDS_PER_EDIT, SCR_MEMORY_SIZE, SCR_PREFIX,
+                                memory_served_metric, scr_metric)
 from evals.pre_edit import pre_edit_outputs
 from evals.records import EditRecord
 from evals.retention import RetentionSample, retention_metrics
@@ -265,10 +267,46 @@ class RestraintMetrics(CheckpointEvaluator):
         return self.restraint.metrics()
 
 
+class MemoryLookups(CheckpointEvaluator):
+    """memory/served_share/<category>: which prompts of the scored edits a memory editor (GRACE's codebook, WISE's
+    side memories) serves instead of the layer — rewrite prompts and paraphrases should be served (efficacy,
+    generalization), neighbourhood prompts should not (specificity). One extra forward per prompt, after step 0."""
+
+    curves = ((curves_file(MEMORY_PREFIX), (MEMORY_PREFIX,)),)
+
+    def __init__(self, context: TrialContext):
+        self.context, self.editor = context, context.method.editor
+
+    @classmethod
+    def build(cls, context: TrialContext) -> MemoryLookups | None:
+        return cls(context) if hasattr(context.method.editor, "served_rows") else None
+
+    def due(self, step: int) -> bool:
+        return step > 0  # an empty memory serves nothing
+
+    def evaluate(self, point: Checkpoint) -> dict[str, float]:
+        categories = {"rewrite": [r.prompt for r in point.records],
+                      "paraphrase": [p for r in point.records for p in r.paraphrase_prompts],
+                      "neighborhood": [case.prompt for r in point.records for case in r.neighborhood]}
+        tokenizer, batch = self.context.tokenizer, self.context.eval_batch
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out; any id works
+        metrics = {}
+        for category, prompts in categories.items():
+            if not prompts:
+                continue
+            served = 0
+            for start in range(0, len(prompts), batch):
+                ids = [tokenizer(p)["input_ids"] for p in prompts[start:start + batch]]
+                input_ids, attention_mask = left_padded(ids, pad_id)
+                served += int(self.editor.served_rows(input_ids, attention_mask).sum())
+            metrics[memory_served_metric(category)] = served / len(prompts)
+        return metrics
+
+
 # In evaluation order: SCR first, since what it decides is the prompt the others score.
 EVALUATORS: tuple[Callable[[TrialContext], CheckpointEvaluator | None], ...] = (
-    ScrDecisions.build, TeacherForced.build, WeightDiagnostics.build, GenerationJudge.build, Abilities.build,
-    RestraintMetrics.build)
+    ScrDecisions.build, TeacherForced.build, WeightDiagnostics.build, MemoryLookups.build, GenerationJudge.build,
+    Abilities.build, RestraintMetrics.build)
 
 
 def build_evaluators(context: TrialContext) -> list[CheckpointEvaluator]:

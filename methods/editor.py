@@ -98,6 +98,14 @@ class Editor(Protocol):
         undo (restoring weights is the caller's business)."""
 
 
+class MemoryEditor(Editor, Protocol):
+    """An editor that serves some inputs from its own memory instead of the layer's weights (GRACE, WISE). The
+    trial measures which prompts it serves (grid/evaluators.py ``MemoryLookups``)."""
+
+    def served_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One forward of the model on a left-padded batch: a bool per row, True where the memory served it."""
+
+
 class LocateThenEditEditor:
     writes_weights = True
 

@@ -335,3 +335,41 @@ def test_wise_shards_merge_and_state_round_trips(tiny_llama, smol_tokenizer):
         torch.testing.assert_close(torch.rand(3, generator=other.generator), torch.rand(3, generator=editor.generator))
     finally:
         other.remove()
+
+
+def test_memory_editors_report_which_rows_their_memory_serves(tiny_llama, smol_tokenizer):
+    """``served_rows`` (the memory/served_share/* evaluator's question): GRACE serves a row exactly when one of its
+    real tokens' layer inputs lies within a key's radius; WISE when a row is routed away from W₀; neither moves the
+    per-batch routing counters."""
+    from evals.batching import left_padded
+    from methods.editors.wise import WiseEditor, WiseHParams
+
+    editable = EditableModel.wrap(tiny_llama)
+    ids, mask = left_padded([smol_tokenizer("The Eiffel Tower is located in")["input_ids"],
+                             smol_tokenizer("Bananas are")["input_ids"]], 0)
+    module = editable.mlp_out(2)
+    grace = GraceEditor(editable, smol_tokenizer, [2], GraceHParams())
+    seen = []
+    handle = module.register_forward_hook(lambda m, args, out: seen.append(args[0].detach().clone()))
+    try:
+        assert grace.served_rows(ids, mask).tolist() == [False, False]  # empty codebook
+        handle.remove()
+        grace.codebook.add(seen[-1][0, -1], torch.zeros(64), 1e-3, (1,), 0)  # row 0's last token, tiny radius
+        assert grace.served_rows(ids, mask).tolist() == [True, False]
+        grace.codebook.add(seen[-1][1, 0], torch.zeros(64), 1e-3, (2,), 1)  # a padded position of row 1
+        assert grace.served_rows(ids, mask).tolist() == [True, False]  # padding never counts
+    finally:
+        handle.remove()
+        grace.remove()
+
+    wise = WiseEditor(editable, smol_tokenizer, [2], WiseHParams())
+    try:
+        assert wise.served_rows(ids, mask).tolist() == [False, False]  # nothing edited
+        wise.edits, wise.side = 1, wise.base + 0.5 * torch.randn(64, 96)
+        wise.recorded = [1e-9]  # ε below every score: the side memory serves every row
+        assert wise.served_rows(ids, mask).tolist() == [True, True]
+        wise.recorded = [1e9]
+        assert wise.served_rows(ids, mask).tolist() == [False, False]
+        assert sum(wise.routed.values()) == 0  # the counters of metrics() are untouched
+    finally:
+        wise.remove()

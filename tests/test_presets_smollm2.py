@@ -66,6 +66,8 @@ def test_preset_edits_smollm2_and_logs_its_stages(method, trial_env):
         assert len(layers) == 1
         assert [m.step for m in client.get_metric_history(result.run_id, memory_metric)] == [2, 4]
         assert not any(n.startswith("diag/") for n in names)
+        served = run.data.metrics  # which prompts the memory serves (grid/evaluators.py MemoryLookups)
+        assert served["memory/served_share/rewrite"] >= 0.75, served["memory/served_share/rewrite"]
         layers = []
     for layer in layers:  # the core's diagnostics, D(W) included, for every method that writes weights
         assert [m.step for m in client.get_metric_history(result.run_id, f"editing/L{layer}/update_norm")] == [2, 4]

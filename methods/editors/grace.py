@@ -129,6 +129,7 @@ class GraceEditor:
         self.generator = torch.Generator().manual_seed(seed)  # cold values
         self.edits = 0
         self._last: dict[str, float] = {}
+        self._hits: list[torch.Tensor] | None = None  # while served_rows runs: the hit map of each forward
         self._handle = self.module.register_forward_hook(self._lookup)
 
     def remove(self) -> None:
@@ -136,17 +137,35 @@ class GraceEditor:
         self._handle.remove()
 
     def _lookup(self, module, args, output):
-        if len(self.codebook) == 0:
-            return None
         queries = args[0]
+        if len(self.codebook) == 0:
+            if self._hits is not None:
+                self._hits.append(torch.zeros(queries.shape[:-1], dtype=torch.bool))
+            return None
         hidden = hidden_of(output)
         distance, index = self.codebook.nearest(queries.reshape(-1, queries.shape[-1]))
         hit = distance <= self.codebook.radii.to(distance.device)[index]
+        if self._hits is not None:
+            self._hits.append(hit.reshape(queries.shape[:-1]).cpu())
         if not bool(hit.any()):
             return None
         values = self.codebook.values.to(device=hidden.device, dtype=hidden.dtype)[index]
         replaced = torch.where(hit[:, None], values, hidden.reshape(-1, hidden.shape[-1]))
         return replace_hidden(output, replaced.reshape(hidden.shape))
+
+    @torch.no_grad()
+    def served_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Which rows of a (left-padded) batch the codebook serves: a real token's key within its nearest key's
+        radius, so the layer's output there is the stored value (one forward of the model)."""
+        device = self.editable.parameter_device()
+        self._hits = []
+        try:
+            self.editable.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=False)
+            (hits,) = self._hits
+        finally:
+            self._hits = None
+        return (hits & attention_mask.bool()).any(dim=1)
 
     def _query(self, batch, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's input at ``position`` of the single row of ``batch``, and the layer's own (unreplaced)

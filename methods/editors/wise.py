@@ -165,6 +165,7 @@ class WiseEditor:
         self.routed = {"main": 0, "side": 0, "memory": 0, "base": 0}
         self._training = False
         self._mask_of_batch: torch.Tensor | None = None
+        self._served: list[torch.Tensor] | None = None  # while served_rows runs: each forward's routing per row
         self.templates = ["{}"] + [f"{c} {{}}" for length in TEMPLATE_LENGTHS
                                    for c in _greedy_continuations(editable.model, tokenizer, TEMPLATE_STARTERS,
                                                                   length)]
@@ -176,6 +177,20 @@ class WiseEditor:
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
+
+    @torch.no_grad()
+    def served_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Which rows of a (left-padded) batch are routed to a memory other than W₀ (W′, the merged W_L, or a
+        retrieved memory) — one forward of the model; the routing counters of ``metrics`` are left as they were."""
+        device = self.editable.parameter_device()
+        routed, self._served = dict(self.routed), []
+        try:
+            self.editable.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=False)
+            (served,) = self._served
+        finally:
+            self._served, self.routed = None, routed
+        return served
 
     def _remember_mask(self, module, args, kwargs):
         self._mask_of_batch = kwargs.get("attention_mask")
@@ -195,6 +210,8 @@ class WiseEditor:
         if self._training:  # every row through W′
             return activations @ self.side_param.t() + (module.bias if module.bias is not None else 0)
         if self.edits == 0:
+            if self._served is not None:
+                self._served.append(torch.zeros(activations.shape[0], dtype=torch.bool))
             return None
         mask = self._token_mask(activations)
         hp = self.hparams
@@ -213,6 +230,8 @@ class WiseEditor:
                     wins = (score > best) & (score > hp.wise_act_ratio * eps_stat)
                     best = torch.where(wins, score, best)
                     choice = torch.where(wins.cpu(), 3 + index, choice)
+        if self._served is not None:
+            self._served.append(choice != 0)
         if bool((choice == 0).all()):
             self.routed["base"] += activations.shape[0]
             return None
@@ -278,7 +297,7 @@ class WiseEditor:
                     optimizer.step()
                     with torch.no_grad():
                         self.side_param.copy_(torch.clamp(self.side_param, self.base - CLAMP, self.base + CLAMP))
-                    losses.append(float(loss))
+                    losses.append(float(loss.detach()))
                     if (len(losses) >= 2 and abs(losses[-1] - losses[-2]) <= STOP_DELTA
                             and losses[-1] <= STOP_LOSS):
                         break
