@@ -64,8 +64,14 @@ class RunningMeanStd:
         self.mean = torch.zeros(dim, dtype=torch.float64)
         self.m2 = torch.zeros(dim, dtype=torch.float64)
 
+    def _follow(self, rows: torch.Tensor) -> None:
+        """Keep the statistics on the rows' device (the model's: a GPU trial's rows never visit the CPU)."""
+        if self.mean.device != rows.device:
+            self.mean, self.m2 = self.mean.to(rows.device), self.m2.to(rows.device)
+
     def update(self, rows: torch.Tensor) -> None:
         rows = rows.to(torch.float64)
+        self._follow(rows)
         b = rows.shape[0]
         if b == 0:
             return
@@ -82,10 +88,12 @@ class RunningMeanStd:
         return (self.m2 / max(self.count - 1, 1)).sqrt()
 
     def normalize(self, rows: torch.Tensor) -> torch.Tensor:
-        return (rows.to(torch.float64) - self.mean) / (self.std + NORMALIZER_EPS)
+        rows = rows.to(torch.float64)
+        self._follow(rows)
+        return (rows - self.mean) / (self.std + NORMALIZER_EPS)
 
     def state_dict(self) -> dict:
-        return {"count": self.count, "mean": self.mean.clone(), "m2": self.m2.clone()}
+        return {"count": self.count, "mean": self.mean.cpu().clone(), "m2": self.m2.cpu().clone()}
 
     @classmethod
     def from_state(cls, state: dict) -> "RunningMeanStd":

@@ -50,14 +50,14 @@ def nullspace_projector(second_moment: torch.Tensor, mode: str, threshold: float
 def cached_nullspace_projector(second_moment: torch.Tensor, mode: str, threshold: float, energy: float,
                                cache_dir: Path):
     """``nullspace_projector``, read from the shared cache or computed once and stored there."""
-    c = second_moment.detach().double().cpu().contiguous()
-    digest = hashlib.sha256(c.numpy().tobytes()).hexdigest()
+    c = second_moment.detach().double()
+    digest = hashlib.sha256(c.cpu().contiguous().numpy().tobytes()).hexdigest()
     rule = {"mode": mode, "threshold": threshold} if mode == "absolute" else {"mode": mode, "energy": energy}
     key = content_key({"C": digest, "shape": list(c.shape), **rule})
 
-    def build(tmp: Path) -> None:
+    def build(tmp: Path) -> None:  # the eigendecomposition runs where C is (m = 14,336: seconds on a GPU)
         projector, dims, share = nullspace_projector(c, mode, threshold, energy)
-        torch.save({"projector": projector, "null_dims": dims, "energy_share": share}, tmp)
+        torch.save({"projector": projector.cpu(), "null_dims": dims, "energy_share": share}, tmp)
 
     saved = torch.load(cached_path(cache_dir, "projectors", key, build, suffix=".pt"), weights_only=True)
     return saved["projector"].to(second_moment.device), int(saved["null_dims"]), float(saved["energy_share"])
