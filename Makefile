@@ -41,7 +41,8 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-# The headless check of the MLflow UI: Debian's chromium (installed with apt-get when missing and run as root)
+# The headless check of the MLflow UI (the links a grid prints land on the runs table, not the GenAI overview; the
+# parent run expands to its trials; its description says how to compare them): Debian's chromium (installed with apt-get when missing and run as root)
 # and playwright-core from npm (into .ui/), then the UI test. Not part of `make test`, where it skips.
 test-ui: install
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium; } \

@@ -436,6 +436,39 @@ def _open_hub_dataset(spec: str):
     return loaded
 
 
+def offline_hub_problem(spec: str) -> str | None:
+    """Why the ``hf:`` source ``spec`` cannot load while the hub is offline (not cached), found without loading
+    anything; None when the hub may be used, the name is a local folder, or the dataset is in a cache.
+
+    Looks for the dataset's folder in the hub cache (``datasets--<org>--<name>``) and in the datasets cache
+    (``<org>___<name>``, as ``datasets`` stores a prepared dataset), at the locations the libraries read from
+    ``HF_HUB_CACHE`` / ``HF_DATASETS_CACHE`` / ``HF_HOME``. Lenient: a folder of that name counts as cached.
+    """
+    if not hub_offline():
+        return None
+    name = spec[len(HUB_PREFIX):].split(":")[0].strip()
+    if not name or Path(name).expanduser().exists():
+        return None  # a malformed spec fails with its own message when loaded; a local folder needs no hub
+    from huggingface_hub import constants
+
+    hub_cache = Path(constants.HF_HUB_CACHE)
+    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets").expanduser()
+    wanted = _cache_key("___".join(name.split("/")))
+    if (hub_cache / f"datasets--{name.replace('/', '--')}").is_dir():
+        return None
+    if datasets_cache.is_dir() and any(_cache_key(child.name) == wanted for child in datasets_cache.iterdir()
+                                       if child.is_dir()):
+        return None
+    return (f"{spec}: the Hugging Face hub is offline (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set) and dataset "
+            f"{name!r} is not in the local cache (looked in {hub_cache} and {datasets_cache}); unset offline mode "
+            f"to download it, or pass a local .json/.jsonl file")
+
+
+def _cache_key(folder_name: str) -> str:
+    """Folder names compared without case and underscores (``datasets`` snake-cases the name's last part)."""
+    return folder_name.lower().replace("___", "/").replace("_", "").replace("-", "")
+
+
 def _columnar_to_rows(value: dict) -> list[dict] | None:
     """``{"prompt": [a, b], "ground_truth": [x, y]}`` -> ``[{prompt: a, ...}, ...]`` if it has that shape."""
     lengths = {len(column) for column in value.values() if isinstance(column, list)}

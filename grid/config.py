@@ -20,10 +20,10 @@ import torch
 import yaml
 
 from evals.abilities import DEFAULT_TASKS as ABILITY_TASKS
-from evals.datasets import BUILTIN_NAME, DATASET_FORMATS, HUB_PREFIX
+from evals.datasets import BUILTIN_NAME, DATASET_FORMATS, HUB_PREFIX, offline_hub_problem
 from methods.corpus import CorpusError, parse_corpus
 from methods.infra.cpu_linear import LinearBackendError, resolve_linear_backend
-from methods.infra.models import DTYPES, EMBEDDED_MODELS
+from methods.infra.models import DTYPES, EMBEDDED_MODELS, model_problem
 from methods.stages import LOCATE_THEN_EDIT, NO_SOLVER, REQUIRED, MethodSpec, method_problems
 from methods.stats import FORWARD_DTYPE_BY_NAME
 
@@ -279,6 +279,8 @@ def trial_problems(cfg: dict) -> list[str]:
     _check_keys(cfg, DEFAULTS, "", problems)
     if not isinstance(cfg.get("model"), str) or not cfg["model"]:
         problems.append(f"model: must be a hub id, a local folder or one of {sorted(EMBEDDED_MODELS)}")
+    elif problem := model_problem(cfg["model"]):  # a local folder without a model, checked before any loading
+        problems.append(f"model: {problem}")
     margs = cfg.get("model_args", {})
     if margs.get("dtype") not in ("auto", *DTYPES):
         problems.append(f"model_args.dtype: {margs.get('dtype')!r} is not auto or one of {sorted(DTYPES)}")
@@ -293,6 +295,8 @@ def trial_problems(cfg: dict) -> list[str]:
         problems.append("data.path: must be a file path, 'builtin' or 'hf:<dataset>'")
     elif path != BUILTIN_NAME and not path.startswith(HUB_PREFIX) and not Path(path).is_file():
         problems.append(f"data.path: file not found: {path}")
+    elif path.startswith(HUB_PREFIX) and (problem := offline_hub_problem(path)):
+        problems.append(f"data.path: {problem}")
     if data.get("format") not in ("auto", *DATASET_FORMATS):
         problems.append(f"data.format: {data.get('format')!r} is not auto or one of {list(DATASET_FORMATS)}")
     limit = data.get("limit")

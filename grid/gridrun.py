@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from grid.config import Trial
-from grid.tracking import _mlflow_client, prepare_store
+from grid.tracking import _mlflow_client, prepare_store, ui_url
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +28,24 @@ GRID_ID_TAG = "editgrid.grid_id"
 ROLE_TAG = "editgrid.role"  # "grid" on the parent run, "trial" on each child
 TRIAL_ID_TAG = "editgrid.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
+NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (Markdown)
 
 
 def grid_id_of(trials: list[Trial]) -> str:
     blob = json.dumps(sorted(t.trial_id for t in trials)).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def grid_description(grid_id: str, trials: list[Trial]) -> str:
+    """The parent run's description: what it is and what to click in the MLflow UI to compare its trials."""
+    names = ", ".join(f"`{t.name}`" for t in trials[:12]) + (", ..." if len(trials) > 12 else "")
+    return (f"**EditGrid grid `{grid_id}`**: {len(trials)} trial(s), one child run each ({names}).\n\n"
+            f"**Compare its trials**: in the experiment's runs table expand this run (the **+** beside "
+            f"`grid-{grid_id}`), tick its trials and click **Compare**; the metric charts (e.g. `edit/efficacy`, "
+            f"`edit/generalization`, `edit/specificity`) put every trial against `step` = edits applied (pick *Step* "
+            f"as the x axis where a chart offers *Time*). The runs table's chart view shows the same curves.\n\n"
+            f"**This run's artifacts**: the grid's configuration (`grid/config.yaml`) and, once the grid has run, "
+            f"the comparison report (`report/comparison.csv`, `report/metrics_vs_edits.png`).")
 
 
 def git_commit() -> str:
@@ -78,11 +91,14 @@ def open_grid_run(tracking_uri: str, trials: list[Trial], config: dict, source: 
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
+        if NOTE_TAG not in found[0].data.tags:  # a grid first run before EditGrid wrote the description
+            client.set_tag(run_id, NOTE_TAG, grid_description(grid_id, trials))
         return GridRun(tracking_uri, experiment_id, run_id, grid_id, resumed=True)
     config_text = yaml.safe_dump(config, sort_keys=False)
     tags = {ROLE_TAG: "grid", GRID_ID_TAG: grid_id, "editgrid.git_commit": git_commit(),
             "editgrid.config_hash": hashlib.sha256(config_text.encode()).hexdigest()[:12],
-            "editgrid.source": source, "mlflow.runName": f"grid-{grid_id}"}
+            "editgrid.source": source, "mlflow.runName": f"grid-{grid_id}",
+            NOTE_TAG: grid_description(grid_id, trials)}
     run = client.create_run(experiment_id, run_name=f"grid-{grid_id}", tags=tags)
     run_id = run.info.run_id
     client.log_param(run_id, "num_trials", len(trials))
@@ -90,6 +106,33 @@ def open_grid_run(tracking_uri: str, trials: list[Trial], config: dict, source: 
     client.log_dict(run_id, [{"index": t.index, "name": t.name, "trial_id": t.trial_id, "axes": t.axes}
                              for t in trials], "grid/trials.json")
     return GridRun(tracking_uri, experiment_id, run_id, grid_id, resumed=False)
+
+
+def ui_links(tracking_uri: str, experiment: str, grid_id: str | None = None, run_id: str | None = None
+             ) -> list[tuple[str, str]]:
+    """(what, URL) of the MLflow UI pages to open after a grid (its runs table and its parent run, found by
+    ``grid_id``) or a ``--local`` trial (its run); empty when the store names no UI or cannot be read."""
+    try:
+        client = _mlflow_client(tracking_uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is None or ui_url(tracking_uri, found.experiment_id) is None:
+            return []
+        links = []
+        if grid_id:
+            parents = client.search_runs([found.experiment_id], max_results=1, filter_string=(
+                f"tags.`{GRID_ID_TAG}` = '{grid_id}' and tags.`{ROLE_TAG}` = 'grid'"))
+            links.append((f"the grid's runs (expand grid-{grid_id} to compare its trials)",
+                          ui_url(tracking_uri, found.experiment_id)))
+            if parents:
+                links.append(("its parent run", ui_url(tracking_uri, found.experiment_id, parents[0].info.run_id)))
+        elif run_id:
+            links.append(("the trial's run", ui_url(tracking_uri, found.experiment_id, run_id)))
+        else:
+            links.append(("the experiment's runs", ui_url(tracking_uri, found.experiment_id)))
+        return links
+    except Exception as err:  # noqa: BLE001 - the links are a convenience; the results are in the store regardless
+        logger.debug("no MLflow UI links: %s", err)
+        return []
 
 
 def child_runs(tracking_uri: str, experiment_id: str, parent_run_id: str) -> list:

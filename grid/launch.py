@@ -1,6 +1,7 @@
 """EditGrid command line: validate a grid, run its trials, track everything in MLflow.
 
     python grid/launch.py                          # the default grid (embedded model, built-in edits)
+    editgrid --help                                # the same command, installed by `pip install -e .` / make install
     python grid/launch.py --config configs/x.yaml --set method=alphaedit --set edits.batch_size=10
     python grid/launch.py --local --trial 1        # one trial in this process (debugger-friendly)
     python grid/launch.py --report <grid id>       # rebuild a grid's comparison report from MLflow
@@ -32,7 +33,8 @@ os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow's own handler
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="grid/launch.py", description=__doc__.split("\n\n")[0],
+    prog = "editgrid" if Path(sys.argv[0]).name == "editgrid" else "grid/launch.py"  # the console script or this file
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="grid YAML file (default: the packaged default grid)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -59,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "trials on other nodes; default 127.0.0.1)")
     parser.add_argument("--mlflow-server-port", type=int, help="with --mlflow-server: its port (default: a free one)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a configuration or input error "
+                                                            "(by default it is one message, grid/errors.py)")
     return parser
 
 
@@ -68,6 +72,18 @@ def _trial_listing(trials) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except Exception as err:
+        from grid.errors import error_message, is_user_error
+
+        if args.debug or not is_user_error(err):  # a bug keeps its traceback
+            raise
+        print(error_message(err), file=sys.stderr, flush=True)
+        return 2
+
+
+def _dispatch(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "mlflow", "httpx", "urllib3", "filelock", "faiss", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -104,10 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         except TrackingConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        _print_where(tracking_uri, trials[0].config["experiment"])
+        _print_where(tracking_uri, trials[0].config["experiment"], grid_trials=trials)
         return code
     code = _run_grid(args, cfg, source, trials, tracking_uri)
-    _print_where(tracking_uri, trials[0].config["experiment"])
+    _print_where(tracking_uri, trials[0].config["experiment"], grid_trials=trials)
     return code
 
 
@@ -156,10 +172,17 @@ def _print_summary(rows: list[dict]) -> None:
         print("\n" + format_summary_table(table, columns=present))
 
 
-def _print_where(tracking_uri: str, experiment: str) -> None:
+def _print_where(tracking_uri: str, experiment: str, grid_trials=None, run_id: str | None = None) -> None:
+    """Where the results are, and the UI pages to open: the grid's runs table and parent run (``grid_trials``) or
+    a --local trial's run (``run_id``), on the UI's model-training face (grid/tracking.py: ui_url)."""
+    from grid.gridrun import grid_id_of, ui_links
+
     print(f"\nResults are in MLflow: {tracking_uri} (experiment {experiment!r}).")
     if tracking_uri.startswith("sqlite:"):
-        print(f"Open the UI with:  mlflow ui --backend-store-uri {tracking_uri}  (then http://127.0.0.1:5000)")
+        print(f"Open the UI with:  mlflow ui --backend-store-uri {tracking_uri}")
+    grid_id = grid_id_of(grid_trials) if grid_trials else None
+    for what, url in ui_links(tracking_uri, experiment, grid_id=grid_id, run_id=run_id):
+        print(f"  {what}: {url}")
 
 
 def _report(grid_id: str, tracking_uri: str, out_dir: str | None) -> int:
@@ -176,7 +199,7 @@ def _report(grid_id: str, tracking_uri: str, out_dir: str | None) -> int:
 
 
 def _run_local(args, trials, tracking_uri) -> int:
-    """One trial in this process, without a parent run (for debugging; exceptions propagate)."""
+    """One trial in this process, without a parent run (for debugging; --debug shows an input error's traceback)."""
     if args.trial is None and len(trials) > 1:
         print(f"error: the grid expands to {len(trials)} trials; pick one with --trial N:\n"
               f"{_trial_listing(trials)}", file=sys.stderr)
@@ -195,7 +218,7 @@ def _run_local(args, trials, tracking_uri) -> int:
     rows = [{"trial": trial.name, "status": "FINISHED", "edits": row["step"], **{c: row.get(c) for c in SUMMARY_COLUMNS}}
             for row in result.checkpoints]
     _print_summary(rows)
-    _print_where(tracking_uri, trial.config["experiment"])
+    _print_where(tracking_uri, trial.config["experiment"], run_id=result.run_id)
     return 0
 
 

@@ -55,6 +55,16 @@ DIAGNOSTIC_KIND_ORDER = ("weight_norm", "weight_change", "cond", "sigma_max_delt
 # A panel whose positive values span at least this ratio is drawn on a log scale (condition numbers).
 LOG_SCALE_MIN_SPAN = 100.0
 
+# MLflow 3's UI has two faces: GenAI (traces, the default) and model training (the runs table). EditGrid's
+# experiments are model-training ones: they carry this experiment tag (what the UI's experiment-kind selector writes),
+# and the links EditGrid prints ask for the model-training face with UI_WORKFLOW_QUERY, which is what the 3.17 UI
+# reads to pick the landing tab (its global switch, default GenAI, overrides the tag there; ui_url below).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"  # the UI's other value, genai_development, opens the GenAI overview
+UI_WORKFLOW_QUERY = "workflowType=machine_learning"
+# Where `mlflow ui` serves a local store by default.
+DEFAULT_UI_ADDRESS = "http://127.0.0.1:5000"
+
 _SCHEME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 _SQLITE_FILE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 _TRUTHY = ("1", "true", "yes", "on")
@@ -193,7 +203,8 @@ def _get_or_create_experiment(client: MlflowClient, name: str, artifact_location
     existing = client.get_experiment_by_name(name)
     if existing is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(name, artifact_location=artifact_location,
+                                            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
         except MlflowException as error:
             # A remote store has no file lock: another process may have created it between our two calls.
             if getattr(error, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
@@ -206,7 +217,26 @@ def _get_or_create_experiment(client: MlflowClient, name: str, artifact_location
             f"MLflow experiment {name!r} (id {existing.experiment_id}) is deleted; restore it with "
             f"'mlflow experiments restore --experiment-id {existing.experiment_id}' or choose another name"
         )
+    if EXPERIMENT_KIND_TAG not in existing.tags:  # created before EditGrid set it, or by someone else
+        client.set_experiment_tag(existing.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     return existing.experiment_id
+
+
+def ui_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str | None:
+    """The MLflow UI's page of an experiment's runs table (or of one run), on its model-training face.
+
+    Local stores (SQLite, file) are served by ``mlflow ui`` at DEFAULT_UI_ADDRESS; an http(s) tracking URI is its
+    own UI. None for other stores (a database URI names no UI).
+    """
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith(("sqlite:", "file:")):
+        base = DEFAULT_UI_ADDRESS
+    elif uri.startswith(("http://", "https://")):
+        base = uri.rstrip("/")
+    else:
+        return None
+    page = f"/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return f"{base}/#{page}?{UI_WORKFLOW_QUERY}"
 
 
 # --------------------------------------------------------------------------------------------------------------

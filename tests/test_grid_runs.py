@@ -302,7 +302,10 @@ def _wait_for_http(url: str, seconds: float) -> None:
 
 
 @pytest.mark.slow
-def test_mlflow_ui_lists_the_grid_children_under_its_parent(tmp_path):
+def test_mlflow_ui_lists_the_grid_children_under_its_parent(tmp_path, capsys):
+    """The links EditGrid prints land on the runs table (not MLflow 3's GenAI overview), the parent run expands to
+    the grid's trials, and the parent run's page says how to compare them."""
+    import re
     import shutil
 
     from grid.launch import main
@@ -314,15 +317,19 @@ def test_mlflow_ui_lists_the_grid_children_under_its_parent(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     assert main(["--no-ray", "--no-progress", "--tracking-uri", uri,
                  *_sets([*TINY, "grid={hparams.scr_top_k: [1, 3]}"])]) == 0
+    printed = capsys.readouterr().out
     (parent,), children = _grid_runs(uri)
+    runs_link = re.search(r"the grid's runs \(expand grid-\w+ to compare its trials\): (\S+)", printed).group(1)
+    run_link = re.search(r"its parent run: (\S+)", printed).group(1)
+    assert run_link.split("#")[1].startswith(f"/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}?")
     port = _free_port()
     server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", uri,
                                "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
         _wait_for_http(f"http://127.0.0.1:{port}/health", 120)
-        page = f"http://127.0.0.1:{port}/#/experiments/{parent.info.experiment_id}/runs"
-        check = subprocess.run(["node", str(ROOT / "tests" / "ui" / "mlflow_runs_page.mjs"), page,
+        served = [link.replace("http://127.0.0.1:5000/", f"http://127.0.0.1:{port}/") for link in (runs_link, run_link)]
+        check = subprocess.run(["node", str(ROOT / "tests" / "ui" / "mlflow_runs_page.mjs"), *served,
                                 parent.info.run_name, *(c.info.run_name for c in children)],
                                env={**os.environ, "PLAYWRIGHT_CORE": str(PLAYWRIGHT_CORE), "CHROMIUM": str(CHROMIUM)},
                                capture_output=True, text=True, timeout=600)
@@ -331,5 +338,8 @@ def test_mlflow_ui_lists_the_grid_children_under_its_parent(tmp_path):
         server.wait(timeout=60)
     report = json.loads(check.stdout.strip().splitlines()[-1]) if check.stdout.strip() else {}
     assert check.returncode == 0, (report, check.stderr[-2000:])
+    assert report["runsTable"] and not report["genaiOverview"], report  # the landing page is the runs table
+    assert "/runs?" in report["landedOn"] and "workflowType=machine_learning" in report["landedOn"], report
     assert report["parentListed"] and report["childrenBefore"] == []  # nested: hidden until the parent opens
     assert sorted(report["childrenAfter"]) == sorted(c.info.run_name for c in children)
+    assert report["runPageNote"] and "Compare its trials" in report["runPageNote"], report

@@ -346,3 +346,49 @@ def test_tracker_rejects_use_outside_context_and_bad_values(tracking_uri):
         with pytest.raises(ValueError, match=r"\.json or \.parquet"):
             tracker.log_table([{"a": 1}], "tables/results.csv")
         tracker.log_metrics({"edit/nan": math.nan}, step=0)  # NaN is a valid MLflow value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The MLflow UI opens on the runs table
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_experiments_are_marked_model_training_and_links_ask_for_that_face(tmp_path):
+    from mlflow import MlflowClient
+
+    from grid.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, ui_url
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    experiment_id = prepare_store(uri, "created-by-editgrid")
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_experiment(experiment_id).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    older = client.create_experiment("created-before")  # an experiment without the tag gets it
+    assert prepare_store(uri, "created-before") == older
+    assert client.get_experiment(older).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
+    client.set_experiment_tag(older, EXPERIMENT_KIND_TAG, "genai_development")  # a user's own choice stays
+    prepare_store(uri, "created-before")
+    assert client.get_experiment(older).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+    assert ui_url(uri, "7") == "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+    assert ui_url("http://host:5001/", "7", "abc") == ("http://host:5001/#/experiments/7/runs/abc"
+                                                       "?workflowType=machine_learning")
+    assert ui_url("postgresql://db/mlflow", "7") is None
+
+
+def test_grid_parent_run_says_how_to_compare_and_the_printed_links_reach_it(tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from grid.config import expand_trials, load_config
+    from grid.gridrun import NOTE_TAG, open_grid_run
+    from grid.launch import _print_where
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg, source = load_config(None, ["experiment=ui-links"])
+    trials = expand_trials(cfg, source)
+    grid = open_grid_run(uri, trials, cfg, source)
+    note = MlflowClient(tracking_uri=uri).get_run(grid.run_id).data.tags[NOTE_TAG]
+    assert f"expand this run (the **+** beside `grid-{grid.grid_id}`)" in note and "**Compare**" in note
+    assert "`step` = edits applied" in note
+    _print_where(uri, "ui-links", grid_trials=trials)
+    out = capsys.readouterr().out
+    runs = f"http://127.0.0.1:5000/#/experiments/{grid.experiment_id}/runs"
+    assert f"the grid's runs (expand grid-{grid.grid_id} to compare its trials): {runs}?workflowType=machine_learning" in out
+    assert f"its parent run: {runs}/{grid.run_id}?workflowType=machine_learning" in out

@@ -115,6 +115,44 @@ def model_folder(name_or_path: str, cache_dir: Path | None = None) -> str:
     return name_or_path
 
 
+# What a local model folder needs for from_pretrained (any one of each group; sharded weights have an index).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model")
+
+
+def model_problem(name_or_path: str) -> str | None:
+    """What makes ``name_or_path`` unloadable, found without loading anything; None when it may load.
+
+    Embedded names are fine; an existing path must be a Hugging Face model folder (config.json, weights, tokenizer
+    files); a name that is clearly a path (``/``, ``./``, ``../``, ``~``) must exist. Anything else is a hub id,
+    which only loading can check (network or the local Hugging Face cache).
+    """
+    if name_or_path in EMBEDDED_MODELS:
+        return None
+    path = Path(name_or_path).expanduser()
+    embedded = f"embedded models: {', '.join(EMBEDDED_MODELS)}"
+    if not path.exists():
+        if name_or_path.startswith(("/", "./", "../", "~")):
+            return f"{name_or_path}: no such folder (a model is a hub id, a local model folder, or one of the {embedded})"
+        return None
+    if not path.is_dir():
+        return f"{path} is a file, not a model folder (a Hugging Face model folder holds config.json, the weights " \
+               f"and the tokenizer files; {embedded})"
+    files = {child.name for child in path.iterdir() if child.is_file()}
+    missing = []
+    if "config.json" not in files:
+        missing.append("config.json")
+    if not any(name.endswith(_WEIGHT_SUFFIXES) for name in files):
+        missing.append(f"weights ({' or '.join('*' + suffix for suffix in _WEIGHT_SUFFIXES[:2])})")
+    if not files & set(_TOKENIZER_FILES):
+        missing.append(f"tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...)")
+    if missing:
+        return f"the folder {path} is not a Hugging Face model folder: it has no {', no '.join(missing)} " \
+               f"({embedded})"
+    return None
+
+
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """Hash of the model's shapes and a strided sample of every parameter: a content key for the weights."""
     digest = hashlib.sha256()
