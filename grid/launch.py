@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -70,7 +71,109 @@ def _trial_listing(trials) -> str:
     return "\n".join(f"  {t.index}: {t.name}  ({t.trial_id})" for t in trials)
 
 
+# -- SIGTERM / SIGINT: stop what the driver started, leave its runs as a resubmission expects ------------------
+
+class DriverInterrupted(BaseException):
+    """SIGTERM or SIGINT reached the driver. A BaseException, so a trial's ``except Exception`` lets it through and
+    every ``with``/``finally`` on the way out runs: the trial's run is marked FAILED with it as ``failure_reason``
+    (grid/tracking.py), the grid's open runs are marked KILLED (``_mark_interrupted``) and the MLflow server the
+    driver started is stopped with its whole process group (grid/mlflow_server.py)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(f"driver stopped by {self.name}")
+
+
+_SHUTDOWN_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def _install_stop_handlers() -> dict:
+    """Turn SIGTERM (``ray job stop``, schedulers) and SIGINT (Ctrl-C) into ``DriverInterrupted`` in the main
+    thread; a repeated signal while the driver cleans up is ignored (SIGKILL skips the clean-up; the next
+    ``--mlflow-server`` run then stops the stale server). Returns what to restore."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    stopping = []
+
+    def handler(signum, frame):
+        if stopping:
+            print(f"EditGrid: {signal.Signals(signum).name} again: still stopping", file=sys.stderr, flush=True)
+            return
+        stopping.append(signum)
+        # The clean-up talks to the tracking server: fail fast instead of retrying for minutes if it is gone.
+        os.environ.update(_SHUTDOWN_ENV)
+        raise DriverInterrupted(signum)
+
+    # Ray Tune would otherwise take SIGINT for a graceful stop that reports the interrupted trials as done.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    previous = {"env": {key: os.environ.get(key) for key in _SHUTDOWN_ENV}}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def _restore_stop_handlers(previous: dict) -> None:
+    for key, value in previous.pop("env", {}).items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def _interruption(err: BaseException) -> DriverInterrupted | None:
+    """``err`` itself or the ``DriverInterrupted`` behind it: Ray's compiled core checks signals itself and hands
+    a handler's exception on wrapped in a SystemError (``tuner.fit`` waiting in ``ray.wait``)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, DriverInterrupted):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _mark_interrupted(grid, stop: DriverInterrupted) -> None:
+    """The grid's child runs still RUNNING (Ray trials whose workers die with the driver) and its parent run →
+    KILLED with the reason; a resubmission finds the parent by its grid id and supersedes every child that did not
+    finish, continuing from its trial checkpoint (grid/gridrun.py, grid/trial.py)."""
+    from grid.gridrun import child_runs
+
+    try:
+        client = grid.client()
+        for run in child_runs(grid.tracking_uri, grid.experiment_id, grid.run_id):
+            if run.info.status == "RUNNING":
+                client.set_tag(run.info.run_id, "failure_reason", str(stop))
+                client.set_terminated(run.info.run_id, status="KILLED")
+        client.set_tag(grid.run_id, "editgrid.interrupted", str(stop))
+        client.set_terminated(grid.run_id, status="KILLED")
+    except Exception as err:  # noqa: BLE001 - the server may be gone already; the resume logic copes with RUNNING
+        print(f"EditGrid: could not mark the grid's runs as interrupted: {type(err).__name__}: {err}",
+              file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line; stopped by SIGTERM or SIGINT it cleans up (``DriverInterrupted``), prints one line on
+    stderr and returns 128 + the signal's number."""
+    previous = _install_stop_handlers()
+    try:
+        return _main(argv)
+    except BaseException as err:
+        stop = _interruption(err)
+        if stop is None:
+            raise
+        print(f"error: {stop}: its runs are marked interrupted and the processes it started are stopped; submit "
+              f"the same command again to resume the grid", file=sys.stderr, flush=True)
+        return 128 + stop.signum
+    finally:
+        _restore_stop_handlers(previous)
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
@@ -140,10 +243,17 @@ def _run_grid(args, cfg: dict, source: str, trials, tracking_uri: str) -> int:
           f"{source}, {len(trials) - len(pending)} already finished\n{_trial_listing(trials)}\n"
           f"tracking: {tracking_uri} (parent run {grid.run_id})", flush=True)
     if pending:
-        if args.no_ray:
-            outcomes = run_in_process(pending, grid, progress=not args.no_progress)
-        else:
-            outcomes = run_on_ray(pending, grid, cfg["ray"], storage_path=args.ray_storage)
+        try:
+            if args.no_ray:
+                outcomes = run_in_process(pending, grid, progress=not args.no_progress)
+            else:
+                outcomes = run_on_ray(pending, grid, cfg["ray"], storage_path=args.ray_storage)
+        except BaseException as err:
+            stop = _interruption(err)
+            if stop is None:
+                raise
+            _mark_interrupted(grid, stop)
+            raise stop from None
     else:
         outcomes = []
     failures = [o for o in outcomes if not o.finished]

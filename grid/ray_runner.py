@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,8 +97,13 @@ def run_on_ray(trials: list[Trial], grid: GridRun, ray_cfg: dict, storage_path: 
     from ray.tune import FailureConfig, RunConfig, TuneConfig
 
     if not ray.is_initialized():
+        sigterm = signal.getsignal(signal.SIGTERM)
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level=logging.WARNING,
                  log_to_driver=True)
+        if callable(sigterm) and threading.current_thread() is threading.main_thread():
+            # ray.init replaces SIGTERM's handler with sys.exit; the driver's own (grid/launch.py) marks the grid's
+            # runs as interrupted and stops the MLflow server it started before it exits.
+            signal.signal(signal.SIGTERM, sigterm)
     logger.info("Ray cluster resources: %s", ray.cluster_resources())
     by_index = {t.index: t for t in trials}
 
