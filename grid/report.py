@@ -62,10 +62,16 @@ def _history_by_step(client, run_id: str, name: str) -> dict[int, float]:
 
 
 def comparison_rows(tracking_uri: str, parent_run) -> list[dict]:
+    children = child_runs(tracking_uri, parent_run.info.experiment_id, parent_run.info.run_id)
+    return trial_rows(tracking_uri, sorted(children, key=lambda r: int(r.data.tags.get("editgrid.trial_index", 0))))
+
+
+def trial_rows(tracking_uri: str, runs) -> list[dict]:
+    """One row per trial run × evaluation step: identity, axes, status, the report families' metrics and the
+    layer-averaged diag/mean/*."""
     client = _mlflow_client(tracking_uri)
     rows = []
-    children = child_runs(tracking_uri, parent_run.info.experiment_id, parent_run.info.run_id)
-    for run in sorted(children, key=lambda r: int(r.data.tags.get("editgrid.trial_index", 0))):
+    for run in runs:
         histories = {name: _history_by_step(client, run.info.run_id, name) for name in run.data.metrics
                      if name.startswith(ROW_PREFIXES) or _LAYER_METRIC.match(name)}
         steps = sorted(histories.get(EVAL_MARKER, {}))
@@ -95,7 +101,8 @@ def comparison_rows(tracking_uri: str, parent_run) -> list[dict]:
     return rows
 
 
-def _plot(rows: list[dict], metrics: tuple[str, ...], title: str):
+def plot_rows(rows: list[dict], metrics: tuple[str, ...], title: str):
+    """One panel per metric, one line per trial against edits (95 % bands where logged); None if no metric is there."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,7 +173,7 @@ def write_report(tracking_uri: str, grid_id: str, out_dir: str | Path | None = N
                           ("diagnostics_vs_edits", PLOTTED_DIAGNOSTICS),
                           ("retention_vs_edits", PLOTTED_RETENTION),
                           ("abilities_vs_edits", PLOTTED_ABILITIES)):
-        figure = _plot(rows, metrics, f"grid {grid_id}: {name.replace('_', ' ')}")
+        figure = plot_rows(rows, metrics, f"grid {grid_id}: {name.replace('_', ' ')}")
         if figure is None:
             continue
         written[name] = folder / f"{name}.png"
