@@ -23,6 +23,7 @@ from evals.abilities import DEFAULT_TASKS as ABILITY_TASKS
 from evals.datasets import BUILTIN_NAME, DATASET_FORMATS, HUB_PREFIX, offline_hub_problem
 from methods.corpus import CorpusError, parse_corpus
 from methods.infra.cpu_linear import LinearBackendError, resolve_linear_backend
+from methods.infra.memory_plan import MemoryPlanError, parse_size
 from methods.infra.models import DTYPES, EMBEDDED_MODELS, model_problem
 from methods.stages import LOCATE_THEN_EDIT, NO_SOLVER, REQUIRED, MethodSpec, method_problems
 from methods.stats import FORWARD_DTYPE_BY_NAME
@@ -32,8 +33,10 @@ DEFAULTS: dict[str, Any] = {
     "model": "smollm2-135m",
     # linear_backend: the kernel of the model's nn.Linear products (methods/infra/cpu_linear.py); auto = per weight shape
     # and row band whichever of oneDNN and PyTorch measured faster on this CPU (methods/infra/linear_plan.py)
+    # max_memory: the budget a trial's memory plan must fit (methods/infra/memory_plan.py), e.g. "40GB" or bytes;
+    # null = the device's total memory. How a trial runs, not what it computes: not in the trial id.
     "model_args": {"dtype": "auto", "device": "auto", "blocks": None, "mlp": None, "mlp_out": None,
-                   "linear_backend": "auto"},
+                   "linear_backend": "auto", "max_memory": None},
     "data": {"path": BUILTIN_NAME, "format": "auto", "limit": None, "offset": 0},
     "method": "memit",
     "hparams": {},
@@ -113,6 +116,7 @@ RUN_ONLY_KEYS = ("grid", "methods", "ray")  # top-level keys that describe the g
 # Trial keys that say how a trial is run, not what it computes: left out of the trial id, so changing them lets a
 # resubmission still find the trial's finished run and its checkpoint.
 NOT_IN_TRIAL_ID = ("checkpoints",)
+NOT_IN_TRIAL_ID_MODEL_ARGS = ("max_memory",)  # the same, inside model_args
 
 
 FREE_FORM_KEYS = ("grid", "methods", "hparams", "by_model")  # mappings whose keys are the user's, not ours
@@ -284,6 +288,11 @@ def trial_problems(cfg: dict) -> list[str]:
     margs = cfg.get("model_args", {})
     if margs.get("dtype") not in ("auto", *DTYPES):
         problems.append(f"model_args.dtype: {margs.get('dtype')!r} is not auto or one of {sorted(DTYPES)}")
+    if margs.get("max_memory") is not None:
+        try:
+            parse_size(margs["max_memory"])
+        except MemoryPlanError as err:
+            problems.append(f"model_args.max_memory: {err}; null = the device's total memory")
     try:  # the same check load_model makes; the device only matters for "auto", which is always valid
         resolve_linear_backend(margs.get("linear_backend"), torch.device("cpu"))
     except LinearBackendError as err:
@@ -564,6 +573,9 @@ class Trial:
     def trial_id(self) -> str:
         """Content hash of the configuration: the same settings give the same id (used to name and resume)."""
         identity = {k: v for k, v in self.config.items() if k not in NOT_IN_TRIAL_ID}
+        if isinstance(identity.get("model_args"), dict):
+            identity["model_args"] = {k: v for k, v in identity["model_args"].items()
+                                      if k not in NOT_IN_TRIAL_ID_MODEL_ARGS}
         blob = json.dumps(identity, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 

@@ -59,6 +59,7 @@ from grid.collapse import collapse_reason
 from grid.config import Trial, method_settings
 from grid.evaluators import Checkpoint, TrialClock, TrialContext, build_evaluators
 from grid.gridrun import delete_runs, unfinished_trial_runs
+from grid.memory_plan import plan_trial_memory
 from grid.scr_stage import ScrStage
 from grid.tracking import TrialTracker
 from grid.trial_checkpoint import TrialCheckpoints, TrialState
@@ -195,6 +196,7 @@ class TrialRun:
         cfg, spec, tracker = self.cfg, self.spec, self.tracker
         self.cache_dir = cache_root(cfg)
         margs = cfg["model_args"]
+        plan_trial_memory(cfg, spec, tracker, self.trial.name, self.cache_dir)  # refuses what cannot fit, unloaded
         loaded = load_model(cfg["model"], dtype=margs["dtype"], device=margs["device"], cache_dir=self.cache_dir,
                             linear_backend=margs["linear_backend"])
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
