@@ -161,6 +161,21 @@ def test_grace_codebook_adds_splits_and_widens_as_the_rules_say():
     torch.testing.assert_close(book.keys[1], torch.tensor([3.0, -0.5]))
 
 
+def test_grace_same_key_with_another_answer_replaces_and_near_keys_are_measured_exactly():
+    """Found at edit 226 of a 1,000-edit CounterFact trial: a split ball can be smaller than the float32 error of
+    ‖q‖² + ‖k‖² − 2q·k, so a query missed the key made from it and training had nothing to train."""
+    book = Codebook(key_dim=2, value_dim=2)
+    book.update(torch.tensor([100.0, 100.0]), (1,), 0, 1.0, "coverage", _value(1))
+    # the same key, another answer: a zero-radius split would serve neither; the newer edit takes the key over
+    assert book.update(torch.tensor([100.0, 100.0]), (2,), 1, 1.0, "coverage", _value(7)) == (0, "replaced")
+    assert book.labels == [(2,)] and book.edit_ids == [1] and book.replacements == 1 and book.radii[0] == 1.0
+    torch.testing.assert_close(book.values.detach()[0], torch.full((2,), 7.0))
+    # a query 1e-3 from a key among many rows (where cdist would switch to the matrix-product form) is 1e-3 away
+    queries = torch.cat([torch.full((40, 2), 500.0), torch.tensor([[100.0, 100.001]])])
+    distance, index = book.nearest(queries)
+    assert int(index[-1]) == 0 and float(distance[-1]) == pytest.approx(1e-3, rel=1e-2)
+
+
 def test_grace_replaces_the_layer_output_exactly_where_a_key_is_within_its_radius(tiny_llama, smol_tokenizer):
     editable = EditableModel.wrap(tiny_llama)
     editor = GraceEditor(editable, smol_tokenizer, [2], GraceHParams())

@@ -60,13 +60,17 @@ class Codebook:
         self.edit_ids: list[int] = []
         self.splits = 0
         self.expansions = 0
+        self.replacements = 0
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Distance to and index of the nearest key for each query row [M, d_in]."""
-        distances = torch.cdist(queries.float(), self.keys.to(queries.device))
+        # Exact differences, not ‖q‖² + ‖k‖² − 2q·k: with ‖q‖² ~ 10⁴ in float32 that form is off by ~0.03, more than
+        # a split ball's radius can be, and a query could then miss the key made from it.
+        distances = torch.cdist(queries.float(), self.keys.to(queries.device),
+                                compute_mode="donot_use_mm_for_euclid_dist")
         return distances.min(dim=1)
 
     def add(self, key: torch.Tensor, value: torch.Tensor, radius: float, label: tuple[int, ...], edit_id: int) -> int:
@@ -81,7 +85,7 @@ class Codebook:
     def update(self, query: torch.Tensor, label: tuple[int, ...], edit_id: int, eps_init: float, eps_expand: str,
                new_value) -> tuple[int, str]:
         """Apply the codebook rule for one edit's query; the key index to train and what happened
-        ("added", "split", "expanded" or "covered"). ``new_value()`` makes the value of a new key."""
+        ("added", "split", "replaced", "expanded" or "covered"). ``new_value()`` makes the value of a new key."""
         query = query.detach().float().reshape(-1)
         if len(self) == 0:
             return self.add(query, new_value(), eps_init, label, edit_id), "added"
@@ -90,6 +94,12 @@ class Codebook:
         if d > eps_init + float(self.radii[i]):
             return self.add(query, new_value(), eps_init, label, edit_id), "added"
         if self.labels[i] != tuple(label):
+            if d / 2 <= SPLIT_MARGIN:  # the same key with another answer: the newer edit replaces the older one
+                self.labels[i], self.edit_ids[i] = tuple(label), int(edit_id)
+                with torch.no_grad():
+                    self.values[i] = new_value().detach().reshape(-1).to(self.values)
+                self.replacements += 1
+                return i, "replaced"
             self.radii[i] = d / 2 - SPLIT_MARGIN
             self.splits += 1
             return self.add(query, new_value(), d / 2, label, edit_id), "split"
@@ -104,7 +114,7 @@ class Codebook:
     def state_dict(self) -> dict:
         return {"keys": self.keys.clone(), "values": self.values.detach().clone(), "radii": self.radii.clone(),
                 "labels": [list(label) for label in self.labels], "edit_ids": list(self.edit_ids),
-                "splits": self.splits, "expansions": self.expansions}
+                "splits": self.splits, "expansions": self.expansions, "replacements": self.replacements}
 
     def load_state_dict(self, state: dict) -> None:
         self.keys, self.radii = state["keys"].clone(), state["radii"].clone()
@@ -112,6 +122,7 @@ class Codebook:
         self.labels = [tuple(label) for label in state["labels"]]
         self.edit_ids = list(state["edit_ids"])
         self.splits, self.expansions = int(state["splits"]), int(state["expansions"])
+        self.replacements = int(state.get("replacements", 0))
 
 
 class GraceEditor:
@@ -128,6 +139,7 @@ class GraceEditor:
         self.codebook = Codebook(editable.key_dim(layers[0]), editable.value_dim(layers[0]))
         self.generator = torch.Generator().manual_seed(seed)  # cold values
         self.edits = 0
+        self.unserved = 0  # edits whose own query the codebook did not serve while training (nothing to train)
         self._last: dict[str, float] = {}
         self._hits: list[torch.Tensor] | None = None  # while served_rows runs: the hit map of each forward
         self._handle = self.module.register_forward_hook(self._lookup)
@@ -201,6 +213,9 @@ class GraceEditor:
                 for _ in range(hp.grace_n_iter):
                     logits = logits_at(self.editable.model, batch.model_inputs(), rows, cols)
                     loss = F.cross_entropy(logits.float(), tokens)
+                    if not loss.requires_grad:  # no key serves the edit's positions: counted, not a crash
+                        self.unserved += 1
+                        break
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
@@ -221,6 +236,8 @@ class GraceEditor:
         radii = self.codebook.radii
         self._last = {"grace/codebook_size": float(len(self.codebook)), "grace/splits": float(self.codebook.splits),
                       "grace/expansions": float(self.codebook.expansions),
+                      "grace/replacements": float(self.codebook.replacements),
+                      "grace/unserved_edits": float(self.unserved),
                       "grace/new_keys": float(sum(e in ("added", "split") for e in events)),
                       "grace/radius_mean": float(radii.mean()), "grace/radius_min": float(radii.min()),
                       "grace/value_norm_mean": float(self.codebook.values.detach().norm(dim=1).mean())}
@@ -232,10 +249,11 @@ class GraceEditor:
         return dict(self._last)
 
     def state_dict(self) -> dict:
-        return {"codebook": self.codebook.state_dict(), "edits": self.edits,
+        return {"codebook": self.codebook.state_dict(), "edits": self.edits, "unserved": self.unserved,
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.codebook.load_state_dict(state["codebook"])
         self.edits = int(state["edits"])
+        self.unserved = int(state.get("unserved", 0))
         self.generator.set_state(state["generator"])
