@@ -231,7 +231,7 @@ def test_ray_job_submit_with_token_auth_runs_the_grid_and_records_a_failed_trial
         job = subprocess.run(
             [ray, "job", "submit", "--address", address, "--working-dir", ".", "--", "python", "grid/launch.py",
              "--tracking-uri", uri, "--ray-storage", str(tmp_path / "ray"),
-             *_sets([*TINY, "ray.max_failures=0", "grid={model: [smollm2-135m, /nonexistent/model]}"])],
+             *_sets([*TINY, "ray.max_failures=0", "grid={model: [smollm2-135m, nonexistent-org/no-such-model]}"])],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert job.returncode != 0, job.stdout[-3000:]  # the grid reports its failed trial ...
     finally:
@@ -239,9 +239,10 @@ def test_ray_job_submit_with_token_auth_runs_the_grid_and_records_a_failed_trial
     (parent,), children = _grid_runs(uri)  # ... and still completes: both cells are in MLflow
     by_model = {c.data.tags["editgrid.model"]: c for c in children}
     assert by_model["smollm2-135m"].info.status == "FINISHED"
-    failed = by_model["/nonexistent/model"]
+    # a missing local folder is refused at validation; a hub id is only found missing when the trial loads it
+    failed = by_model["nonexistent-org/no-such-model"]
     assert failed.info.status == "FAILED"
-    assert "cannot load model '/nonexistent/model'" in failed.data.tags["failure_reason"]
+    assert "cannot load model 'nonexistent-org/no-such-model'" in failed.data.tags["failure_reason"]
     assert parent.info.status == "FAILED"
     rows = _csv_rows(_client(uri), parent.info.run_id, tmp_path)
     assert sorted(r["status"] for r in rows) == ["FAILED", "FINISHED", "FINISHED"]
