@@ -50,8 +50,10 @@ def test_unknown_architecture_asks_for_module_paths(tiny_llama, monkeypatch):
     assert wrapped.weight(1).shape == (64, 96)
 
 
-def test_missing_model_and_cpu_half_precision_are_clear_errors(tmp_path):
+def test_missing_model_and_unknown_dtype_are_clear_errors_and_half_precision_runs_on_cpu(tmp_path):
     with pytest.raises(ModelLoadError, match="cannot load model"):
         load_model(str(tmp_path / "no-such-model"), device="cpu")
-    with pytest.raises(ModelLoadError, match="only supported on GPU"):
-        resolve_dtype("bf16", torch.device("cpu"))
+    with pytest.raises(ModelLoadError, match="is not one of"):
+        resolve_dtype("float8", torch.device("cpu"))
+    # bf16 weights on CPU: the GPU users' precision path, tested here (tests/test_bf16_path.py)
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
