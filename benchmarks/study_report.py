@@ -33,14 +33,15 @@ CURVE_METRICS = (EFFICACY, GENERALIZATION, SPECIFICITY, retention_metric("age_1_
                  abilities_metric("lambada", "acc"), abilities_metric("wikitext2", "token_perplexity"))
 
 
-def study_rows(stores: list[str], experiments: list[str]) -> list[dict]:
+def study_rows(stores: list[str], experiments: list[str], include_failed: bool = False) -> list[dict]:
     rows = []
     for store in stores:
         client = _mlflow_client(store)
         ids = [e.experiment_id for name in experiments if (e := client.get_experiment_by_name(name)) is not None]
         if not ids:
             continue
-        runs = [r for r in client.search_runs(ids, max_results=10_000) if r.data.tags.get("editgrid.role") == "trial"]
+        runs = [r for r in client.search_runs(ids, max_results=10_000) if r.data.tags.get("editgrid.role") == "trial"
+                and (include_failed or r.info.status != "FAILED")]
         runs.sort(key=lambda r: (r.data.tags.get("editgrid.method", ""), r.info.start_time))
         for row in trial_rows(store, runs):
             rows.append({**row, "store": store})
@@ -76,9 +77,11 @@ def main(argv=None) -> int:
     parser.add_argument("--experiment", action="append", required=True, help="an experiment name (repeatable)")
     parser.add_argument("--steps", help="comma-separated steps for the table (default: every evaluation)")
     parser.add_argument("--out", help="write <out>.md and <out>_curves.png")
+    parser.add_argument("--include-failed", action="store_true", help="also show FAILED trial runs (left out by "
+                        "default: a resubmitted trial's successful attempt is the one to read)")
     args = parser.parse_args(argv)
     steps = [int(s) for s in args.steps.split(",")] if args.steps else None
-    rows = study_rows(args.store, args.experiment)
+    rows = study_rows(args.store, args.experiment, args.include_failed)
     if not rows:
         print(f"no trial runs of {args.experiment} in {args.store}", file=sys.stderr)
         return 1
