@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -46,6 +45,7 @@ from grid.assembly import assemble_method  # noqa: E402
 from grid.config import method_settings  # noqa: E402
 from methods.corpus import parse_corpus  # noqa: E402
 from methods.infra.arch import EditableModel  # noqa: E402
+from methods.infra.linear_plan import machine_identity  # noqa: E402
 from methods.requests import EditRequest  # noqa: E402
 from methods.stats import second_moments  # noqa: E402
 
@@ -251,16 +251,6 @@ def precision_checks(device: str, dtype: torch.dtype, seed: int, cache_dir: Path
     return checks
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -294,7 +284,8 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     memory = Memory(args.device)
     config = TINY if args.tiny else LLAMA3_8B
-    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else _cpu_name()
+    device_name = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+                   else machine_identity()["cpu"])
     print(f"gpu_check: {'tiny' if args.tiny else 'Llama-3-8B'} configuration, {args.dtype} weights on {args.device} "
           f"({device_name}); torch {torch.__version__}", flush=True)
     rows: list[Row] = []

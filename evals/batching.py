@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from methods.infra.tokens import positions_from_mask  # noqa: F401  (re-exported: evals' batches use it)
+
 
 def model_device(model: torch.nn.Module) -> torch.device:
     parameter = next(model.parameters(), None)
@@ -22,7 +24,3 @@ def left_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, 
     return input_ids, attention_mask
 
 
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that count real tokens only (0 on padding), so a left-padded row gets the positions it would
-    have unpadded."""
-    return (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)

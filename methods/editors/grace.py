@@ -34,6 +34,7 @@ from methods.infra.arch import EditableModel
 from methods.editor import BatchReport
 from methods.finetune import target_nll_batch
 from methods.infra.hooks import CaptureSite, capture, hidden_of, replace_hidden
+from methods.infra.tokens import positions_from_mask
 from methods.requests import EditRequest
 from methods.targets import logits_at, replaying_below
 
@@ -173,7 +174,7 @@ class GraceEditor:
         self._hits = []
         try:
             self.editable.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=False)
+                                position_ids=positions_from_mask(attention_mask).to(device), use_cache=False)
             (hits,) = self._hits
         finally:
             self._hits = None

@@ -51,7 +51,7 @@ from methods.editor import BatchReport
 from methods.finetune import answer_positions
 from methods.requests import EditRequest
 from methods.targets import logits_at, replaying_below
-from methods.infra.tokens import TextSpan, encode_spans
+from methods.infra.tokens import TextSpan, encode_spans, positions_from_mask
 
 TEMPLATE_STARTERS = ("I", "You", "Because", "Yes", "Q: ")
 TEMPLATE_LENGTHS = (5, 10)
@@ -186,7 +186,7 @@ class WiseEditor:
         routed, self._served = dict(self.routed), []
         try:
             self.editable.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=False)
+                                position_ids=positions_from_mask(attention_mask).to(device), use_cache=False)
             (served,) = self._served
         finally:
             self._served, self.routed = None, routed

@@ -61,6 +61,12 @@ def _first_token_after(offsets: Sequence[tuple[int, int]], start: int, text: str
     return candidates[0]
 
 
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens only (0 on padding), so a left-padded row gets the positions it would
+    have unpadded."""
+    return (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+
+
 def encode_spans(tokenizer, spans: Sequence[TextSpan], padding_side: str | None = None) -> EncodedBatch:
     """Tokenise ``spans`` into one padded batch and locate each span's subject last token and answer start."""
     if not getattr(tokenizer, "is_fast", True):
