@@ -150,7 +150,8 @@ def evaluate_generation(model, tokenizer, records: list[EditRecord], judge: Judg
         contained = contains_answer(generation, query.answers)
         row = {"case_id": query.case_id, "dimension": query.dimension, "prompt": query.prompt,
                "shown_prompt": shown_by_prompt[query.prompt], "generation": generation, "gold": query.answers[0],
-               "contains": contained, "verdict": judgment.verdict, "judge_reply": judgment.reply}
+               "contains": contained, "verdict": judgment.verdict, "judge_reply": judgment.reply,
+               "judge_margin": judgment.margin}
         if query.dimension == LOCALITY and pre_edit_answers is not None:
             row["pre_edit_generation"] = pre_edit_answers.get(query.prompt)
             row["unchanged"] = pre_edit_answers.get(query.prompt) == generation
@@ -167,6 +168,9 @@ def evaluate_generation(model, tokenizer, records: list[EditRecord], judge: Judg
         metrics[gen_metric("contains")] = sum(r["contains"] for r in rows) / len(rows)
         metrics[judge_metric("agreement_with_contains")] = sum((r["verdict"] == "A") == r["contains"] for r in rows) / len(rows)
         metrics[judge_metric("unparsable")] = sum(r["verdict"] is None for r in rows) / len(rows)
+        margins = [abs(r["judge_margin"]) for r in rows if r["judge_margin"] is not None]
+        if margins:  # logit judges: how sure the verdicts were (|log P(A) − log P(B)|, median over the prompts)
+            metrics[judge_metric("margin_median")] = float(sorted(margins)[len(margins) // 2])
     locality = [r for r in per_dimension[LOCALITY] if "unchanged" in r]
     if locality:
         metrics[gen_metric("locality_unchanged")] = sum(r["unchanged"] for r in locality) / len(locality)

@@ -21,7 +21,9 @@ same generation (unchanged locality answers, a resumed trial) asks the judge onc
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import inspect
 import json
 import logging
 import re
@@ -30,6 +32,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
+
+import torch
 
 from evals.openai_endpoint import EndpointUnavailable, OpenAIEndpoint
 
@@ -64,6 +68,11 @@ def judge_prompt(question: str, gold: str, prediction: str) -> str:
     return GRADER_PROMPT.format(question=question.strip(), gold=gold.strip(), prediction=prediction.strip())
 
 
+def verdict_from_margin(margin: float) -> str:
+    """A logit judge's verdict: A when log P(A) > log P(B) after the grader prompt (ties are B: not shown correct)."""
+    return CORRECT if margin > 0 else INCORRECT
+
+
 def parse_verdict(reply: str) -> str | None:
     """"A", "B", or None when the reply is not exactly a verdict."""
     text = _PREFIX.sub("", reply or "", count=1).strip()
@@ -89,6 +98,7 @@ class Judgment:
     verdict: str | None  # "A", "B", or None (unparsable)
     reply: str
     from_cache: bool
+    margin: float | None = None  # log P(A) − log P(B) after the grader prompt (logit backends only)
 
     @property
     def correct(self) -> bool:
@@ -100,7 +110,11 @@ class Judgment:
 
 
 class JudgeBackend(Protocol):
-    name: str  # the judge model's identity: part of every cache key
+    """Either ``complete`` (a reply to parse) or, for logit judges, ``margins`` (one number per prompt, the verdict
+    being its sign). ``name`` is the judge's identity (model, weights, verdict mode, few-shot version): part of
+    every cache key."""
+
+    name: str
 
     def complete(self, prompts: list[str]) -> list[str]: ...
 
@@ -131,7 +145,10 @@ class JudgmentCache:
         with FileLock(f"{self.path}.lock"), self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, judge TEXT, prompt_version TEXT, "
-                       "verdict TEXT, reply TEXT, created REAL)")
+                       "verdict TEXT, reply TEXT, created REAL, margin REAL)")
+            columns = {row[1] for row in db.execute("PRAGMA table_info(judgments)")}
+            if "margin" not in columns:  # a cache written before logit verdicts existed
+                db.execute("ALTER TABLE judgments ADD COLUMN margin REAL")
 
     @classmethod
     def in_folder(cls, cache_dir: str | Path) -> JudgmentCache:
@@ -140,21 +157,24 @@ class JudgmentCache:
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=120)
 
-    def get(self, keys: list[str]) -> dict[str, tuple[str | None, str]]:
-        found: dict[str, tuple[str | None, str]] = {}
+    def get(self, keys: list[str]) -> dict[str, tuple[str | None, str, float | None]]:
+        """(verdict, reply, margin) per known key."""
+        found: dict[str, tuple[str | None, str, float | None]] = {}
         with self._connect() as db:
             for start in range(0, len(keys), 500):
                 chunk = keys[start:start + 500]
-                rows = db.execute(f"SELECT key, verdict, reply FROM judgments WHERE key IN ({','.join('?' * len(chunk))})",
-                                  chunk).fetchall()
-                found.update({key: (verdict, reply) for key, verdict, reply in rows})
+                rows = db.execute("SELECT key, verdict, reply, margin FROM judgments "
+                                  f"WHERE key IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+                found.update({key: (verdict, reply, margin) for key, verdict, reply, margin in rows})
         return found
 
-    def put(self, judge: str, entries: list[tuple[str, str | None, str]]) -> None:
+    def put(self, judge: str, entries: list[tuple[str, str | None, str, float | None]]) -> None:
         now = time.time()
         with self._connect() as db:
-            db.executemany("INSERT OR IGNORE INTO judgments VALUES (?, ?, ?, ?, ?, ?)",
-                           [(key, judge, JUDGE_PROMPT_VERSION, verdict, reply, now) for key, verdict, reply in entries])
+            db.executemany("INSERT OR IGNORE INTO judgments (key, judge, prompt_version, verdict, reply, created, "
+                           "margin) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           [(key, judge, JUDGE_PROMPT_VERSION, verdict, reply, now, margin)
+                            for key, verdict, reply, margin in entries])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,20 +205,26 @@ class Judge:
         known = self.cache.get(sorted(set(keys))) if self.cache is not None else {}
         self.stats.cached += sum(key in known for key in keys)
         todo = {key: item for key, item in zip(keys, items) if key not in known}
-        fresh: dict[str, tuple[str | None, str]] = {}
+        fresh: dict[str, tuple[str | None, str, float | None]] = {}
         pending = list(todo.items())
+        by_margin = hasattr(self.backend, "margins")
         for start in range(0, len(pending), self.batch_size):
             chunk = pending[start:start + self.batch_size]
             started = time.perf_counter()
-            replies = self.backend.complete([judge_prompt(i.question, i.gold, i.prediction) for _, i in chunk])
+            if by_margin:  # one forward pass: the sign of log P(A) − log P(B) is the verdict, never unparsable
+                margins = self.backend.margins([grader_item(i.question, i.gold, i.prediction) for _, i in chunk])
+                entries = [(key, verdict_from_margin(m), f"{verdict_from_margin(m)} (margin {m:+.3f})", float(m))
+                           for (key, _), m in zip(chunk, margins)]
+            else:
+                replies = self.backend.complete([judge_prompt(i.question, i.gold, i.prediction) for _, i in chunk])
+                entries = [(key, parse_verdict(reply), reply, None) for (key, _), reply in zip(chunk, replies)]
             self.stats.seconds += time.perf_counter() - started
             self.stats.asked += len(chunk)
-            entries = [(key, parse_verdict(reply), reply) for (key, _), reply in zip(chunk, replies)]
-            fresh.update({key: (verdict, reply) for key, verdict, reply in entries})
+            fresh.update({key: (verdict, reply, margin) for key, verdict, reply, margin in entries})
             if self.cache is not None:
                 self.cache.put(self.backend.name, entries)
-        return [Judgment(*fresh[key], from_cache=False) if key in fresh else Judgment(*known[key], from_cache=True)
-                for key in keys]
+        return [Judgment(*fresh[key][:2], from_cache=False, margin=fresh[key][2]) if key in fresh
+                else Judgment(*known[key][:2], from_cache=True, margin=known[key][2]) for key in keys]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -225,6 +251,164 @@ class TransformersJudge:
         generated = generate_greedy(self.model, self.tokenizer, [self._format(p) for p in prompts],
                                     max_new_tokens=JUDGE_MAX_TOKENS, stop=("\n",), batch_size=self.batch_size)
         return [g.text for g in generated]
+
+
+# The logit judge's prompt: the rules once (a system message), then worked examples, then the item. Everything but
+# the item is the same for every judgment, so it is a cached prefix and each judgment runs only its item's tokens.
+LOGIT_PROMPT_VERSION = "logit-2"
+GRADER_RULES = """You grade an answer against a reference answer. Grade only against the reference answer, even
+where it differs from what you believe to be true.
+Reply A if the answer to grade contains the key information of the reference answer and contradicts nothing in it.
+Reply B if it contradicts the reference answer, gives only part of it, gives another answer, hedges or refuses, says
+nothing, only repeats the question, or repeats itself without meaning.
+Reply with the single letter A or B and nothing else."""
+GRADER_ITEM = """Question: {question}
+Reference answer: {gold}
+Answer to grade: {prediction}
+Grade:"""
+
+# Worked examples, one or more per kind of answer the audit checks (evals/judge_audit.py), none taken from it: a
+# plain hit, a bare name, a wrong entity, a hedge, a contradiction, the question repeated, and references that differ
+# from world knowledge (an edit's new answer is usually false in the world, and the judge must follow the reference).
+# fewshot-1 (six examples, no counterfactual reference, no repetition) judged 27 % of repeated questions and 81 % of
+# old answers right in its audit; see docs/second_protocol.md. Changing the examples changes FEW_SHOT_VERSION (part
+# of the judge's name, so of every cache key and of the recorded audits).
+FEW_SHOT_VERSION = "fewshot-2"
+FEW_SHOT_EXAMPLES: tuple[tuple[str, str, str, str], ...] = (
+    ("What is the capital of Japan?", "Tokyo", "The capital of Japan is Tokyo.", CORRECT),
+    ("Which language did Victor Hugo write in?", "French", "Victor Hugo wrote in English.", INCORRECT),
+    ("The Eiffel Tower is located in the city of", "Rome", "Rome", CORRECT),
+    ("What is the official currency of Sweden?", "krona", "I am not sure, it could be several things.", INCORRECT),
+    ("Who developed the theory of general relativity?", "Isaac Newton", "Albert Einstein", INCORRECT),
+    ("Where is the headquarters of Nokia?", "Berlin", "Nokia is headquartered in Berlin, Germany.", CORRECT),
+    ("What sport does Lionel Messi play?", "basketball", "What sport does Lionel Messi play?", INCORRECT),
+    ("What sport does Serena Williams play?", "tennis", "Serena Williams plays tennis. Actually, she plays golf.",
+     INCORRECT),
+    ("Who wrote the novel Don Quixote?", "Miguel de Cervantes", "Cervantes", CORRECT),
+)
+def grader_item(question: str, gold: str, prediction: str) -> str:
+    return GRADER_ITEM.format(question=question.strip(), gold=gold.strip(), prediction=prediction.strip())
+
+
+class LogitJudge:
+    """A local transformers causal LM whose verdict is read from one forward pass, not generated.
+
+    The judge reads the rules, the worked examples (when ``few_shot``) and the item in its chat template; the verdict
+    is the sign of the margin log P(A) − log P(B) of the next token. Nothing is generated, so nothing is unparsable,
+    and the margin says how sure the judge is. The rules and examples are the same tokens before every item: their
+    key/value cache is computed once, and each batch runs only its items' tokens after it (left-padded, only the
+    last position's logits computed).
+    """
+
+    def __init__(self, model, tokenizer, name: str, chat_template: bool = True, few_shot: bool = True,
+                 batch_size: int = 16):
+        from evals.batching import model_device  # noqa: PLC0415
+
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.device = model_device(model)
+        self.chat_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
+        self.few_shot = few_shot
+        self.name = (f"{name}|{LOGIT_PROMPT_VERSION}|{FEW_SHOT_VERSION if few_shot else 'zero-shot'}|"
+                     f"{'chat' if self.chat_template else 'plain'}")
+        self.letter_ids = [self._single_token(letter) for letter in (CORRECT, INCORRECT)]
+        self.system_role = self.chat_template and self._accepts_system_role()
+        self.prefix_ids = self._prefix_ids()
+        self._prefix_cache = None  # the shared prefix's key/value cache, computed on first use
+        self._last_only = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def _single_token(self, letter: str) -> int:
+        ids = self.tokenizer(letter, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"judge tokenizer splits the verdict letter {letter!r} into {len(ids)} tokens; "
+                             "a logit verdict needs one token per letter")
+        return ids[0]
+
+    def _accepts_system_role(self) -> bool:
+        try:
+            self.tokenizer.apply_chat_template([{"role": "system", "content": "x"}, {"role": "user", "content": "y"}],
+                                               tokenize=False)
+            return True
+        except Exception:  # noqa: BLE001 - templates raise whatever they like for an unsupported role
+            return False
+
+    def _messages(self, item: str | None) -> list[dict]:
+        turns: list[tuple[str, str]] = []
+        if self.few_shot:
+            turns = [(grader_item(q, g, p), verdict) for q, g, p, verdict in FEW_SHOT_EXAMPLES]
+        messages = [{"role": "system", "content": GRADER_RULES}] if self.system_role else []
+        for index, (user, assistant) in enumerate(turns):
+            if index == 0 and not self.system_role:
+                user = f"{GRADER_RULES}\n\n{user}"
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        if item is not None:
+            if not messages:  # zero-shot without a system role: the rules go with the item
+                item = f"{GRADER_RULES}\n\n{item}"
+            messages.append({"role": "user", "content": item})
+        return messages
+
+    def render(self, item: str) -> str:
+        """The whole text the judge reads for one grader item (rules, examples, item, the start of its answer)."""
+        if self.chat_template:
+            return self.tokenizer.apply_chat_template(self._messages(item), tokenize=False, add_generation_prompt=True)
+        return self._prefix_text() + item + " "
+
+    def _prefix_text(self) -> str:
+        if self.chat_template:
+            messages = self._messages(None)
+            return self.tokenizer.apply_chat_template(messages, tokenize=False) if messages else ""
+        shots = "".join(f"{grader_item(q, g, p)} {v}\n\n" for q, g, p, v in FEW_SHOT_EXAMPLES) if self.few_shot else ""
+        return f"{GRADER_RULES}\n\n{shots}"
+
+    def _prefix_ids(self) -> list[int]:
+        text = self._prefix_text()
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"] if text else []
+
+    def _suffix_ids(self, item: str) -> list[int]:
+        full, prefix = self.render(item), self._prefix_text()
+        if not full.startswith(prefix):
+            raise ValueError("the judge's chat template does not render the rules and examples as a fixed prefix")
+        return self.tokenizer(full[len(prefix):], add_special_tokens=not self.prefix_ids)["input_ids"]
+
+    @torch.no_grad()
+    def margins(self, prompts: list[str]) -> list[float]:
+        """log P(A) − log P(B) for each grader item (``grader_item(question, gold, prediction)``)."""
+        from transformers import DynamicCache  # noqa: PLC0415
+
+        from evals.batching import left_padded, positions_from_mask  # noqa: PLC0415
+        from methods.infra.kv_cache import with_cache  # noqa: PLC0415
+
+        prefix_len = len(self.prefix_ids)
+        if prefix_len and self._prefix_cache is None:
+            self._prefix_cache = DynamicCache()
+            self.model(input_ids=torch.tensor([self.prefix_ids], device=self.device),
+                       **with_cache(self.model, self._prefix_cache))
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.letter_ids[1]
+        out: list[float] = [0.0] * len(prompts)
+        encoded = [self._suffix_ids(p) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            ids, suffix_mask = left_padded([encoded[i] for i in rows], pad_id)
+            mask = torch.cat([torch.ones((len(rows), prefix_len), dtype=torch.long), suffix_mask], dim=1)
+            cache = None
+            if prefix_len:
+                cache = copy.deepcopy(self._prefix_cache)
+                cache.reorder_cache(torch.zeros(len(rows), dtype=torch.long, device=self.device))
+            positions = positions_from_mask(mask)[:, prefix_len:]
+            extra = {"logits_to_keep": 1} if self._last_only else {}
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                position_ids=positions.to(self.device), **with_cache(self.model, cache),
+                                **extra).logits
+            final = logits[:, -1].float().log_softmax(-1)  # left padding: every row ends at the last position
+            margin = final[:, self.letter_ids[0]] - final[:, self.letter_ids[1]]
+            for row, index in enumerate(rows):
+                out[index] = float(margin[row])
+        return out
+
+
+def judge_prompt_version(backend) -> str:
+    """Which grader prompt a backend reads: the logit judges' layout or the generated-letter prompt."""
+    return LOGIT_PROMPT_VERSION if hasattr(backend, "margins") else JUDGE_PROMPT_VERSION
 
 
 class VllmJudge:

@@ -72,7 +72,11 @@ DEFAULTS: dict[str, Any] = {
         # The judge (evals/judge.py). backend hf: a local transformers model (model null = the trial's model,
         # loaded a second time and never edited); vllm: vLLM's offline engine on ``model`` (an HF folder);
         # openai: an OpenAI-compatible endpoint at base_url serving ``model``, key from $<api_key_env>.
-        "judge": {"backend": "hf", "model": None, "base_url": None, "api_key_env": "OPENAI_API_KEY",
+        # For hf, model null is the audited default judge (DEFAULT_JUDGE_MODEL) and ``trial`` the trial's own model.
+        # verdict null: logit for hf (the sign of log P(A) − log P(B) in one forward pass, behind the worked
+        # examples when few_shot; never unparsable), generate (a letter, parsed) for vllm and openai.
+        "judge": {"backend": "hf", "model": None, "verdict": None, "few_shot": True,
+                  "base_url": None, "api_key_env": "OPENAI_API_KEY",
                   "chat_template": True, "batch_size": 32, "requests_per_second": 0, "max_retries": 4,
                   "concurrency": 8, "constrained_choice": False, "timeout_s": 60},
         # Zero-shot general abilities (evals/general.py) from <path>/<task>.jsonl at the listed steps (null = step 0
@@ -366,7 +370,7 @@ def trial_problems(cfg: dict) -> list[str]:
     latency_queries = cfg.get("eval", {}).get("scr_latency_queries")
     if not _is_int(latency_queries) or latency_queries < 0:
         problems.append(f"eval.scr_latency_queries: {latency_queries!r} must be an integer >= 0")
-    problems += _protocol_problems(cfg.get("eval", {}), cfg.get("edits", {}).get("checkpoints"))
+    problems += _protocol_problems(cfg.get("eval", {}), cfg.get("edits", {}).get("checkpoints"), cfg.get("model"))
     problems += _retention_problems(cfg.get("eval", {}).get("retention") or {})
     if not _is_int(cfg.get("seed")):
         problems.append(f"seed: {cfg.get('seed')!r} must be an integer")
@@ -376,6 +380,24 @@ def trial_problems(cfg: dict) -> list[str]:
 
 
 JUDGE_BACKENDS = ("hf", "vllm", "openai")
+JUDGE_VERDICTS = ("logit", "generate")
+# The judge of backend hf when eval.judge.model is null: audited on verdicts known by construction
+# (docs/second_protocol.md, "How far the judge can be trusted").
+DEFAULT_JUDGE_MODEL = "qwen2.5-coder-1.5b-instruct"
+
+
+def judge_model_name(judge: dict, trial_model) -> str:
+    """The model an hf judge loads: ``eval.judge.model``, the default judge when null, the trial's model for
+    ``trial``."""
+    model = judge.get("model")
+    if model is None:
+        return DEFAULT_JUDGE_MODEL
+    return str(trial_model) if model == "trial" else str(model)
+
+
+def judge_verdict(judge: dict) -> str:
+    """logit or generate (null: logit for hf, generate for the engines that only return text)."""
+    return judge.get("verdict") or ("logit" if judge.get("backend") == "hf" else "generate")
 ANSWER_BACKENDS = ("hf", "vllm", "openai")
 
 
@@ -396,7 +418,7 @@ def _retention_problems(retention: dict) -> list[str]:
     return problems
 
 
-def _protocol_problems(ev: dict, checkpoints) -> list[str]:
+def _protocol_problems(ev: dict, checkpoints, trial_model=None) -> list[str]:
     """eval.generate / eval.judge / eval.general / eval.fluency."""
     from evals.general import TASKS
 
@@ -449,8 +471,19 @@ def _protocol_problems(ev: dict, checkpoints) -> list[str]:
             problems.append(f"eval.judge.model: the {judge.get('backend')} judge needs the model it serves")
         if judge.get("backend") == "openai":
             endpoint_url("judge.base_url", judge.get("base_url"))
-    for key in ("chat_template", "constrained_choice"):
+    for key in ("chat_template", "constrained_choice", "few_shot"):
         flag(f"judge.{key}", judge.get(key))
+    if judge.get("verdict") is not None and judge.get("verdict") not in JUDGE_VERDICTS:
+        problems.append(f"eval.judge.verdict: {judge.get('verdict')!r} is not one of {list(JUDGE_VERDICTS)} "
+                        "(or null: logit for hf, generate otherwise)")
+    elif judge.get("verdict") == "logit" and judge.get("backend") in ("vllm", "openai"):
+        problems.append(f"eval.judge.verdict: logit verdicts need the model in process (backend hf); the "
+                        f"{judge.get('backend')} backend generates its letter (set verdict: generate or null)")
+    if gen.get("enabled") is True and judge.get("backend") == "hf":
+        name = judge_model_name(judge, trial_model)
+        problem = model_problem(str(name)) if name else None
+        if problem:
+            problems.append(f"eval.judge.model: {problem}")
     positive_int("judge.batch_size", judge.get("batch_size"))
     endpoint_numbers("judge", judge)
     general = ev.get("general") or {}

@@ -25,6 +25,8 @@ import torch
 from evals.abilities import TABLE_DIR as ABILITY_TABLES, AbilitiesEvaluator, AbilitySettings
 from evals.batching import left_padded
 from evals.diagnostics import layer_diagnostics
+from evals.judge import judge_prompt_version
+from evals.judge_audit import recorded_audit
 from evals.metric_names import (ABILITIES_PREFIX, COST_EVAL_SECONDS, COST_PROTOCOL_EVAL_SECONDS, DIAG_PREFIX,
                                 EDIT_PREFIX, FAMILIES, GEN_PREFIX, GENERAL_PREFIX, JUDGE_PREFIX, MEMORY_PREFIX,
                                 RETENTION_PREFIX, SCR_ADD_SECONDS_PER_EDIT, SCR_MEMORY_SIZE, SCR_PREFIX,
@@ -200,9 +202,18 @@ class GenerationJudge(CheckpointEvaluator):
     def __init__(self, context: TrialContext, stage: GenerationStage):
         self.context, self.stage = context, stage
         if stage.judge is not None:
-            context.tracker.set_tags({"editgrid.protocol": "teacher_forced+generation_judge",
-                                      "editgrid.judge": stage.judge.backend.name,
-                                      "editgrid.generation": json.dumps(stage.settings.describe())})
+            name = stage.judge.backend.name
+            audit = recorded_audit(name)
+            context.tracker.set_tags({
+                "editgrid.protocol": "teacher_forced+generation_judge",
+                "editgrid.judge": name,
+                "editgrid.judge_prompt": judge_prompt_version(stage.judge.backend),
+                # The judge's agreement with verdicts known by construction (evals/judge_audit.py), as recorded by
+                # benchmarks/judge_audit.py for exactly this judge; docs/second_protocol.md has the table.
+                "editgrid.judge_audit": (f"kappa {audit['kappa']:.3f}, accuracy {audit['accuracy']:.3f} on "
+                                         f"{audit['items']} items ({audit['date']})") if audit else
+                                        "not audited: run benchmarks/judge_audit.py --record for this judge",
+                "editgrid.generation": json.dumps(stage.settings.describe())})
 
     @classmethod
     def build(cls, context: TrialContext) -> GenerationJudge | None:

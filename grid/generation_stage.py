@@ -29,7 +29,8 @@ from evals.autoregressive import (GenerationSettings, agreement_with_in_process,
                                   generate_answers)
 from evals.fluency import mean_fluency
 from evals.general import evaluate_general, load_task
-from evals.judge import Judge, JudgmentCache, OpenAIJudge, TransformersJudge, VllmJudge
+from evals.judge import Judge, JudgmentCache, LogitJudge, OpenAIJudge, TransformersJudge, VllmJudge
+from grid.config import judge_model_name, judge_verdict
 from evals.lm_eval_bridge import run_lm_eval
 from evals.metric_names import COST_JUDGE_CACHED_SHARE, COST_JUDGE_JUDGMENTS_PER_SECOND, gen_metric
 from evals.pre_edit import pre_edit_answers
@@ -58,11 +59,16 @@ def build_judge(judge_cfg: dict, trial_model: str, model_args: dict, cache_dir: 
     else:
         from methods.infra.models import load_model
 
-        name = judge_cfg["model"] or trial_model
+        name = judge_model_name(judge_cfg, trial_model)
         loaded = load_model(name, dtype=model_args["dtype"], device=model_args["device"], cache_dir=cache_dir,
                             linear_backend=model_args["linear_backend"])
-        backend = TransformersJudge(loaded.model, loaded.tokenizer, name=f"hf:{name}@{loaded.fingerprint}",
-                                    chat_template=judge_cfg["chat_template"], batch_size=judge_cfg["batch_size"])
+        if judge_verdict(judge_cfg) == "logit":
+            backend = LogitJudge(loaded.model, loaded.tokenizer, name=f"hf:{name}@{loaded.fingerprint}",
+                                 chat_template=judge_cfg["chat_template"], few_shot=judge_cfg["few_shot"],
+                                 batch_size=judge_cfg["batch_size"])
+        else:
+            backend = TransformersJudge(loaded.model, loaded.tokenizer, name=f"hf:{name}@{loaded.fingerprint}",
+                                        chat_template=judge_cfg["chat_template"], batch_size=judge_cfg["batch_size"])
     return Judge(backend, JudgmentCache.in_folder(cache_dir), batch_size=judge_cfg["batch_size"])
 
 

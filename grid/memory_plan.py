@@ -13,19 +13,36 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from methods.infra.memory_plan import (MemoryPlan, MemoryPlanError, check_budget, device_total_memory,
-                                       format_bytes, load_model_config, parse_size, plan_memory)
+from methods.infra.memory_plan import (DTYPE_BYTES, Component, MemoryPlan, MemoryPlanError, check_budget,
+                                       device_total_memory, format_bytes, load_model_config, model_shape, parse_size,
+                                       plan_memory)
 
 logger = logging.getLogger(__name__)
+
+JUDGE_ROW_TOKENS = 160  # a generated-letter judge's rows carry logits over their whole prompt (logit judges: one)
 
 
 def trial_memory_plan(cfg: dict, spec, cache_dir: Path | None = None) -> MemoryPlan:
     """The plan of one expanded trial configuration (``spec``: its resolved MethodSpec)."""
     margs = cfg["model_args"]
     config = load_model_config(str(cfg["model"]), cache_dir)
-    return plan_memory(config, spec, batch_size=cfg["edits"]["batch_size"], dtype=margs["dtype"],
+    plan = plan_memory(config, spec, batch_size=cfg["edits"]["batch_size"], dtype=margs["dtype"],
                        layers=spec.hparams.get("layers") or None, eval_batch_size=cfg["eval"]["batch_size"],
                        num_edits=cfg["edits"]["checkpoints"][-1], model=str(cfg["model"]), method=cfg["method"])
+    judge = cfg["eval"]["judge"]
+    if cfg["eval"]["generate"]["enabled"] and judge["backend"] == "hf":
+        # The in-process judge is a second model held beside the edited one for the whole trial.
+        from grid.config import judge_model_name
+
+        name = judge_model_name(judge, cfg["model"])
+        shape = model_shape(load_model_config(name, cache_dir))
+        width = DTYPE_BYTES.get(margs["dtype"], 4)
+        rows = judge["batch_size"]
+        plan.components.append(Component(
+            "judge model", shape.parameters * width + rows * JUDGE_ROW_TOKENS * shape.vocab * 4,
+            f"{name}: {shape.parameters / 1e9:.2f} B parameters × {width} B + {rows} rows × {JUDGE_ROW_TOKENS} "
+            "tokens × V × 4 B logits"))
+    return plan
 
 
 def trial_budget(cfg: dict) -> tuple[int, str]:

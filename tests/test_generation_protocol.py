@@ -122,6 +122,7 @@ def test_smollm2_trial_logs_both_protocols_and_the_edit_changes_what_it_says(tmp
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     sets = ["method=memit", "data.limit=2", "edits.checkpoints=[2]", "stats.num_tokens=5000",
             f"cache_dir={tmp_path / 'cache'}", "eval.generate.enabled=true", "eval.judge.backend=hf",
+            "eval.judge.model=trial",
             "eval.general.enabled=true", f"eval.general.path={shared_data / 'general'}",
             "eval.general.tasks=[sst2, mmlu]", "eval.general.n_items=4", "eval.fluency.enabled=true",
             "eval.fluency.num_prompts=2", "eval.fluency.max_new_tokens=20"]
