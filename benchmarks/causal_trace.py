@@ -1,6 +1,6 @@
 """Causal tracing of MLP indirect effects on CounterFact, to choose a model's edited layers with evidence.
 
-Example (the run behind docs/methods.md, "How the SmolLM2 layers were chosen"):
+Example (the run behind docs/methods.md, "How the default layers were chosen"):
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/causal_trace.py --model smollm2-135m --num-facts 60 \
         --output-stem causal_trace_smollm2
@@ -134,7 +134,7 @@ def readme_paragraph(result: dict) -> str:
     hidden_note = (f" (restoring the whole block-0 output gives {hidden[0]:.3f}, about the same)"
                    if hidden is not None else "")
     return (
-        f"**How the SmolLM2 layers were chosen.** ROME-style causal tracing (`benchmarks/causal_trace.py`) on "
+        f"**How the {result['model']} layers were chosen.** ROME-style causal tracing (`benchmarks/causal_trace.py`) on "
         f"{result['model']}: of the first {counts['scanned']} CounterFact records, {counts['known_found']} are facts "
         f"the model knows (the true answer's first token is its argmax on the prompt); we traced "
         f"{counts['traced']}. Gaussian noise ({settings['noise_multiple']:g}× the embedding std = "

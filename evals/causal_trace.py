@@ -22,6 +22,7 @@ tests compare against).
 from __future__ import annotations
 
 import inspect
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -113,10 +114,24 @@ def prepare_prompt(tokenizer, prompt: str, subject: str, answer: str) -> TracedP
                         answer_id=answer_first_token(tokenizer, ids, prompt, answer))
 
 
-def embedding_noise_std(model: nn.Module, multiple: float = 3.0) -> float:
-    """``multiple`` × the standard deviation of all input-embedding entries (ROME uses 3×)."""
-    weight = model.get_input_embeddings().weight
-    return float(multiple * weight.detach().float().std())
+def embedding_noise_std(model: nn.Module, multiple: float = 3.0, chunk: int = 16384) -> float:
+    """``multiple`` × the standard deviation of the input-embedding module's outputs over the vocabulary (ROME: 3×).
+
+    Measured on the module's outputs, where the noise is added, not on its weight: some embedding modules scale
+    their rows (Gemma's multiplies by √d), and noise sized from the weight would then barely corrupt the subject.
+    For a plain embedding the two are the same number."""
+    embed = model.get_input_embeddings()
+    vocab = embed.weight.shape[0]
+    total, total_sq, count = 0.0, 0.0, 0
+    with torch.no_grad():
+        for start in range(0, vocab, chunk):
+            ids = torch.arange(start, min(vocab, start + chunk), device=embed.weight.device)
+            rows = embed(ids).double()
+            total += float(rows.sum())
+            total_sq += float((rows * rows).sum())
+            count += rows.numel()
+    mean = total / count
+    return float(multiple * math.sqrt(max(0.0, (total_sq - count * mean * mean) / (count - 1))))
 
 
 def window_layers(centre: int, window: int, num_layers: int) -> tuple[int, ...]:

@@ -31,6 +31,7 @@ import torch
 from methods.infra.arch import EditableModel
 from methods.keys import compute_keys, compute_keys_and_site_outputs
 from methods.requests import EditRequest
+from methods.residual_space import norm_gain, residuals_before_post_norm
 from methods.solvers.base import Solver
 from methods.targets import TargetHParams, compute_target_values
 
@@ -82,6 +83,10 @@ class Editor(Protocol):
 
     layers: list[int]  # the layers whose MLP output projection the editor edits (writes, or wraps)
     writes_weights: bool  # True: W of ``layers`` edited in place; False: the weights never change
+
+    def _post_norm(self, layer: int):
+        """The post-MLP norm to rescale block-space residuals through (only where v* aims at the block output)."""
+        return self.editable.mlp_post_norm(layer) if self.target_site == "block" else None
 
     def apply(self, requests: list[EditRequest]) -> BatchReport: ...
 
@@ -146,6 +151,10 @@ class LocateThenEditEditor:
         last = self.layers[-1]
         return self.editable.block(last) if self.target_site == "block" else self.editable.mlp(last)
 
+    def _post_norm(self, layer: int):
+        """The post-MLP norm to rescale block-space residuals through (only where v* aims at the block output)."""
+        return self.editable.mlp_post_norm(layer) if self.target_site == "block" else None
+
     def apply(self, requests: list[EditRequest]) -> BatchReport:
         start = time.perf_counter()
         site = self._site()
@@ -167,6 +176,10 @@ class LocateThenEditEditor:
             else:
                 current = site_outputs.double()
             residuals = (values.to(current.device) - current) / (len(self.layers) - i)
+            post_norm = None if self.solver.residuals_from_keys else self._post_norm(layer)
+            if post_norm is not None:  # the block-space residual, as the MLP output must move before the norm
+                residuals = residuals_before_post_norm(residuals, weight, keys,
+                                                       norm_gain(post_norm, weight.shape[0], weight.device))
             delta = self.solver.solve(layer, keys, residuals, weight)
             for transform in self.transforms:
                 delta = transform(layer, delta, weight)

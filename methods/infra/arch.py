@@ -26,20 +26,26 @@ class ArchSpec:
     mlp: str
     mlp_out: str
     default_layers: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    # A normalisation applied to the MLP's output before the residual add (Gemma 2/3), inside one block; None when
+    # the MLP output joins the residual stream as is. Solvers aiming at the block output rescale through it
+    # (methods/residual_space.py).
+    mlp_post_norm: str | None = None
 
 
 _LLAMA_LIKE = dict(blocks="model.layers", mlp="mlp", mlp_out="mlp.down_proj")
 
 # Default layers: the published tables where a paper has one (GPT-2 XL 13–17, GPT-J 3–8, Llama-3-8B 4–8), and
-# for SmolLM2-135M (llama, 30 layers) the window chosen by causal tracing, see docs/methods.md "How the SmolLM2 layers
-# were chosen".
+# for the embedded models the window chosen by causal tracing (docs/methods.md "How the default layers were chosen"):
+# SmolLM2-135M (llama, 30 layers) 3–7, Gemma-3-270M (gemma3_text, 18 layers) 1–5.
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": ArchSpec(**_LLAMA_LIKE, default_layers={32: (4, 5, 6, 7, 8), 30: (3, 4, 5, 6, 7)}),
     "mistral": ArchSpec(**_LLAMA_LIKE),
     "qwen2": ArchSpec(**_LLAMA_LIKE),
     "qwen3": ArchSpec(**_LLAMA_LIKE),
     "gemma": ArchSpec(**_LLAMA_LIKE),
-    "gemma2": ArchSpec(**_LLAMA_LIKE),
+    "gemma2": ArchSpec(**_LLAMA_LIKE, mlp_post_norm="post_feedforward_layernorm"),
+    "gemma3_text": ArchSpec(**_LLAMA_LIKE, default_layers={18: (1, 2, 3, 4, 5)},  # text-only Gemma3ForCausalLM
+                            mlp_post_norm="post_feedforward_layernorm"),
     "olmo": ArchSpec(**_LLAMA_LIKE),
     "olmo2": ArchSpec(**_LLAMA_LIKE),
     "phi3": ArchSpec(**_LLAMA_LIKE),
@@ -124,6 +130,12 @@ class EditableModel:
             raise ArchitectureError(
                 f"cannot find the MLP output projection {self.spec.blocks}[{layer}].{self.spec.mlp_out} "
                 f"in {type(self.model).__name__}: {err}") from err
+
+    def mlp_post_norm(self, layer: int) -> nn.Module | None:
+        """The normalisation between the MLP output and the residual add, or None (see ArchSpec)."""
+        if self.spec.mlp_post_norm is None:
+            return None
+        return _get_path(self.block(layer), self.spec.mlp_post_norm)
 
     def mlp_out_name(self, layer: int) -> str:
         return f"{self.spec.blocks}.{layer}.{self.spec.mlp_out}"

