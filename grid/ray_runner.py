@@ -16,8 +16,10 @@ import logging
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from evals.metric_names import (COST_EVAL_SHARE, COST_SECONDS_PER_EDIT, EDIT_SCORE, EFFICACY, GENERALIZATION,
                                 SPECIFICITY)
@@ -44,15 +46,43 @@ def _run_one(trial_spec: dict, tracking_uri: str, parent_run_id: str, progress: 
                      on_checkpoint=on_checkpoint).checkpoints
 
 
-# What Tune's status table shows per trial, besides ``edits``: the headline rates and the cost so far.
-TUNE_COLUMNS = (EFFICACY, GENERALIZATION, SPECIFICITY, EDIT_SCORE, COST_SECONDS_PER_EDIT, COST_EVAL_SHARE)
+# What Ray Tune reports per trial, in this order, every key at every report (NaN until known): Tune's status table
+# shows the first four numeric columns it sees, so edits applied, the ETA, the edit score (harmonic mean of
+# efficacy, generalization and specificity) and the seconds per edit; the others reach Tune's results.
+TUNE_COLUMNS = (EDIT_SCORE, COST_SECONDS_PER_EDIT, EFFICACY, GENERALIZATION, SPECIFICITY, COST_EVAL_SHARE)
 
 
-def tune_row(checkpoint: dict) -> dict:
-    """A checkpoint's headline row as Ray Tune reports it: ``edits`` applied, then TUNE_COLUMNS (``/`` → ``_``)."""
-    return {"edits": checkpoint.get("step", 0),
-            **{key.replace("/", "_"): checkpoint[key] for key in TUNE_COLUMNS
-               if isinstance(checkpoint.get(key), (int, float))}}
+def tune_row(checkpoint: dict, eta: TrialEta | None = None) -> dict:
+    """A checkpoint's headline row as Ray Tune reports it: ``edits`` applied, ``eta_min`` (the minutes the trial
+    still needs at its pace so far, given its ``eta``), then TUNE_COLUMNS (``/`` → ``_``)."""
+    edits = checkpoint.get("step", 0)
+    minutes = eta.update(edits) if eta is not None else None
+    row = {"edits": edits, "eta_min": round(minutes, 1) if minutes is not None else float("nan")}
+    for key in TUNE_COLUMNS:
+        value = checkpoint.get(key)
+        row[key.replace("/", "_")] = float(value) if isinstance(value, (int, float)) else float("nan")
+    return row
+
+
+@dataclass
+class TrialEta:
+    """Minutes a trial still needs: the wall time per edit since its first report in this attempt (editing and
+    evaluation together, so a resumed trial is timed on what it runs now) × the edits still to apply."""
+
+    total_edits: int
+    clock: Callable[[], float] = time.monotonic
+    first: tuple[int, float] | None = None
+
+    def update(self, edits: int) -> float | None:
+        now = self.clock()
+        if self.first is None:
+            self.first = (edits, now)
+        done = edits - self.first[0]
+        if edits >= self.total_edits:
+            return 0.0
+        if done <= 0:
+            return None  # no pace yet
+        return (now - self.first[1]) / done * (self.total_edits - edits) / 60.0
 
 
 def _spec(trial: Trial) -> dict:
@@ -80,10 +110,11 @@ def _tune_trainable(config: dict, specs: dict, tracking_uri: str, parent_run_id:
     # Every evaluation checkpoint reaches Tune's status table (edits applied and the headline metrics) as it
     # happens, so a multi-hour trial shows its progress; a trial without any reports its (empty) end.
     reported = []
+    eta = TrialEta(total_edits=max(specs[config["trial"]]["config"]["edits"]["checkpoints"]))
 
     def report(row: dict) -> None:
         reported.append(row)
-        tune.report(tune_row(row))
+        tune.report(tune_row(row, eta))
 
     _run_one(specs[config["trial"]], tracking_uri, parent_run_id, progress=False, on_checkpoint=report)
     if not reported:

@@ -8,7 +8,7 @@ import pytest
 
 from evals.retention import (NEWEST_BATCH, RetentionPlan, age_stratum, retention_metrics, wilson_interval)
 from grid.config import ConfigError, expand_trials, load_config
-from grid.ray_runner import TUNE_COLUMNS, tune_row
+from grid.ray_runner import TUNE_COLUMNS, TrialEta, tune_row
 
 
 def test_wilson_interval_known_values():
@@ -86,8 +86,24 @@ def test_retention_section_is_validated_with_every_problem_listed():
 def test_tune_row_keeps_the_headline_columns():
     row = tune_row({"step": 300, "edit/efficacy": 0.9, "edit/efficacy_ci95_low": 0.8, "cost/eval_share": 0.1,
                     "vstar/target_prob": 0.97})
-    assert row == {"edits": 300, "edit_efficacy": 0.9, "cost_eval_share": 0.1}
+    # Every column at every report, in a fixed order (Tune's table shows the first four it sees): NaN until known.
+    assert list(row)[:4] == ["edits", "eta_min", "edit_score", "cost_seconds_per_edit"]
+    assert {k: v for k, v in row.items() if v == v} == {"edits": 300, "edit_efficacy": 0.9, "cost_eval_share": 0.1}
+    assert set(row) == {"edits", "eta_min", "edit_score", "cost_seconds_per_edit", "edit_efficacy",
+                        "edit_generalization", "edit_specificity", "cost_eval_share"}
     assert {"edit/efficacy", "cost/seconds_per_edit"} <= set(TUNE_COLUMNS)
+
+
+def test_tune_row_carries_each_trials_eta_from_its_own_pace():
+    now = [100.0]
+    eta = TrialEta(total_edits=1000, clock=lambda: now[0])
+    first = tune_row({"step": 200}, eta)["eta_min"]  # the first report of an attempt (here a resume at 200)
+    assert first != first  # NaN: no pace yet
+    now[0] += 600.0  # 100 edits in 10 minutes
+    assert tune_row({"step": 300}, eta)["eta_min"] == 70.0  # 700 edits to go at 6 s per edit
+    now[0] += 300.0
+    assert tune_row({"step": 500}, eta)["eta_min"] == 25.0  # 300 edits in 15 min so far (3 s each): 500 to go
+    assert tune_row({"step": 1000}, eta)["eta_min"] == 0.0
 
 
 def test_trial_samples_checkpoints_scores_all_at_the_end_and_reports_each_checkpoint(tmp_path, tiny_llama_dir,
