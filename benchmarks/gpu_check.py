@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from grid.assembly import assemble_method  # noqa: E402
+from grid.assembly import assemble_method, resolve_layers  # noqa: E402
 from grid.config import method_settings  # noqa: E402
 from methods.corpus import parse_corpus  # noqa: E402
 from methods.infra.arch import EditableModel  # noqa: E402
@@ -57,7 +57,7 @@ TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=6, num_atte
             vocab_size=4096, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5,
             tie_word_embeddings=False)
 WORDS = 4000  # the synthetic vocabulary: w0 … w3999 (+ 4 special tokens)
-METHODS = ("memit", "alphaedit", "ultraedit")
+METHODS = ("memit", "alphaedit", "ultraedit", "grace")
 
 
 def synthetic_tokenizer():
@@ -144,7 +144,7 @@ class Row:
 
 def _hparams(method: str, args) -> dict:
     overrides = {"layers": args.layers} if args.layers else {}
-    if method != "ultraedit" and args.v_steps:
+    if method not in ("ultraedit", "grace", "wise") and args.v_steps:  # v* belongs to locate-then-edit methods
         overrides["v_num_grad_steps"] = args.v_steps
     return overrides
 
@@ -162,7 +162,9 @@ def edit_cells(model, tokenizer, moments, layers, args, memory: Memory, cache_di
                 for layer, weight in originals.items():
                     editable.weight(layer).copy_(weight)
             memory.reset()
-            assembly = assemble_method(spec, editable, tokenizer, layers, moments, seed=args.seed,
+            # Memory editors (GRACE, WISE) wrap their kind's default layer; the others edit the statistics' window.
+            cell_layers = layers if spec.kind is None or args.layers else resolve_layers(editable, spec, method)
+            assembly = assemble_method(spec, editable, tokenizer, cell_layers, moments, seed=args.seed,
                                        cache_dir=cache_dir, context_groups=[["{}"]])
             total = target = solve = 0.0
             probs: list[float] = []
@@ -172,12 +174,17 @@ def edit_cells(model, tokenizer, moments, layers, args, memory: Memory, cache_di
                 target += report.target_seconds
                 solve += report.solve_seconds
                 probs.extend(report.target_prob)
+            # Memory editors keep their state beside the weights (GRACE's codebook, WISE's mask), not on the CPU.
+            held = [t for t in (getattr(getattr(assembly.editor, "codebook", None), "keys", None),
+                                getattr(assembly.editor, "mask", None)) if isinstance(t, torch.Tensor)]
+            state_on_device = all(t.device == editable.parameter_device() for t in held) if held else None
             assembly.editor.remove()
             finite = all(torch.isfinite(editable.weight(layer)).all() for layer in layers)
             cells.append({"method": method, "batch_size": batch_size, "edits": num,
                           "seconds_per_edit": total / num, "vstar_seconds_per_edit": target / num,
                           "solve_seconds_per_edit": solve / num, "peak_gb": memory.peak_gb(),
-                          "vstar_target_prob": sum(probs) / len(probs) if probs else None, "finite": bool(finite)})
+                          "vstar_target_prob": sum(probs) / len(probs) if probs else None, "finite": bool(finite),
+                          "editor_state_on_model_device": state_on_device})
             print(f"  {method:<10} b={batch_size:<4} {total / num:8.3f} s/edit  (v* {target / num:.3f}, "
                   f"solve {solve / num:.3f})  peak {cells[-1]['peak_gb']:.1f} GB", flush=True)
     with torch.no_grad():

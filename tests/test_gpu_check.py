@@ -24,7 +24,8 @@ def test_gpu_check_cpu_form_prints_its_tables_and_passes(tmp_path, capsys):
     assert "statistics C, layers" in printed and "tokens/s" in printed and "precision path:" in printed
     results = json.loads(out_file.read_text())
     cells = {(c["method"], c["batch_size"]) for c in results["cells"]}
-    assert cells == {(m, b) for m in ("memit", "alphaedit", "ultraedit") for b in (1, 100)}
+    assert cells == {(m, b) for m in ("memit", "alphaedit", "ultraedit", "grace") for b in (1, 100)}
+    assert all(c["editor_state_on_model_device"] for c in results["cells"] if c["method"] == "grace")
     assert all(c["finite"] and c["seconds_per_edit"] > 0 for c in results["cells"])
     assert all(c["vstar_seconds_per_edit"] + c["solve_seconds_per_edit"] <= c["seconds_per_edit"] * 1.01
                for c in results["cells"])

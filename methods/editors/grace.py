@@ -53,10 +53,12 @@ class GraceHParams:
 class Codebook:
     """Keys [n, d_in] (float32), values [n, d_out] (trainable), radii [n], labels and the edit that made each key."""
 
-    def __init__(self, key_dim: int, value_dim: int):
-        self.keys = torch.zeros(0, key_dim)
-        self.values = torch.nn.Parameter(torch.zeros(0, value_dim))
-        self.radii = torch.zeros(0)
+    def __init__(self, key_dim: int, value_dim: int, device: torch.device | str = "cpu"):
+        # On the wrapped layer's device: every forward looks keys up there, and the values train there.
+        self.device = torch.device(device)
+        self.keys = torch.zeros(0, key_dim, device=self.device)
+        self.values = torch.nn.Parameter(torch.zeros(0, value_dim, device=self.device))
+        self.radii = torch.zeros(0, device=self.device)
         self.labels: list[tuple[int, ...]] = []
         self.edit_ids: list[int] = []
         self.splits = 0
@@ -78,7 +80,7 @@ class Codebook:
         self.keys = torch.cat([self.keys, key.detach().float().reshape(1, -1).to(self.keys.device)])
         values = torch.cat([self.values.detach(), value.detach().reshape(1, -1).to(self.values)])
         self.values = torch.nn.Parameter(values)
-        self.radii = torch.cat([self.radii, torch.tensor([float(radius)])])
+        self.radii = torch.cat([self.radii, torch.tensor([float(radius)], device=self.radii.device)])
         self.labels.append(tuple(label))
         self.edit_ids.append(int(edit_id))
         return len(self) - 1
@@ -113,13 +115,15 @@ class Codebook:
         return i, "covered"
 
     def state_dict(self) -> dict:
-        return {"keys": self.keys.clone(), "values": self.values.detach().clone(), "radii": self.radii.clone(),
+        # Saved on the CPU, so that a checkpoint loads on any device.
+        return {"keys": self.keys.cpu().clone(), "values": self.values.detach().cpu().clone(),
+                "radii": self.radii.cpu().clone(),
                 "labels": [list(label) for label in self.labels], "edit_ids": list(self.edit_ids),
                 "splits": self.splits, "expansions": self.expansions, "replacements": self.replacements}
 
     def load_state_dict(self, state: dict) -> None:
-        self.keys, self.radii = state["keys"].clone(), state["radii"].clone()
-        self.values = torch.nn.Parameter(state["values"].clone())
+        self.keys, self.radii = state["keys"].to(self.device).clone(), state["radii"].to(self.device).clone()
+        self.values = torch.nn.Parameter(state["values"].to(self.device).clone())
         self.labels = [tuple(label) for label in state["labels"]]
         self.edit_ids = list(state["edit_ids"])
         self.splits, self.expansions = int(state["splits"]), int(state["expansions"])
@@ -137,7 +141,8 @@ class GraceEditor:
         self.layers = list(layers)
         self.hparams = hparams
         self.module = editable.mlp_out(layers[0])
-        self.codebook = Codebook(editable.key_dim(layers[0]), editable.value_dim(layers[0]))
+        self.codebook = Codebook(editable.key_dim(layers[0]), editable.value_dim(layers[0]),
+                                 device=self.module.weight.device)
         self.generator = torch.Generator().manual_seed(seed)  # cold values
         self.edits = 0
         self.unserved = 0  # edits whose own query the codebook did not serve while training (nothing to train)

@@ -261,7 +261,8 @@ class WiseEditor:
     def _edit_one(self, request: EditRequest) -> float:
         hp = self.hparams
         if self.edits % hp.wise_save_freq == 0:  # a new shard: a new random mask
-            self.mask = torch.rand(self.base.shape, generator=self.generator) < hp.wise_mask_ratio
+            # Drawn by the CPU generator (the same mask on any device), kept where the weights are.
+            self.mask = (torch.rand(self.base.shape, generator=self.generator) < hp.wise_mask_ratio).to(self.base.device)
         device = self.editable.parameter_device()
         batch, rows, cols, tokens, n_scope = self._rows(request)
         batch, rows, cols, tokens = batch.to(device), rows.to(device), cols.to(device), tokens.to(device)
@@ -366,10 +367,12 @@ class WiseEditor:
                 "routed": dict(self.routed)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.main, self.side, self.mask = state["main"].clone(), state["side"].clone(), state["mask"].clone()
-        self.shards = [s.clone() for s in state["shards"]]
+        device = self.base.device  # checkpoints load on the CPU; the memories live beside the weights
+        self.main, self.side = state["main"].to(device).clone(), state["side"].to(device).clone()
+        self.mask = state["mask"].to(device).clone()
+        self.shards = [s.to(device).clone() for s in state["shards"]]
         self.shard_eps = list(state["shard_eps"])
-        self.memories = [(m.clone(), float(e)) for m, e in state["memories"]]
+        self.memories = [(m.to(device).clone(), float(e)) for m, e in state["memories"]]
         self.recorded = list(state["recorded"])
         self.edits, self.merges = int(state["edits"]), int(state["merges"])
         self.routed = dict(state["routed"])  # the checkpoint's evaluation, reported with the next batch
