@@ -19,7 +19,7 @@ from methods.infra.memory_plan import (DTYPE_BYTES, Component, MemoryPlan, Memor
 
 logger = logging.getLogger(__name__)
 
-JUDGE_ROW_TOKENS = 160  # a generated-letter judge's rows carry logits over their whole prompt (logit judges: one)
+JUDGE_ROW_TOKENS = 160  # a generated-letter judge's rows carry logits over their whole prompt
 
 
 def trial_memory_plan(cfg: dict, spec, cache_dir: Path | None = None) -> MemoryPlan:
@@ -32,16 +32,17 @@ def trial_memory_plan(cfg: dict, spec, cache_dir: Path | None = None) -> MemoryP
     judge = cfg["eval"]["judge"]
     if cfg["eval"]["generate"]["enabled"] and judge["backend"] == "hf":
         # The in-process judge is a second model held beside the edited one for the whole trial.
-        from grid.config import judge_model_name
+        from grid.config import judge_model_name, judge_verdict
 
         name = judge_model_name(judge, cfg["model"])
         shape = model_shape(load_model_config(name, cache_dir))
         width = DTYPE_BYTES.get(margs["dtype"], 4)
         rows = judge["batch_size"]
+        tokens = 1 if judge_verdict(judge) == "logit" else JUDGE_ROW_TOKENS  # logit verdicts keep the last logits
         plan.components.append(Component(
-            "judge model", shape.parameters * width + rows * JUDGE_ROW_TOKENS * shape.vocab * 4,
-            f"{name}: {shape.parameters / 1e9:.2f} B parameters × {width} B + {rows} rows × {JUDGE_ROW_TOKENS} "
-            "tokens × V × 4 B logits"))
+            "judge model", shape.parameters * width + rows * tokens * shape.vocab * 4,
+            f"{name}: {shape.parameters / 1e9:.2f} B parameters × {width} B + {rows} rows × {tokens} "
+            "token(s) × V × 4 B logits"))
     return plan
 
 

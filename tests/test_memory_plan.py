@@ -169,3 +169,27 @@ def test_a_trial_that_fits_logs_its_plan_against_the_machines_memory(tiny_llama_
     assert record["fits"] and record["total_bytes"] == plan.total and "RAM" in record["budget"]
     assert plan.layers == [0, 1, 2, 3] and plan.shape.tied  # the default window of a 4-layer model, tied embeddings
     assert f"trial {trial.name}: memory plan for" in capsys.readouterr().out
+
+
+def test_an_in_process_judge_is_planned_and_a_judge_too_large_is_refused_with_its_size(tiny_llama_dir):
+    """A trial with the second protocol holds its judge model beside the edited one: the plan counts it from the
+    judge's config (here Qwen2.5-7B's, never loaded) and refuses a budget it cannot fit, naming the judge."""
+    from grid.memory_plan import trial_memory_plan
+
+    sets = [f"model={tiny_llama_dir}", "method=memit", "eval.generate.enabled=true"]
+
+    def planned(*extra):
+        (trial,) = expand_trials(*load_config(None, sets + list(extra)))
+        trial.config["eval"]["judge"]["model"] = str(CONFIGS / "qwen2.5-7b.json")  # its config file stands in
+        return trial_memory_plan(trial.config, method_settings("memit", {}))
+
+    plan = planned()
+    judge = plan.component("judge model")
+    assert 7.5e9 * 4 < judge.bytes < 7.8e9 * 4 + 1e8  # 7.6 B parameters in float32, one logit row per item
+    assert "qwen2.5-7b.json" in judge.formula and "1 token(s)" in judge.formula
+    generated = planned("eval.judge.verdict=generate").component("judge model")
+    assert generated.bytes > judge.bytes + 32 * 100 * 150_000 * 4  # a generated letter keeps logits per prompt token
+    with pytest.raises(MemoryPlanError, match=r"judge model \d+\.\d+ GB"):
+        check_budget(plan, 20 * 10**9, "model_args.max_memory '20GB'")
+    (plain,) = expand_trials(*load_config(None, sets[:2]))
+    assert "judge model" not in {c.name for c in trial_memory_plan(plain.config, method_settings("memit", {})).components}
