@@ -186,10 +186,16 @@ def _main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _dispatch(args) -> int:
+def configure_logging() -> None:
+    """EditGrid's INFO lines (resumes, superseded runs, cache builds) shown; the libraries' chatter is not. Called by
+    the driver and by every trial process Ray starts (grid/ray_runner.py), whose logging is otherwise unset."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "mlflow", "httpx", "urllib3", "filelock", "faiss", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _dispatch(args) -> int:
+    configure_logging()
 
     from grid.config import ConfigError, expand_trials, load_config
     from grid.tracking import TrackingConfigError, resolve_tracking_uri

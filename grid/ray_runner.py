@@ -107,6 +107,9 @@ def _tune_trainable(config: dict, specs: dict, tracking_uri: str, parent_run_id:
     ``tune.with_parameters``, so Tune's status table stays short)."""
     from ray import tune
 
+    from grid.launch import configure_logging
+
+    configure_logging()  # the trial's own INFO lines (e.g. "resuming after N edits") reach the driver's output
     # Every evaluation checkpoint reaches Tune's status table (edits applied and the headline metrics) as it
     # happens, so a multi-hour trial shows its progress; a trial without any reports its (empty) end.
     reported = []
