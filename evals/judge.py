@@ -268,12 +268,13 @@ Answer to grade: {prediction}
 Grade:"""
 
 # Worked examples, one or more per kind of answer the audit checks (evals/judge_audit.py), none taken from it: a
-# plain hit, a bare name, a wrong entity, a hedge, a contradiction, the question repeated, and references that differ
-# from world knowledge (an edit's new answer is usually false in the world, and the judge must follow the reference).
+# plain hit, a bare name, a wrong entity, a hedge, a contradiction, the question repeated, a fluent continuation that
+# gives no answer, and references that differ from world knowledge (an edit's new answer is usually false in the world, and the judge must follow the reference).
 # fewshot-1 (six examples, no counterfactual reference, no repetition) judged 27 % of repeated questions and 81 % of
-# old answers right in its audit; see docs/second_protocol.md. Changing the examples changes FEW_SHOT_VERSION (part
+# old answers right in its audit; fewshot-2 (nine) accepted fluent continuations that never give an answer, the
+# commonest answer of a small edited model; see docs/second_protocol.md. Changing the examples changes FEW_SHOT_VERSION (part
 # of the judge's name, so of every cache key and of the recorded audits).
-FEW_SHOT_VERSION = "fewshot-2"
+FEW_SHOT_VERSION = "fewshot-3"
 FEW_SHOT_EXAMPLES: tuple[tuple[str, str, str, str], ...] = (
     ("What is the capital of Japan?", "Tokyo", "The capital of Japan is Tokyo.", CORRECT),
     ("Which language did Victor Hugo write in?", "French", "Victor Hugo wrote in English.", INCORRECT),
@@ -285,6 +286,10 @@ FEW_SHOT_EXAMPLES: tuple[tuple[str, str, str, str], ...] = (
     ("What sport does Serena Williams play?", "tennis", "Serena Williams plays tennis. Actually, she plays golf.",
      INCORRECT),
     ("Who wrote the novel Don Quixote?", "Miguel de Cervantes", "Cervantes", CORRECT),
+    ("The mother tongue of Albert Camus is", "German", "a language spoken in many countries around the world, and he "
+     "wrote several novels", INCORRECT),
+    ("The headquarters of Volvo are in", "Madrid", "the largest city of the region, founded in 1865 by a group of "
+     "engineers", INCORRECT),
 )
 def grader_item(question: str, gold: str, prediction: str) -> str:
     return GRADER_ITEM.format(question=question.strip(), gold=gold.strip(), prediction=prediction.strip())

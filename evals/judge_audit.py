@@ -11,6 +11,8 @@ category, the prediction built from the record itself:
   empty           nothing                                                             → B
   repeat          the question repeated                                               → B
   contradiction   states the gold answer, then takes it back for the old one          → B
+  unrelated       a fluent sentence about something else (another record's question
+                  completed with its own answer), what a small model often generates  → B
 
 A judge's accuracy and Cohen's κ against these verdicts, per category and overall, say whether its verdicts mean
 something; the contains-match rule, for instance, is right on everything but ``contradiction``. The construction is
@@ -31,7 +33,7 @@ from evals.records import EditRecord
 
 CATEGORIES: dict[str, str] = {
     "gold": CORRECT, "sentence": CORRECT, "wrong_entity": INCORRECT, "old_answer": INCORRECT,
-    "hedge": INCORRECT, "empty": INCORRECT, "repeat": INCORRECT, "contradiction": INCORRECT,
+    "hedge": INCORRECT, "empty": INCORRECT, "repeat": INCORRECT, "contradiction": INCORRECT, "unrelated": INCORRECT,
 }
 HEDGES = ("I'm not sure.", "I don't know.", "It is hard to say; it could be several things.",
           "I cannot answer that question.", "There is no single answer to that.")
@@ -56,14 +58,15 @@ def _is_question(prompt: str) -> bool:
 
 def audit_items(records: Sequence[EditRecord], seed: int = 0,
                 others: Sequence[EditRecord] | None = None) -> list[AuditItem]:
-    """Eight graded items per record (seven when no record of ``others`` shares its question template).
+    """Nine graded items per record (eight when no record of ``others`` shares its question template).
 
     Wrong entities come from ``others`` (default: ``records``). The gold is the record's new answer (the generation protocol asks whether the edited model says it); records
     need an old answer (``target_true``). Question-style prompts (zsRE) get answer sentences, cloze prompts
     (CounterFact) the completed sentence."""
     rng = random.Random(seed)
     by_template: dict[str, list[EditRecord]] = {}
-    for record in (records if others is None else others):
+    pool = list(records if others is None else others)
+    for record in pool:
         by_template.setdefault(_template(record), []).append(record)
     items: list[AuditItem] = []
     for record in records:
@@ -86,6 +89,11 @@ def audit_items(records: Sequence[EditRecord], seed: int = 0,
                          and gold.lower() not in answer.lower()})
         if wrong:
             predictions["wrong_entity"] = rng.choice(wrong)
+        unrelated = [other for other in pool if _template(other) != _template(record)
+                     and gold.lower() not in f"{other.prompt} {other.target_true}".lower()]
+        if unrelated:
+            other = rng.choice(unrelated)
+            predictions["unrelated"] = f"{other.prompt} {other.target_true}"
         for category in CATEGORIES:
             if category in predictions:
                 items.append(AuditItem(category, JudgeItem(question, gold, predictions[category]),
