@@ -52,7 +52,8 @@ def test_model_paths_that_may_load_pass_and_missing_ones_are_named(tmp_path):
     assert "is a file, not a model folder" in model_problem(str(tmp_path / "config.json"))
     (tmp_path / "tokenizer.json").unlink()
     assert model_problem(str(tmp_path)).endswith("it has no tokenizer files (tokenizer.json, tokenizer_config.json, "
-                                                 "tokenizer.model, ...) (embedded models: smollm2-135m)")
+                                                 "tokenizer.model, ...) (embedded models: smollm2-135m, gemma3-270m, "
+                                                 "qwen2.5-coder-1.5b-instruct)")
 
 
 @pytest.fixture
