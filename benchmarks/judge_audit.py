@@ -5,9 +5,10 @@ Example (the run behind docs/second_protocol.md, "How far the judge can be trust
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/judge_audit.py \
         --counterfact ../shared/data/counterfact/counterfact-edit.json \
         --zsre ../shared/data/zsre/zsre_mend_train-1k.json \
-        --judges qwen-logit,qwen-letter,smollm2-letter,smollm2-logit,contains --output-stem judge_audit
+        --n-counterfact 20 --n-zsre 6 --judges contains,qwen-logit,smollm2-logit,smollm2-letter \
+        --output-stem judge_audit --record
 
-Judges: ``<model>-logit`` (evals/judge.py LogitJudge: log P(A) − log P(B) behind the six worked examples),
+Judges: ``<model>-logit`` (evals/judge.py LogitJudge: log P(A) − log P(B) behind the worked examples),
 ``<model>-letter`` (the generated letter, zero-shot, parsed; today's hf backend), ``contains`` (the contains-match
 rule), with ``<model>`` one of qwen (qwen2.5-coder-1.5b-instruct) and smollm2 (smollm2-135m). Writes
 ``<output-dir>/<stem>.json`` (every row) and ``.md`` (the table), and prints the table.

@@ -269,11 +269,12 @@ Grade:"""
 
 # Worked examples, one or more per kind of answer the audit checks (evals/judge_audit.py), none taken from it: a
 # plain hit, a bare name, a wrong entity, a hedge, a contradiction, the question repeated, a fluent continuation that
-# gives no answer, and references that differ from world knowledge (an edit's new answer is usually false in the world, and the judge must follow the reference).
-# fewshot-1 (six examples, no counterfactual reference, no repetition) judged 27 % of repeated questions and 81 % of
-# old answers right in its audit; fewshot-2 (nine) accepted fluent continuations that never give an answer, the
-# commonest answer of a small edited model; see docs/second_protocol.md. Changing the examples changes FEW_SHOT_VERSION (part
-# of the judge's name, so of every cache key and of the recorded audits).
+# gives no answer, and references that differ from world knowledge (an edit's new answer is usually false in the
+# world, and the judge must follow the reference). fewshot-1 (six examples, no counterfactual reference, no
+# repetition) judged 27 % of repeated questions and 81 % of old answers right in its audit; fewshot-2 (nine)
+# accepted fluent continuations that never give an answer, the commonest answer of a small edited model; see
+# docs/second_protocol.md. Changing the examples changes FEW_SHOT_VERSION (part of the judge's name, so of every
+# cache key and of the recorded audits).
 FEW_SHOT_VERSION = "fewshot-3"
 FEW_SHOT_EXAMPLES: tuple[tuple[str, str, str, str], ...] = (
     ("What is the capital of Japan?", "Tokyo", "The capital of Japan is Tokyo.", CORRECT),
@@ -317,7 +318,9 @@ class LogitJudge:
                      f"{'chat' if self.chat_template else 'plain'}")
         self.letter_ids = [self._single_token(letter) for letter in (CORRECT, INCORRECT)]
         self.system_role = self.chat_template and self._accepts_system_role()
-        self.prefix_ids = self._prefix_ids()
+        self.prefix_text = self._prefix_text()  # rules and examples, the same before every item: rendered once
+        self.prefix_ids = (self.tokenizer(self.prefix_text, add_special_tokens=True)["input_ids"]
+                           if self.prefix_text else [])
         self._prefix_cache = None  # the shared prefix's key/value cache, computed on first use
         self._last_only = "logits_to_keep" in inspect.signature(model.forward).parameters
 
@@ -355,7 +358,7 @@ class LogitJudge:
         """The whole text the judge reads for one grader item (rules, examples, item, the start of its answer)."""
         if self.chat_template:
             return self.tokenizer.apply_chat_template(self._messages(item), tokenize=False, add_generation_prompt=True)
-        return self._prefix_text() + item + " "
+        return self.prefix_text + item + " "
 
     def _prefix_text(self) -> str:
         if self.chat_template:
@@ -364,15 +367,11 @@ class LogitJudge:
         shots = "".join(f"{grader_item(q, g, p)} {v}\n\n" for q, g, p, v in FEW_SHOT_EXAMPLES) if self.few_shot else ""
         return f"{GRADER_RULES}\n\n{shots}"
 
-    def _prefix_ids(self) -> list[int]:
-        text = self._prefix_text()
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"] if text else []
-
     def _suffix_ids(self, item: str) -> list[int]:
-        full, prefix = self.render(item), self._prefix_text()
-        if not full.startswith(prefix):
+        full = self.render(item)
+        if not full.startswith(self.prefix_text):
             raise ValueError("the judge's chat template does not render the rules and examples as a fixed prefix")
-        return self.tokenizer(full[len(prefix):], add_special_tokens=not self.prefix_ids)["input_ids"]
+        return self.tokenizer(full[len(self.prefix_text):], add_special_tokens=not self.prefix_ids)["input_ids"]
 
     @torch.no_grad()
     def margins(self, prompts: list[str]) -> list[float]:

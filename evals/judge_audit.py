@@ -60,9 +60,10 @@ def audit_items(records: Sequence[EditRecord], seed: int = 0,
                 others: Sequence[EditRecord] | None = None) -> list[AuditItem]:
     """Nine graded items per record (eight when no record of ``others`` shares its question template).
 
-    Wrong entities come from ``others`` (default: ``records``). The gold is the record's new answer (the generation protocol asks whether the edited model says it); records
-    need an old answer (``target_true``). Question-style prompts (zsRE) get answer sentences, cloze prompts
-    (CounterFact) the completed sentence."""
+    Wrong entities and unrelated sentences come from ``others`` (default: ``records``). The gold is the record's
+    new answer (the generation protocol asks whether the edited model says it); records need an old answer
+    (``target_true``). Question-style prompts (zsRE) get answer sentences, cloze prompts (CounterFact) the completed
+    sentence."""
     rng = random.Random(seed)
     by_template: dict[str, list[EditRecord]] = {}
     pool = list(records if others is None else others)
@@ -150,16 +151,17 @@ def run_audit(name: str, items: Sequence[AuditItem],
 
 def contains_rule(items: Sequence[JudgeItem]) -> list[Judgment]:
     """The contains-match rule as a judge: A when the prediction contains the gold answer (case-insensitive)."""
-    return [Judgment(CORRECT if i.gold.strip() and i.gold.strip().lower() in i.prediction.lower() else INCORRECT,
-                     reply="contains-rule", from_cache=False) for i in items]
+    from evals.autoregressive import contains_answer  # noqa: PLC0415 - the protocol's own gen/contains rule
 
+    return [Judgment(CORRECT if contains_answer(i.prediction, (i.gold,)) else INCORRECT, reply="contains-rule",
+                     from_cache=False) for i in items]
 
 
 def build_audit(counterfact: str | None, zsre: str | None, n_counterfact: int = 25, n_zsre: int = 10,
                 scan: int = 2000, seed: int = 0) -> list[AuditItem]:
     """The audit set from real records: a seeded sample of ``n_counterfact`` CounterFact records (among the first
     ``scan``, those whose question template another record shares, so that a wrong entity of the same type
-    exists) and ``n_zsre`` zsRE records, eight items each (see ``audit_items``)."""
+    exists) and ``n_zsre`` zsRE records, nine items each (see ``audit_items``)."""
     from evals.datasets import load_records  # noqa: PLC0415
 
     rng = random.Random(seed)

@@ -480,8 +480,7 @@ def _protocol_problems(ev: dict, checkpoints, trial_model=None) -> list[str]:
         problems.append(f"eval.judge.verdict: logit verdicts need the model in process (backend hf); the "
                         f"{judge.get('backend')} backend generates its letter (set verdict: generate or null)")
     if gen.get("enabled") is True and judge.get("backend") == "hf":
-        name = judge_model_name(judge, trial_model)
-        problem = model_problem(str(name)) if name else None
+        problem = model_problem(judge_model_name(judge, trial_model))
         if problem:
             problems.append(f"eval.judge.model: {problem}")
     positive_int("judge.batch_size", judge.get("batch_size"))

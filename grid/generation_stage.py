@@ -62,12 +62,12 @@ def build_judge(judge_cfg: dict, trial_model: str, model_args: dict, cache_dir: 
         name = judge_model_name(judge_cfg, trial_model)
         loaded = load_model(name, dtype=model_args["dtype"], device=model_args["device"], cache_dir=cache_dir,
                             linear_backend=model_args["linear_backend"])
+        identity = f"hf:{name}@{loaded.fingerprint}"
         if judge_verdict(judge_cfg) == "logit":
-            backend = LogitJudge(loaded.model, loaded.tokenizer, name=f"hf:{name}@{loaded.fingerprint}",
-                                 chat_template=judge_cfg["chat_template"], few_shot=judge_cfg["few_shot"],
-                                 batch_size=judge_cfg["batch_size"])
+            backend = LogitJudge(loaded.model, loaded.tokenizer, name=identity, chat_template=judge_cfg["chat_template"],
+                                 few_shot=judge_cfg["few_shot"], batch_size=judge_cfg["batch_size"])
         else:
-            backend = TransformersJudge(loaded.model, loaded.tokenizer, name=f"hf:{name}@{loaded.fingerprint}",
+            backend = TransformersJudge(loaded.model, loaded.tokenizer, name=identity,
                                         chat_template=judge_cfg["chat_template"], batch_size=judge_cfg["batch_size"])
     return Judge(backend, JudgmentCache.in_folder(cache_dir), batch_size=judge_cfg["batch_size"])
 

@@ -84,10 +84,6 @@ class Editor(Protocol):
     layers: list[int]  # the layers whose MLP output projection the editor edits (writes, or wraps)
     writes_weights: bool  # True: W of ``layers`` edited in place; False: the weights never change
 
-    def _post_norm(self, layer: int):
-        """The post-MLP norm to rescale block-space residuals through (only where v* aims at the block output)."""
-        return self.editable.mlp_post_norm(layer) if self.target_site == "block" else None
-
     def apply(self, requests: list[EditRequest]) -> BatchReport: ...
 
     def metrics(self) -> dict[str, float]:
