@@ -121,6 +121,14 @@ RUN_ONLY_KEYS = ("grid", "methods", "ray")  # top-level keys that describe the g
 # resubmission still find the trial's finished run and its checkpoint.
 NOT_IN_TRIAL_ID = ("checkpoints",)
 NOT_IN_TRIAL_ID_MODEL_ARGS = ("max_memory",)  # the same, inside model_args
+# Trial settings added to DEFAULTS after trials were first checkpointed, each with the value that computes what a
+# trial computed before the setting existed. A trial holding that value is hashed as if the key were absent, so a
+# multi-session trial (hours of edits in its checkpoint) started under older code still resumes under newer code.
+# A new trial setting goes here with its neutral value; tests/test_config.py fails when one is missing.
+ADDED_SETTINGS = {
+    "eval.judge.verdict": None,
+    "eval.judge.few_shot": True,
+}
 
 
 FREE_FORM_KEYS = ("grid", "methods", "hparams", "by_model")  # mappings whose keys are the user's, not ours
@@ -604,10 +612,17 @@ class Trial:
     @property
     def trial_id(self) -> str:
         """Content hash of the configuration: the same settings give the same id (used to name and resume)."""
-        identity = {k: v for k, v in self.config.items() if k not in NOT_IN_TRIAL_ID}
+        identity = copy.deepcopy({k: v for k, v in self.config.items() if k not in NOT_IN_TRIAL_ID})
         if isinstance(identity.get("model_args"), dict):
             identity["model_args"] = {k: v for k, v in identity["model_args"].items()
                                       if k not in NOT_IN_TRIAL_ID_MODEL_ARGS}
+        for dotted, neutral in ADDED_SETTINGS.items():
+            *parents, leaf = dotted.split(".")
+            section = identity
+            for key in parents:
+                section = section.get(key) if isinstance(section, dict) else None
+            if isinstance(section, dict) and leaf in section and section[leaf] == neutral:
+                del section[leaf]
         blob = json.dumps(identity, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 

@@ -261,3 +261,51 @@ def test_protocol_sections_are_validated_with_every_problem_listed(tmp_path, mon
     with pytest.raises(ConfigError, match=r"eval.generate.unedited_answers.backend: 'tgi' is not one of"):
         _expand("eval.generate.unedited_answers.backend=tgi")
     _expand("eval.generate.enabled=true", "eval.generate.unedited_answers.backend=vllm")  # model null: the trial's
+
+
+def _setting_names(section: dict, prefix: str = ""):
+    from grid.config import FREE_FORM_KEYS
+    for key, value in section.items():
+        if isinstance(value, dict) and value and key not in FREE_FORM_KEYS:
+            yield from _setting_names(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key
+
+
+def test_a_new_trial_setting_keeps_existing_trial_ids():
+    """A 10,000-edit trial runs across sessions: its id must survive code that adds a setting, or its checkpoint
+    and MLflow run are orphaned. New settings are listed with their neutral value (ADDED_SETTINGS)."""
+    from pathlib import Path
+
+    from grid.config import ADDED_SETTINGS, DEFAULTS, NOT_IN_TRIAL_ID, NOT_IN_TRIAL_ID_MODEL_ARGS, RUN_ONLY_KEYS
+
+    issued = {line for line in (Path(__file__).parent / "data" / "trial_id_settings.txt").read_text().splitlines()
+              if line and not line.startswith("#")}
+    trial_defaults = {k: v for k, v in DEFAULTS.items() if k not in RUN_ONLY_KEYS + NOT_IN_TRIAL_ID}
+    excluded = {f"model_args.{k}" for k in NOT_IN_TRIAL_ID_MODEL_ARGS}
+    unlisted = sorted(set(_setting_names(trial_defaults)) - issued - set(ADDED_SETTINGS) - excluded)
+    assert not unlisted, (f"{unlisted}: new trial settings change every trial id; list each in "
+                          "grid.config.ADDED_SETTINGS with the value that reproduces the behaviour before it")
+    for dotted, neutral in ADDED_SETTINGS.items():
+        section = DEFAULTS
+        for key in dotted.split(".")[:-1]:
+            section = section[key]
+        assert section[dotted.rsplit(".", 1)[-1]] == neutral, f"{dotted}: its default must be its neutral value"
+
+
+def test_an_added_setting_at_its_neutral_value_hashes_as_absent():
+    import copy
+
+    from grid.config import ADDED_SETTINGS, Trial
+
+    trial = _expand("method=memit")[0]
+    before = copy.deepcopy(trial.config)  # a trial as code without the added settings expanded it
+    for dotted in ADDED_SETTINGS:
+        *parents, leaf = dotted.split(".")
+        section = before
+        for key in parents:
+            section = section[key]
+        del section[leaf]
+    assert Trial(0, before, {}).trial_id == trial.trial_id
+    assert _expand("method=memit", "eval.judge.verdict=generate")[0].trial_id != trial.trial_id  # not neutral
+    assert trial.config["eval"]["judge"]["verdict"] is None  # hashing never edits the trial's config
