@@ -355,6 +355,11 @@ class TrialTracker:
         if self._run_id is not None:
             raise RuntimeError(f"TrialTracker for run {self.run_name!r} was already entered; create a new one")
         self.tracking_uri = resolve_tracking_uri(self.tracking_uri)
+        database = sqlite_database_path(self.tracking_uri)
+        if self.parent_run_id and database is not None and not database.is_file():
+            # A grid's driver created this file before any trial started: a trial that cannot see it runs on
+            # another node, where creating it would log the run to a database the driver never reads.
+            raise TrackingConfigError(self._not_the_grids_store(f"{database} does not exist on this node"))
         self.experiment_id = prepare_store(self.tracking_uri, self.experiment)
         self._client = _mlflow_client(self.tracking_uri)
         # Flatten before creating the run so a bad config fails without leaving an empty RUNNING run behind.
@@ -394,9 +399,16 @@ class TrialTracker:
         try:
             self._client.get_run(self.parent_run_id)
         except MlflowException as error:
-            raise TrackingConfigError(
-                f"parent run {self.parent_run_id!r} does not exist in {self.tracking_uri}: {error}"
-            ) from error
+            raise TrackingConfigError(self._not_the_grids_store(
+                f"it holds no run {self.parent_run_id!r} ({error})")) from error
+
+    def _not_the_grids_store(self, what: str) -> str:
+        import socket
+
+        return (f"trial {self.run_name!r} on node {socket.gethostname()}: the tracking store {self.tracking_uri} is "
+                f"not the one its grid's driver opened: {what}. Trials on other nodes need the same store: run the "
+                "grid with --mlflow-server (and --mlflow-server-host this node's address), or keep the SQLite file "
+                "on a folder every node mounts at the same path (docs/cluster.md)")
 
     def _end_run(self, exc_type, exc, tb) -> None:
         self._ended = True

@@ -331,9 +331,22 @@ def test_tracker_nests_under_parent_run(tracking_uri, client):
         parent_id = parent.run_id
     assert client.get_run(child_id).data.tags["mlflow.parentRunId"] == parent_id
     assert "mlflow.parentRunId" not in client.get_run(parent_id).data.tags
-    with pytest.raises(TrackingConfigError, match="parent run"):
+    with pytest.raises(TrackingConfigError, match="not the one its grid's driver opened: it holds no run"):
         with TrialTracker(tracking_uri, EXPERIMENT, "orphan", params={}, parent_run_id="0" * 32):
             pass
+
+
+def test_a_trial_on_a_node_without_the_grids_sqlite_file_refuses_before_creating_one(tracking_uri, tmp_path):
+    """A sqlite path that is not shared between nodes: the trial must not create a database its driver never reads."""
+    with TrialTracker(tracking_uri, EXPERIMENT, "grid", params={}) as parent:
+        parent_id = parent.run_id
+    elsewhere = tmp_path / "node-local" / "mlflow.db"
+    with pytest.raises(TrackingConfigError) as info:
+        with TrialTracker(f"sqlite:///{elsewhere}", EXPERIMENT, "trial-0", params={}, parent_run_id=parent_id):
+            pass
+    assert f"{elsewhere} does not exist on this node" in str(info.value)
+    assert "--mlflow-server" in str(info.value)
+    assert not elsewhere.exists() and not elsewhere.parent.exists()
 
 
 def test_tracker_rejects_use_outside_context_and_bad_values(tracking_uri):
