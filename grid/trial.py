@@ -242,6 +242,9 @@ class TrialRun:
         if not self.spec.edits_weights:
             return None
         stats_cfg = self.cfg["stats"]
+        # Trials on Ray run without progress bars: a line per phase says what the minutes before the first report go to.
+        logger.info("trial %s: second-moment statistics of layers %s from %s tokens of %s (computed once, then cached)",
+                    self.trial.name, layers, f"{stats_cfg['num_tokens']:,}", stats_cfg["corpus"])
         stats = second_moments(self.editable, self.tokenizer, layers, parse_corpus(stats_cfg["corpus"]),
                                stats_cfg["num_tokens"], model_key=self.model_key, cache_dir=self.cache_dir,
                                max_length=stats_cfg["max_length"], progress=self.progress,
@@ -272,6 +275,8 @@ class TrialRun:
         checkpoints = self.cfg["edits"]["checkpoints"]
         if step == 0:
             point = Checkpoint(step, self.records, None)
+            logger.info("trial %s: evaluating the unedited model on the trial's %d records", self.trial.name,
+                        len(self.records))
         else:
             final_all = step == checkpoints[-1] and self.cfg["eval"]["retention"]["final"] == "all"
             sample = self.retention.sample(step, newest_start, score_all=final_all)
