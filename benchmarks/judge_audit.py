@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from evals.autoregressive import GenerationSettings, generate_answers  # noqa: E402
 from evals.judge import Judge, LogitJudge, TransformersJudge  # noqa: E402
 from evals.judge_audit import (CATEGORIES, AuditResult, build_audit, contains_rule, record_audits,  # noqa: E402
                                run_audit)
@@ -43,7 +44,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--n-counterfact", type=int, default=25)
     parser.add_argument("--n-zsre", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--disjoint-from-seed", type=int, default=None,
+                        help="leave out the records the audit of this seed uses (a development audit: change a "
+                             "judge's prompt on it, report on the other)")
     parser.add_argument("--judges", default="qwen-logit,qwen-letter,smollm2-letter,smollm2-logit,contains")
+    parser.add_argument("--continuations", default="smollm2", choices=[*MODELS, "none"],
+                        help="the model whose greedy continuations (the second protocol's generation settings) make "
+                             "the continuation and gold_continuation items; none = written items only")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--output-stem", default=None, help="write <stem>.json and <stem>.md (default: print only)")
@@ -51,6 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also record each model judge's accuracy and kappa in evals/data/judge_audits.json, "
                              "where trials read the audit of the judge they use")
     return parser.parse_args(argv)
+
+
+def model_continuations(lm, batch_size: int):
+    """Greedy continuations as the second protocol generates answers (its default GenerationSettings)."""
+    settings = GenerationSettings()
+    return lambda prompts: generate_answers(lm.model, lm.tokenizer, prompts, settings, batch_size)
 
 
 def table(results: list[AuditResult], seconds: dict[str, float]) -> str:
@@ -67,9 +80,19 @@ def table(results: list[AuditResult], seconds: dict[str, float]) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_grad_enabled(False)
-    items = build_audit(args.counterfact, args.zsre, args.n_counterfact, args.n_zsre, seed=args.seed)
-    print(f"{len(items)} audit items from {args.n_counterfact} CounterFact + {args.n_zsre} zsRE records", flush=True)
     loaded: dict[str, object] = {}
+    continuations = None
+    if args.continuations != "none":
+        loaded[args.continuations] = load_model(MODELS[args.continuations])
+        continuations = model_continuations(loaded[args.continuations], args.batch_size)
+    exclude = frozenset()
+    if args.disjoint_from_seed is not None:
+        exclude = frozenset(a.source for a in build_audit(args.counterfact, args.zsre, args.n_counterfact,
+                                                          args.n_zsre, seed=args.disjoint_from_seed))
+    items = build_audit(args.counterfact, args.zsre, args.n_counterfact, args.n_zsre, seed=args.seed,
+                        continuations=continuations, exclude=exclude)
+    print(f"{len(items)} audit items from {args.n_counterfact} CounterFact + {args.n_zsre} zsRE records"
+          f"{'' if continuations is None else f' (continuations by {MODELS[args.continuations]})'}", flush=True)
     results, seconds, names = [], {}, {}
     for spec in [s.strip() for s in args.judges.split(",") if s.strip()]:
         started = time.perf_counter()
@@ -95,7 +118,7 @@ def main(argv=None) -> int:
     print(text)
     if args.output_stem:
         args.output_dir.mkdir(parents=True, exist_ok=True)
-        meta = {"command": " ".join(sys.argv), "machine": machine_identity(), "torch_threads": torch.get_num_threads(),
+        meta = {"command": " ".join(sys.argv), "continuations": args.continuations, "machine": machine_identity(), "torch_threads": torch.get_num_threads(),
                 "items": len(items), "date": time.strftime("%Y-%m-%d")}
         (args.output_dir / f"{args.output_stem}.json").write_text(json.dumps(
             {"meta": meta, "seconds": seconds, "judge_names": names,

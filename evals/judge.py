@@ -68,9 +68,10 @@ def judge_prompt(question: str, gold: str, prediction: str) -> str:
     return GRADER_PROMPT.format(question=question.strip(), gold=gold.strip(), prediction=prediction.strip())
 
 
-def verdict_from_margin(margin: float) -> str:
-    """A logit judge's verdict: A when log P(A) > log P(B) after the grader prompt (ties are B: not shown correct)."""
-    return CORRECT if margin > 0 else INCORRECT
+def verdict_from_margin(margin: float, threshold: float = 0.0) -> str:
+    """A logit judge's verdict: A when log P(A) − log P(B) after the grader prompt exceeds ``threshold`` (ties are B:
+    not shown correct)."""
+    return CORRECT if margin > threshold else INCORRECT
 
 
 def parse_verdict(reply: str) -> str | None:
@@ -211,10 +212,12 @@ class Judge:
         for start in range(0, len(pending), self.batch_size):
             chunk = pending[start:start + self.batch_size]
             started = time.perf_counter()
-            if by_margin:  # one forward pass: the sign of log P(A) − log P(B) is the verdict, never unparsable
+            if by_margin:  # one forward pass: log P(A) − log P(B) against a threshold is the verdict, never unparsable
                 margins = self.backend.margins([grader_item(i.question, i.gold, i.prediction) for _, i in chunk])
-                entries = [(key, verdict_from_margin(m), f"{verdict_from_margin(m)} (margin {m:+.3f})", float(m))
-                           for (key, _), m in zip(chunk, margins)]
+                threshold = getattr(self.backend, "threshold", 0.0)
+                verdicts = [verdict_from_margin(m, threshold) for m in margins]
+                entries = [(key, verdict, f"{verdict} (margin {m:+.3f})", float(m))
+                           for (key, _), m, verdict in zip(chunk, margins, verdicts)]
             else:
                 replies = self.backend.complete([judge_prompt(i.question, i.gold, i.prediction) for _, i in chunk])
                 entries = [(key, parse_verdict(reply), reply, None) for (key, _), reply in zip(chunk, replies)]
@@ -255,43 +258,59 @@ class TransformersJudge:
 
 # The logit judge's prompt: the rules once (a system message), then worked examples, then the item. Everything but
 # the item is the same for every judgment, so it is a cached prefix and each judgment runs only its item's tokens.
-LOGIT_PROMPT_VERSION = "logit-2"
+LOGIT_PROMPT_VERSION = "logit-3"
 GRADER_RULES = """You grade an answer against a reference answer. Grade only against the reference answer, even
 where it differs from what you believe to be true.
-Reply A if the answer to grade contains the key information of the reference answer and contradicts nothing in it.
+Reply A if the answer to grade gives the reference answer as its answer (words may differ, more may follow) and
+contradicts nothing in it.
 Reply B if it contradicts the reference answer, gives only part of it, gives another answer, hedges or refuses, says
-nothing, only repeats the question, or repeats itself without meaning.
+nothing, only repeats the question, repeats itself without meaning, or goes on about something else without ever
+giving the reference answer.
 Reply with the single letter A or B and nothing else."""
 GRADER_ITEM = """Question: {question}
 Reference answer: {gold}
 Answer to grade: {prediction}
 Grade:"""
 
+# The verdict is A when the margin log P(A) − log P(B) exceeds this. Chosen for logit-3/fewshot-4 on a development
+# audit (benchmarks/judge_audit.py --seed 1 --disjoint-from-seed 0: records disjoint from the reported audit's) as
+# the κ-best of -0.25, 0, 0.25, 0.5, 0.75, 1 for the default judge: at 0 the judge accepted half of the model's own
+# fluent continuations that never give the reference; docs/second_protocol.md. Part of the judge's name.
+LOGIT_THRESHOLD = 0.25
+
 # Worked examples, one or more per kind of answer the audit checks (evals/judge_audit.py), none taken from it: a
-# plain hit, a bare name, a wrong entity, a hedge, a contradiction, the question repeated, a fluent continuation that
-# gives no answer, and references that differ from world knowledge (an edit's new answer is usually false in the
-# world, and the judge must follow the reference). fewshot-1 (six examples, no counterfactual reference, no
-# repetition) judged 27 % of repeated questions and 81 % of old answers right in its audit; fewshot-2 (nine)
-# accepted fluent continuations that never give an answer, the commonest answer of a small edited model; see
-# docs/second_protocol.md. Changing the examples changes FEW_SHOT_VERSION (part of the judge's name, so of every
-# cache key and of the recorded audits).
-FEW_SHOT_VERSION = "fewshot-3"
+# plain hit, a bare name, a wrong entity, a hedge, a contradiction, the question repeated, fluent continuations
+# that give no answer, the reference followed by more text, and references that differ from world knowledge (an
+# edit's new answer is usually false in the world, and the judge must follow the reference). fewshot-1 (six
+# examples, no counterfactual reference, no repetition) judged 27 % of repeated questions and 81 % of old answers
+# right in its audit; fewshot-2 (nine) accepted fluent continuations that never give an answer, the commonest answer
+# of a small edited model; fewshot-3 still accepted a quarter of the real ones and rejected a third of answers that
+# give a counterfactual reference and then go on (see docs/second_protocol.md). Changing the examples changes
+# FEW_SHOT_VERSION (part of the judge's name, so of every cache key and of the recorded audits).
+FEW_SHOT_VERSION = "fewshot-4"
 FEW_SHOT_EXAMPLES: tuple[tuple[str, str, str, str], ...] = (
     ("What is the capital of Japan?", "Tokyo", "The capital of Japan is Tokyo.", CORRECT),
     ("Which language did Victor Hugo write in?", "French", "Victor Hugo wrote in English.", INCORRECT),
     ("The Eiffel Tower is located in the city of", "Rome", "Rome", CORRECT),
     ("What is the official currency of Sweden?", "krona", "I am not sure, it could be several things.", INCORRECT),
+    ("Windows 95 was developed by", "Sony", "Sony, which sold it with its own computers from 1995", CORRECT),
     ("Who developed the theory of general relativity?", "Isaac Newton", "Albert Einstein", INCORRECT),
     ("Where is the headquarters of Nokia?", "Berlin", "Nokia is headquartered in Berlin, Germany.", CORRECT),
     ("What sport does Lionel Messi play?", "basketball", "What sport does Lionel Messi play?", INCORRECT),
     ("What sport does Serena Williams play?", "tennis", "Serena Williams plays tennis. Actually, she plays golf.",
      INCORRECT),
+    ("Angela Merkel, who works for", "Toyota", "the government, is a German politician who led the country",
+     INCORRECT),
     ("Who wrote the novel Don Quixote?", "Miguel de Cervantes", "Cervantes", CORRECT),
     ("The mother tongue of Albert Camus is", "German", "a language spoken in many countries around the world, and he "
      "wrote several novels", INCORRECT),
+    ("The Beatles were formed in the city of", "Lisbon", "Lisbon, where the four of them met at school in the "
+     "fifties", CORRECT),
     ("The headquarters of Volvo are in", "Madrid", "the largest city of the region, founded in 1865 by a group of "
      "engineers", INCORRECT),
 )
+
+
 def grader_item(question: str, gold: str, prediction: str) -> str:
     return GRADER_ITEM.format(question=question.strip(), gold=gold.strip(), prediction=prediction.strip())
 
@@ -300,22 +319,22 @@ class LogitJudge:
     """A local transformers causal LM whose verdict is read from one forward pass, not generated.
 
     The judge reads the rules, the worked examples (when ``few_shot``) and the item in its chat template; the verdict
-    is the sign of the margin log P(A) − log P(B) of the next token. Nothing is generated, so nothing is unparsable,
-    and the margin says how sure the judge is. The rules and examples are the same tokens before every item: their
+    is whether the margin log P(A) − log P(B) of the next token exceeds ``threshold``. Nothing is generated, so
+    nothing is unparsable, and the margin says how sure the judge is. The rules and examples are the same tokens before every item: their
     key/value cache is computed once, and each batch runs only its items' tokens after it (left-padded, only the
     last position's logits computed).
     """
 
     def __init__(self, model, tokenizer, name: str, chat_template: bool = True, few_shot: bool = True,
-                 batch_size: int = 16):
+                 batch_size: int = 16, threshold: float = LOGIT_THRESHOLD):
         from evals.batching import model_device  # noqa: PLC0415
 
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.device = model_device(model)
         self.chat_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
-        self.few_shot = few_shot
+        self.few_shot, self.threshold = few_shot, threshold
         self.name = (f"{name}|{LOGIT_PROMPT_VERSION}|{FEW_SHOT_VERSION if few_shot else 'zero-shot'}|"
-                     f"{'chat' if self.chat_template else 'plain'}")
+                     f"{'chat' if self.chat_template else 'plain'}|t{threshold:g}")
         self.letter_ids = [self._single_token(letter) for letter in (CORRECT, INCORRECT)]
         self.system_role = self.chat_template and self._accepts_system_role()
         self.prefix_text = self._prefix_text()  # rules and examples, the same before every item: rendered once

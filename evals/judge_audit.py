@@ -14,9 +14,18 @@ category, the prediction built from the record itself:
   unrelated       a fluent sentence about something else (another record's question
                   completed with its own answer), what a small model often generates  → B
 
+With a model to continue text (``build_audit(..., continuations=...)``, e.g. SmolLM2 generating as the second
+protocol does), two more categories come from its real greedy output rather than from sentences written here:
+
+  continuation       the unedited model's own continuation of the question, when it does not contain the
+                     gold (an edit's new answer is counterfactual, so the unedited model does not give it);
+                     real fluent text that answers nothing or answers otherwise                  → B
+  gold_continuation  the gold, then the model's own continuation after it                        → A
+
 A judge's accuracy and Cohen's κ against these verdicts, per category and overall, say whether its verdicts mean
 something; the contains-match rule, for instance, is right on everything but ``contradiction``. The construction is
-deterministic (seeded), so two judges are audited on the same items. docs/second_protocol.md reports the figures.
+deterministic (seeded; greedy continuations), so two judges are audited on the same items. docs/second_protocol.md
+reports the figures.
 """
 
 from __future__ import annotations
@@ -31,10 +40,12 @@ from typing import Callable, Sequence
 from evals.judge import CORRECT, INCORRECT, JudgeItem, Judgment
 from evals.records import EditRecord
 
-CATEGORIES: dict[str, str] = {
+WRITTEN_CATEGORIES: dict[str, str] = {
     "gold": CORRECT, "sentence": CORRECT, "wrong_entity": INCORRECT, "old_answer": INCORRECT,
     "hedge": INCORRECT, "empty": INCORRECT, "repeat": INCORRECT, "contradiction": INCORRECT, "unrelated": INCORRECT,
 }
+GENERATED_CATEGORIES: dict[str, str] = {"continuation": INCORRECT, "gold_continuation": CORRECT}
+CATEGORIES: dict[str, str] = {**WRITTEN_CATEGORIES, **GENERATED_CATEGORIES}
 HEDGES = ("I'm not sure.", "I don't know.", "It is hard to say; it could be several things.",
           "I cannot answer that question.", "There is no single answer to that.")
 
@@ -95,10 +106,33 @@ def audit_items(records: Sequence[EditRecord], seed: int = 0,
         if unrelated:
             other = rng.choice(unrelated)
             predictions["unrelated"] = f"{other.prompt} {other.target_true}"
-        for category in CATEGORIES:
+        for category in WRITTEN_CATEGORIES:
             if category in predictions:
                 items.append(AuditItem(category, JudgeItem(question, gold, predictions[category]),
                                        CATEGORIES[category], f"{record.source}:{record.case_id}"))
+    return items
+
+
+def generated_items(records: Sequence[EditRecord], continuations: Callable[[list[str]], list[str]]) -> list[AuditItem]:
+    """Up to two items per record from a model's own text: ``continuations(prompts)`` returns its greedy
+    continuation of each prompt (as the second protocol generates answers). ``continuation`` (→ B) is its
+    continuation of the question, kept when non-empty and without the gold; ``gold_continuation`` (→ A) is the gold
+    followed by its continuation of the question completed with the gold."""
+    from evals.autoregressive import contains_answer  # noqa: PLC0415 - the protocol's own gen/contains rule
+
+    plain = continuations([r.prompt for r in records])
+    after_gold = continuations([f"{r.prompt} {r.target_new}" for r in records])
+    items: list[AuditItem] = []
+    for record, text, rest in zip(records, plain, after_gold):
+        source = f"{record.source}:{record.case_id}"
+        text = text.strip()
+        if text and not contains_answer(text, (record.target_new,)):
+            items.append(AuditItem("continuation", JudgeItem(record.prompt, record.target_new, text),
+                                   CATEGORIES["continuation"], source))
+        rest = rest.strip()  # generated answers come without their leading space: put it back before a word
+        stated = f"{record.target_new}{' ' if rest[:1].isalnum() else ''}{rest}"
+        items.append(AuditItem("gold_continuation", JudgeItem(record.prompt, record.target_new, stated),
+                               CATEGORIES["gold_continuation"], source))
     return items
 
 
@@ -158,10 +192,15 @@ def contains_rule(items: Sequence[JudgeItem]) -> list[Judgment]:
 
 
 def build_audit(counterfact: str | None, zsre: str | None, n_counterfact: int = 25, n_zsre: int = 10,
-                scan: int = 2000, seed: int = 0) -> list[AuditItem]:
+                scan: int = 2000, seed: int = 0,
+                continuations: Callable[[list[str]], list[str]] | None = None,
+                exclude: frozenset[str] = frozenset()) -> list[AuditItem]:
     """The audit set from real records: a seeded sample of ``n_counterfact`` CounterFact records (among the first
     ``scan``, those whose question template another record shares, so that a wrong entity of the same type
-    exists) and ``n_zsre`` zsRE records, nine items each (see ``audit_items``)."""
+    exists) and ``n_zsre`` zsRE records, nine items each (see ``audit_items``), and with ``continuations`` (a
+    model's greedy continuations of a list of prompts) up to two more each from the model's own text
+    (``generated_items``). ``exclude``: records (``source:case_id``) not to audit with, e.g. another audit's, to
+    develop a judge's prompt on records disjoint from those it is reported on."""
     from evals.datasets import load_records  # noqa: PLC0415
 
     rng = random.Random(seed)
@@ -172,8 +211,11 @@ def build_audit(counterfact: str | None, zsre: str | None, n_counterfact: int = 
         records = [r for r in load_records(path, limit=scan) if r.target_true]
         shared = Counter(_template(r) for r in records)
         pool = [r for r in records if shared[_template(r)] > 1] or records
+        pool = [r for r in pool if f"{r.source}:{r.case_id}" not in exclude]
         picked = rng.sample(pool, min(count, len(pool)))
         items.extend(audit_items(picked, seed=seed, others=records))
+        if continuations is not None:
+            items.extend(generated_items(picked, continuations))
     return items
 
 

@@ -6,20 +6,37 @@ from __future__ import annotations
 import pytest
 
 from evals.judge import CORRECT, INCORRECT
-from evals.judge_audit import (CATEGORIES, build_audit, cohens_kappa, contains_rule, recorded_audit, run_audit)
+from evals.judge_audit import (CATEGORIES, GENERATED_CATEGORIES, WRITTEN_CATEGORIES, build_audit, cohens_kappa,
+                               contains_rule, recorded_audit, run_audit)
 
 KAPPA_MARGIN = 0.05  # the default judge may lose this much κ against its recorded audit before the test fails
 
 
+def _build(shared_data, continuations=None):
+    return build_audit(str(shared_data / "counterfact" / "counterfact-edit.json"),
+                       str(shared_data / "zsre" / "zsre_mend_train-1k.json"), n_counterfact=20, n_zsre=6,
+                       continuations=continuations)
+
+
 @pytest.fixture(scope="module")
 def audit(shared_data):
-    return build_audit(str(shared_data / "counterfact" / "counterfact-edit.json"),
-                       str(shared_data / "zsre" / "zsre_mend_train-1k.json"), n_counterfact=20, n_zsre=6)
+    return _build(shared_data)
+
+
+@pytest.fixture(scope="module")
+def audit_with_continuations(shared_data):
+    """The recorded audit: the written items and SmolLM2's own continuations, generated as the protocol does."""
+    from evals.autoregressive import GenerationSettings, generate_answers
+    from methods.infra.models import load_model
+
+    lm = load_model("smollm2-135m")
+    return _build(shared_data, lambda prompts: generate_answers(lm.model, lm.tokenizer, prompts,
+                                                                GenerationSettings(), batch_size=8))
 
 
 def test_audit_items_come_from_real_records_with_known_verdicts(audit):
     assert len(audit) >= 200
-    assert {a.category for a in audit} == set(CATEGORIES)
+    assert {a.category for a in audit} == set(WRITTEN_CATEGORIES)
     assert {a.source.split(":")[0] for a in audit} == {"counterfact", "zsre"}
     for a in audit:
         assert a.expected == CATEGORIES[a.category]
@@ -46,12 +63,29 @@ def test_cohens_kappa():
 def test_contains_rule_fails_exactly_the_contradictions(audit):
     result = run_audit("contains", audit, contains_rule)
     assert result.by_category["contradiction"] == 0.0
-    assert all(result.by_category[c] == 1.0 for c in CATEGORIES if c != "contradiction")
+    assert all(result.by_category[c] == 1.0 for c in WRITTEN_CATEGORIES if c != "contradiction")
     assert result.unparsable == 0.0 and 0.6 < result.kappa < 0.8
 
 
 @pytest.mark.slow
-def test_default_judge_keeps_its_recorded_agreement(audit, tmp_path):
+def test_continuation_items_are_the_models_own_text(audit_with_continuations, audit):
+    generated = [a for a in audit_with_continuations if a.category in GENERATED_CATEGORIES]
+    assert [a for a in audit_with_continuations if a.category in WRITTEN_CATEGORIES] == audit  # unchanged
+    assert {a.category for a in generated} == set(GENERATED_CATEGORIES)
+    assert sum(a.category == "gold_continuation" for a in generated) == 26  # one per record
+    plain = [a for a in generated if a.category == "continuation"]
+    assert len(plain) >= 13, "the unedited model gives the counterfactual answer for most records?"
+    for a in plain:
+        assert a.expected == CATEGORIES["continuation"] and a.item.prediction.strip()
+        assert a.item.gold.lower() not in a.item.prediction.lower()
+        assert a.item.prediction not in (a.item.question, a.item.gold)
+    for a in generated:
+        if a.category == "gold_continuation":
+            assert a.item.prediction.startswith(a.item.gold) and a.expected == CORRECT
+
+
+@pytest.mark.slow
+def test_default_judge_keeps_its_recorded_agreement(audit_with_continuations, tmp_path):
     """The judge a trial uses when eval.judge is left at its defaults (Qwen2.5-Coder-1.5B-Instruct, logit verdicts
     behind the worked examples) must agree with the known verdicts as well as its recorded audit says."""
     from grid.config import DEFAULTS
@@ -67,8 +101,10 @@ def test_default_judge_keeps_its_recorded_agreement(audit, tmp_path):
     recorded = recorded_audit(judge.backend.name)
     assert recorded is not None, (f"no recorded audit for the default judge {judge.backend.name}: run "
                                   "benchmarks/judge_audit.py --record")
-    result = run_audit(judge.backend.name, audit, judge.grade)
+    result = run_audit(judge.backend.name, audit_with_continuations, judge.grade)
     assert result.unparsable == 0.0
-    assert result.items == recorded["items"]
+    # The same audit: the written items are fixed; SmolLM2's greedy continuations may differ in a rare near-tie
+    # under another thread count, which can move an item in or out of the continuation category.
+    assert abs(result.items - recorded["items"]) <= 3, (result.items, recorded["items"])
     assert result.kappa >= recorded["kappa"] - KAPPA_MARGIN, result.summary()
     assert {j for j in (r["verdict"] for r in result.rows)} == {CORRECT, INCORRECT}

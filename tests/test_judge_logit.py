@@ -64,10 +64,13 @@ def test_judge_reads_verdicts_from_margins_and_caches_them(smollm2, tmp_path):
     judge = Judge(backend, JudgmentCache.in_folder(tmp_path), batch_size=2)
     first = judge.grade(ITEMS)
     assert all(j.verdict in (CORRECT, INCORRECT) and not j.unparsable for j in first)
-    assert all((j.margin > 0) == (j.verdict == CORRECT) for j in first)
+    assert all((j.margin > backend.threshold) == (j.verdict == CORRECT) for j in first)
     assert judge.stats.asked == len(ITEMS)
     again = Judge(backend, JudgmentCache.in_folder(tmp_path)).grade(ITEMS)
     assert all(j.from_cache for j in again)
     assert [j.margin for j in again] == pytest.approx([j.margin for j in first])
     assert [j.verdict for j in again] == [j.verdict for j in first]
     assert "logit" in backend.name and "fewshot" in backend.name  # another mode is another cache key
+    strict = LogitJudge(smollm2.model, smollm2.tokenizer, name="hf:smollm2", few_shot=True, threshold=1e9)
+    assert strict.name != backend.name  # another threshold, another judge (cache key, recorded audit)
+    assert all(j.verdict == INCORRECT for j in Judge(strict, None, batch_size=2).grade(ITEMS))
