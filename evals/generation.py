@@ -4,16 +4,29 @@
 any copy. A reply is cut at the first stop string (newline by default) and stripped; the raw text is kept too.
 Rows are sorted by prompt length so that padding stays small; the batch stops as soon as every row has produced
 a stop string or ``max_new_tokens`` tokens.
+
+Prompts that begin with the same tokens (SCR's selection prompts share their instruction and worked examples:
+144 of their ~226 tokens on SmolLM2; few-shot task prompts likewise) have that prefix's key/value cache computed
+once per call; each batch runs only its rows' remaining tokens after it, the padding between the prefix and each
+row's own tokens masked, positions counted over real tokens only. The replies are those of the unshared batches
+up to summation order (benchmarks/bench_generation.py measures the saving; tests/test_generation.py checks them
+equal).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from evals.batching import left_padded, model_device
+from methods.infra.kv_cache import cache_argument
+
+# A shared prefix shorter than this is run with every row: one extra forward pass and a cache copy per batch cost
+# more than the few tokens they save.
+MIN_SHARED_PREFIX_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -32,11 +45,25 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     return (body[:min(ends)] if ends else body).strip()
 
 
+def shared_prefix_length(sequences: list[list[int]]) -> int:
+    """How many leading tokens every sequence has in common, leaving at least one token of each sequence after it
+    (the forward that continues from the shared cache needs an input in every row)."""
+    if not sequences:
+        return 0
+    limit = min(len(ids) for ids in sequences) - 1
+    first = sequences[0]
+    length = 0
+    while length < limit and all(ids[length] == first[length] for ids in sequences):
+        length += 1
+    return max(length, 0)
+
+
 @torch.inference_mode()
 def generate_greedy(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 50,
                     stop: tuple[str, ...] = ("\n",), batch_size: int = 16,
-                    progress: str | None = None) -> list[Generation]:
-    """Greedy continuations of ``prompts`` (in input order), each cut at the first of ``stop``."""
+                    progress: str | None = None, share_prefix: bool = True) -> list[Generation]:
+    """Greedy continuations of ``prompts`` (in input order), each cut at the first of ``stop``. ``share_prefix``:
+    compute the prompts' common leading tokens once (module docstring); False runs every token in every row."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
@@ -51,12 +78,30 @@ def generate_greedy(model: torch.nn.Module, tokenizer, prompts: list[str], max_n
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
     results: list[Generation | None] = [None] * len(prompts)
     stop_strings = [s for s in stop if s]
+    cache_name = cache_argument(model)
+    prefix_len = shared_prefix_length(encoded) if share_prefix and len(prompts) > 1 and cache_name else 0
+    prefix_len = prefix_len if prefix_len >= MIN_SHARED_PREFIX_TOKENS else 0
+    prefix_ids = torch.tensor([encoded[0][:prefix_len]], dtype=torch.long)
+    prefix_cache = None
+    if prefix_len:
+        from transformers import DynamicCache  # noqa: PLC0415
+
+        prefix_cache = DynamicCache()
+        model(input_ids=prefix_ids.to(device), **{cache_name: prefix_cache, "use_cache": True})
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None):
         batch = order[start:start + batch_size]
-        input_ids, attention_mask = left_padded([encoded[i] for i in batch], pad_id)
-        width = input_ids.shape[1]
+        input_ids, attention_mask = left_padded([encoded[i][prefix_len:] for i in batch], pad_id)
         extra = {"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}
+        if prefix_len:
+            # [shared prefix | padding | the row's own tokens]: generate runs only what the cache does not hold and
+            # counts positions over the mask's ones, so each row sees the positions it has unpadded.
+            input_ids = torch.cat([prefix_ids.expand(len(batch), -1), input_ids], dim=1)
+            attention_mask = torch.cat([torch.ones((len(batch), prefix_len), dtype=torch.long), attention_mask], 1)
+            cache = copy.deepcopy(prefix_cache)
+            cache.reorder_cache(torch.zeros(len(batch), dtype=torch.long, device=device))  # one copy per row
+            extra[cache_name] = cache
+        width = input_ids.shape[1]
         output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
                                 num_beams=1, **extra)
