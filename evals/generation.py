@@ -15,14 +15,13 @@ equal).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from evals.batching import left_padded, model_device
-from methods.infra.kv_cache import cache_argument
+from methods.infra.kv_cache import cache_argument, fork_cache, with_cache
 
 # A shared prefix shorter than this is run with every row: one extra forward pass and a cache copy per batch cost
 # more than the few tokens they save.
@@ -81,13 +80,12 @@ def generate_greedy(model: torch.nn.Module, tokenizer, prompts: list[str], max_n
     cache_name = cache_argument(model)
     prefix_len = shared_prefix_length(encoded) if share_prefix and len(prompts) > 1 and cache_name else 0
     prefix_len = prefix_len if prefix_len >= MIN_SHARED_PREFIX_TOKENS else 0
-    prefix_ids = torch.tensor([encoded[0][:prefix_len]], dtype=torch.long)
-    prefix_cache = None
+    prefix_ids, prefix_cache = None, None
     if prefix_len:
         from transformers import DynamicCache  # noqa: PLC0415
 
-        prefix_cache = DynamicCache()
-        model(input_ids=prefix_ids.to(device), **{cache_name: prefix_cache, "use_cache": True})
+        prefix_ids, prefix_cache = torch.tensor([encoded[0][:prefix_len]], dtype=torch.long), DynamicCache()
+        model(input_ids=prefix_ids.to(device), **with_cache(model, prefix_cache))
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None):
         batch = order[start:start + batch_size]
@@ -98,9 +96,7 @@ def generate_greedy(model: torch.nn.Module, tokenizer, prompts: list[str], max_n
             # counts positions over the mask's ones, so each row sees the positions it has unpadded.
             input_ids = torch.cat([prefix_ids.expand(len(batch), -1), input_ids], dim=1)
             attention_mask = torch.cat([torch.ones((len(batch), prefix_len), dtype=torch.long), attention_mask], 1)
-            cache = copy.deepcopy(prefix_cache)
-            cache.reorder_cache(torch.zeros(len(batch), dtype=torch.long, device=device))  # one copy per row
-            extra[cache_name] = cache
+            extra[cache_name] = fork_cache(prefix_cache, torch.zeros(len(batch), dtype=torch.long, device=device))
         width = input_ids.shape[1]
         output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,

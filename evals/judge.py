@@ -21,7 +21,6 @@ same generation (unchanged locality answers, a resumed trial) asks the judge onc
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import inspect
 import json
@@ -398,7 +397,7 @@ class LogitJudge:
         from transformers import DynamicCache  # noqa: PLC0415
 
         from evals.batching import left_padded, positions_from_mask  # noqa: PLC0415
-        from methods.infra.kv_cache import with_cache  # noqa: PLC0415
+        from methods.infra.kv_cache import fork_cache, with_cache  # noqa: PLC0415
 
         prefix_len = len(self.prefix_ids)
         if prefix_len and self._prefix_cache is None:
@@ -415,8 +414,8 @@ class LogitJudge:
             mask = torch.cat([torch.ones((len(rows), prefix_len), dtype=torch.long), suffix_mask], dim=1)
             cache = None
             if prefix_len:
-                cache = copy.deepcopy(self._prefix_cache)
-                cache.reorder_cache(torch.zeros(len(rows), dtype=torch.long, device=self.device))
+                cache = fork_cache(self._prefix_cache,
+                                   torch.zeros(len(rows), dtype=torch.long, device=self.device))
             positions = positions_from_mask(mask)[:, prefix_len:]
             extra = {"logits_to_keep": 1} if self._last_only else {}
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),

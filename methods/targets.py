@@ -33,7 +33,6 @@ KL(p_initial ‖ p_now).
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 from methods.context import flatten_templates
 from methods.infra.cpu_linear import OneDnnLinear
 from methods.infra.hooks import CaptureSite, add_at_positions, capture
-from methods.infra.kv_cache import with_cache
+from methods.infra.kv_cache import fork_cache, with_cache
 from methods.requests import EditRequest
 from methods.infra.tokens import EncodedBatch, TextSpan, encode_spans
 
@@ -256,28 +255,9 @@ class _Chunk:
                       label_tokens=self.label_tokens[kept_labels],
                       rewrite_rows=local[self.rewrite_rows[keep[self.rewrite_rows]]],
                       kl_rows=local[self.kl_rows[kept_kl]],
-                      cache=None if self.cache is None else _fork_cache(self.cache, index),
+                      cache=None if self.cache is None else fork_cache(self.cache, index),
                       replayed=None if self.replayed is None else _select_rows(self.replayed, index),
                       kl_initial=None if self.kl_initial is None else self.kl_initial[kept_kl])
-
-
-def _fork_cache(cache, rows: torch.Tensor | None = None):
-    """A cache holding the same prefix tensors (no copy; optionally only ``rows`` of the batch) whose updates leave
-    ``cache`` untouched: a forward appends the fed tokens' keys/values, which carry δ's autograd graph, to the
-    cache it is given, and transformers' dynamic cache layers append by concatenating into new tensors."""
-    layers = getattr(cache, "layers", None)
-    if isinstance(layers, list):
-        fork = copy.copy(cache)
-        fork.layers = [copy.copy(layer) for layer in layers]
-        if rows is not None:
-            for layer in fork.layers:
-                if getattr(layer, "is_initialized", True) and getattr(layer, "keys", None) is not None:
-                    layer.reorder_cache(rows)  # re-binds keys/values to row-selected copies
-        return fork
-    fork = copy.deepcopy(cache)  # caches without per-layer objects (older transformers)
-    if rows is not None:
-        fork.reorder_cache(rows)
-    return fork
 
 
 def _select_rows(output, index: torch.Tensor):
@@ -380,7 +360,7 @@ def _autocast(device: torch.device, name: str):
 
 def _run_fed(base, chunk: _Chunk) -> torch.Tensor:
     """Final hidden states [B, U, d] of the chunk's fed tokens, attending to the cached prefix."""
-    step_cache = _fork_cache(chunk.cache) if chunk.cache is not None else None
+    step_cache = fork_cache(chunk.cache) if chunk.cache is not None else None
     return base(input_ids=chunk.fed_ids, attention_mask=chunk.attention_mask,
                 position_ids=chunk.position_ids[:, chunk.prefix_len:], **with_cache(base, step_cache)
                 ).last_hidden_state

@@ -8,6 +8,7 @@ prompts, causal tracing) on the fast path with either.
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch
@@ -39,3 +40,23 @@ def returned_cache(output):
         if value is not None:
             return value
     return None
+
+
+def fork_cache(cache, rows: torch.Tensor | None = None):
+    """A cache holding the same prefix tensors (no copy; optionally only ``rows`` of the batch, a row repeated as
+    often as ``rows`` names it) whose updates leave ``cache`` untouched: a forward appends the fed tokens'
+    keys/values (for v*, carrying δ's autograd graph) to the cache it is given, and transformers' dynamic cache
+    layers append by concatenating into new tensors. So one prefix's cache serves every batch that continues it."""
+    layers = getattr(cache, "layers", None)
+    if isinstance(layers, list):
+        fork = copy.copy(cache)
+        fork.layers = [copy.copy(layer) for layer in layers]
+        if rows is not None:
+            for layer in fork.layers:
+                if getattr(layer, "is_initialized", True) and getattr(layer, "keys", None) is not None:
+                    layer.reorder_cache(rows)  # re-binds keys/values to row-selected copies
+        return fork
+    fork = copy.deepcopy(cache)  # caches without per-layer objects (older transformers)
+    if rows is not None:
+        fork.reorder_cache(rows)
+    return fork
