@@ -104,20 +104,22 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-def _target_log_probs(pair: _TokenisedPair, log_probs: torch.Tensor) -> torch.Tensor:
-    """The log-probs of the pair's continuation tokens from the [n, vocab] rows that predict them, on the CPU.
-    Only these n numbers are kept: holding a view of the batch's full-vocabulary log-probs instead kept every
-    batch's logits alive until the end (O(pairs × vocab) memory, ~19 GB at 10,000 CounterFact records)."""
+def _target_log_probs(pair: _TokenisedPair, log_probs: torch.Tensor) -> list[float]:
+    """The log-probs of the pair's continuation tokens from the [n, vocab] rows that predict them, as Python floats.
+
+    Only these n numbers are kept, and not as tensors. Holding a view of the batch's full-vocabulary log-probs kept
+    every batch's logits alive (O(pairs × vocab), ~19 GB at 10,000 CounterFact records). Holding them as small
+    tensors kept the memory of the batches' freed temporaries resident: a tensor's few bytes sit on the C heap
+    between the next batch's multi-MB temporaries, and the heap shrinks only from its top (~7 MB/s of growth
+    on 10,000 records; benchmarks/RESULTS.md, "Evaluation memory"). Python floats live in Python's own arenas."""
     targets = torch.tensor(pair.input_ids[pair.continuation_start:], dtype=torch.long, device=log_probs.device)
-    return log_probs.gather(-1, targets[:, None])[:, 0].cpu()
+    return log_probs.gather(-1, targets[:, None])[:, 0].tolist()
 
 
-def _score(pair: _TokenisedPair, token_log_probs: torch.Tensor, argmax: torch.Tensor, prompt: str,
+def _score(pair: _TokenisedPair, token_log_probs: list[float], argmax_ids: list[int], prompt: str,
            continuation: str) -> ContinuationScore:
     """The score of one pair from its continuation tokens' log-probs and the argmax of the rows predicting them."""
     targets = pair.input_ids[pair.continuation_start:]
-    token_log_probs = token_log_probs.tolist()
-    argmax_ids = argmax.tolist()
     return ContinuationScore(prompt=prompt, continuation=continuation, token_ids=tuple(targets),
                              token_logprobs=tuple(token_log_probs), argmax_ids=tuple(argmax_ids),
                              is_argmax=tuple(a == t for a, t in zip(argmax_ids, targets)),
@@ -179,7 +181,7 @@ def _score_whole_pairs(model, pairs: list[_TokenisedPair], pad_id: int, batch_si
             # Token at padded position p is predicted at p - 1; kept index = position - (width - kept).
             first = kept - 1 - n_targets
             results[index] = (_target_log_probs(pairs[index], log_probs[row, first:first + n_targets]),
-                              argmax[row, first:first + n_targets].clone())
+                              argmax[row, first:first + n_targets].tolist())
     return results
 
 
@@ -240,7 +242,7 @@ def _score_shared_prompts(model, pairs: list[_TokenisedPair], pad_id: int, batch
         argmax = logits.argmax(dim=-1).cpu()
         for row, (index, suffix) in enumerate(zip(members, suffixes)):
             results[index] = (_target_log_probs(pairs[index], log_probs[row, :len(suffix)]),
-                              argmax[row, :len(suffix)].clone())
+                              argmax[row, :len(suffix)].tolist())
     return results
 
 
