@@ -21,21 +21,31 @@ def test_gain_is_read_from_the_module_whatever_its_parameterisation():
     assert torch.allclose(norm_gain(norm, 8, "cpu"), (1 + norm.weight).double(), rtol=1e-5)  # Gemma stores g − 1
 
 
+def float64_twin(norm):
+    """Gemma's RMSNorm computes in float32 (~1e-6 of y's scale of rounding, as large as a small residual's move);
+    the same function in float64, with the gain read from the module."""
+    width = norm.weight.shape[0]
+    gain = norm_gain(norm, width, "cpu")
+    return lambda x: gain * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+
+
 def test_the_rescaled_residual_moves_the_normalised_output_by_r():
     d, m, n = 16, 32, 3
     gen = torch.Generator().manual_seed(1)
-    norm = gemma_norm(d)
+    module = gemma_norm(d)
+    norm = float64_twin(module)
     weight = torch.randn(d, m, generator=gen, dtype=torch.float64) * 0.05  # small MLP outputs, as in Gemma
     keys = torch.randn(m, n, generator=gen, dtype=torch.float64)
     x = weight @ keys
     y = norm(x.T).T
+    assert torch.allclose(y, module(x.T).T, rtol=1e-5)
     residuals = 1e-4 * torch.randn(d, n, generator=gen, dtype=torch.float64) * y.abs().mean()
-    moved = residuals_before_post_norm(residuals, weight, keys, norm_gain(norm, d, "cpu"))
-    g = norm_gain(norm, d, "cpu")[:, None]
+    moved = residuals_before_post_norm(residuals, weight, keys, norm_gain(module, d, "cpu"))
+    g = norm_gain(module, d, "cpu")[:, None]
     # First order: the normalised output moves by R less its radial part y·<y/g, R/g>/d (what no x can give).
     expected = residuals - y * ((y / g) * (residuals / g)).sum(0, keepdim=True) / d
     got = norm((x + moved).T).T - y
-    assert torch.allclose(got, expected, atol=1e-3 * float(expected.abs().max()))
+    assert torch.allclose(got, expected, rtol=0, atol=1e-3 * float(expected.abs().max()))
     # Moving x by R itself (no rescaling) misses by orders of magnitude here.
     naive = norm((x + residuals).T).T - y
     assert (naive - expected).norm() > 100 * (got - expected).norm()
@@ -45,4 +55,52 @@ def test_coordinates_without_gain_get_no_residual():
     gain = torch.tensor([2.0, 0.0, 1.0], dtype=torch.float64)
     weight, keys = torch.eye(3, dtype=torch.float64), torch.ones(3, 1, dtype=torch.float64)
     out = residuals_before_post_norm(torch.ones(3, 1, dtype=torch.float64), weight, keys, gain)
-    assert out[1, 0] == 0 and torch.allclose(out[[0, 2], 0], torch.tensor([0.5, 1.0], dtype=torch.float64))
+    # rms(x) · R / g = [0.5, 0, 1], less its component along x's movable part [1, 0, 1]: 0.75 · [1, 0, 1].
+    assert out[1, 0] == 0 and torch.allclose(out[[0, 2], 0], torch.tensor([-0.25, 0.25], dtype=torch.float64))
+
+
+def _layer(d=16, m=32, n=3, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    norm = gemma_norm(d)
+    weight = torch.randn(d, m, generator=gen, dtype=torch.float64) * 0.05
+    keys = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    return norm, weight, keys, gen
+
+
+def test_the_move_does_not_rescale_the_mlp_output():
+    norm, weight, keys, gen = _layer()
+    x = weight @ keys
+    residuals = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    moved = residuals_before_post_norm(residuals, weight, keys, norm_gain(norm, x.shape[0], "cpu"))
+    assert moved.abs().max() > 0
+    assert torch.allclose((moved * x).sum(0), torch.zeros(x.shape[1], dtype=torch.float64), atol=1e-10)
+
+
+def test_a_radial_residual_moves_nothing():
+    """R along the normalised output y itself asks for a larger x, which the norm would divide out again."""
+    norm, weight, keys, _ = _layer()
+    y = norm((weight @ keys).T).T
+    moved = residuals_before_post_norm(0.3 * y, weight, keys, norm_gain(norm, y.shape[0], "cpu"))
+    assert moved.abs().max() < 1e-6 * y.abs().max()  # the norm computes y in float32
+
+
+def test_repeated_residuals_with_a_radial_part_do_not_grow_x():
+    """Sequential batches that each ask for the unreachable radial part as well as a reachable one: x keeps its
+    scale (the norm's output still moves), where rescaling x by rms(x)/g alone compounds the radial part."""
+    norm, weight, keys, gen = _layer(n=1)
+    g = norm_gain(norm, weight.shape[0], "cpu")
+    x = weight @ keys
+    start = x.norm()
+    for _ in range(30):
+        y = norm(x.T).T
+        tangential = torch.randn(y.shape, generator=gen, dtype=torch.float64) * 0.01 * y.abs().mean()
+        residuals = 0.5 * y + tangential
+        x = x + residuals_before_post_norm(residuals, torch.eye(x.shape[0], dtype=torch.float64), x, g)
+    assert x.norm() < 1.5 * start
+    # The same sequence without the projection: x grows by about 1.5 per batch.
+    x_unprojected = weight @ keys
+    for _ in range(30):
+        y = norm(x_unprojected.T).T
+        scale = x_unprojected.pow(2).mean(0).sqrt()
+        x_unprojected = x_unprojected + 0.5 * y / g[:, None] * scale
+    assert x_unprojected.norm() > 1e4 * start
