@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from methods.residual_space import norm_gain, residuals_before_post_norm
+from methods.residual_space import GAIN_DAMPING, norm_gain, residuals_before_post_norm
 
 
 def gemma_norm(width: int, seed: int = 0):
@@ -40,10 +40,12 @@ def test_the_rescaled_residual_moves_the_normalised_output_by_r():
     y = norm(x.T).T
     assert torch.allclose(y, module(x.T).T, rtol=1e-5)
     residuals = 1e-4 * torch.randn(d, n, generator=gen, dtype=torch.float64) * y.abs().mean()
-    moved = residuals_before_post_norm(residuals, weight, keys, norm_gain(module, d, "cpu"))
     g = norm_gain(module, d, "cpu")[:, None]
-    # First order: the normalised output moves by R less its radial part y·<y/g, R/g>/d (what no x can give).
-    expected = residuals - y * ((y / g) * (residuals / g)).sum(0, keepdim=True) / d
+    moved = residuals_before_post_norm(residuals, weight, keys, g[:, 0])
+    # First order: y moves by the damped R (R · g² / (g² + μ), ≈ R where the gain is not small) less its radial
+    # part y·<y/g, R/g>/d (what no x can give).
+    damped = residuals * g.pow(2) / (g.pow(2) + (GAIN_DAMPING * g.abs().mean()) ** 2)
+    expected = damped - y * ((y / g) * (damped / g)).sum(0, keepdim=True) / d
     got = norm((x + moved).T).T - y
     assert torch.allclose(got, expected, rtol=0, atol=1e-3 * float(expected.abs().max()))
     # Moving x by R itself (no rescaling) misses by orders of magnitude here.
@@ -51,12 +53,18 @@ def test_the_rescaled_residual_moves_the_normalised_output_by_r():
     assert (naive - expected).norm() > 100 * (got - expected).norm()
 
 
-def test_coordinates_without_gain_get_no_residual():
-    gain = torch.tensor([2.0, 0.0, 1.0], dtype=torch.float64)
-    weight, keys = torch.eye(3, dtype=torch.float64), torch.ones(3, 1, dtype=torch.float64)
-    out = residuals_before_post_norm(torch.ones(3, 1, dtype=torch.float64), weight, keys, gain)
-    # rms(x) · R / g = [0.5, 0, 1], less its component along x's movable part [1, 0, 1]: 0.75 · [1, 0, 1].
-    assert out[1, 0] == 0 and torch.allclose(out[[0, 2], 0], torch.tensor([-0.25, 0.25], dtype=torch.float64))
+def test_small_gains_are_damped_and_zero_gains_not_moved():
+    """x along coordinate 0 and R in the others, so that the move has no component along x to remove."""
+    gain = torch.tensor([1.0, 1.0, 0.01, 0.0], dtype=torch.float64)
+    weight, keys = torch.eye(4, dtype=torch.float64), torch.tensor([[2.0], [0.0], [0.0], [0.0]], dtype=torch.float64)
+    rms = 1.0  # rms of x = (2, 0, 0, 0)
+    mu = (GAIN_DAMPING * gain.mean()) ** 2
+    out = residuals_before_post_norm(torch.tensor([[0.0], [1.0], [1.0], [1.0]], dtype=torch.float64), weight, keys,
+                                     gain)[:, 0]
+    assert out[0] == 0 and out[3] == 0
+    assert torch.isclose(out[1], rms / (1 + mu))  # ≈ R / g: a normal gain
+    assert torch.isclose(out[2], rms * 0.01 / (0.01 ** 2 + mu))
+    assert out[2] < 0.05 * rms / 0.01  # undamped it would move 100 × R for the same small effect on y
 
 
 def _layer(d=16, m=32, n=3, seed=1):
@@ -74,14 +82,6 @@ def test_the_move_does_not_rescale_the_mlp_output():
     moved = residuals_before_post_norm(residuals, weight, keys, norm_gain(norm, x.shape[0], "cpu"))
     assert moved.abs().max() > 0
     assert torch.allclose((moved * x).sum(0), torch.zeros(x.shape[1], dtype=torch.float64), atol=1e-10)
-
-
-def test_a_radial_residual_moves_nothing():
-    """R along the normalised output y itself asks for a larger x, which the norm would divide out again."""
-    norm, weight, keys, _ = _layer()
-    y = norm((weight @ keys).T).T
-    moved = residuals_before_post_norm(0.3 * y, weight, keys, norm_gain(norm, y.shape[0], "cpu"))
-    assert moved.abs().max() < 1e-6 * y.abs().max()  # the norm computes y in float32
 
 
 def test_repeated_residuals_with_a_radial_part_do_not_grow_x():
