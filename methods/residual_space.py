@@ -21,7 +21,7 @@ and the next batch starts from there:
   not small, and 0 where it is 0. Undamped, a coordinate with a tiny gain takes a huge move for a small effect on y;
   the move enlarges rms(x), which shrinks every other coordinate of y, which the next batch's residuals ask back.
   Layer 4 of Gemma-3-270M has 18 of 640 gains below 1 % of the mean, and its update grew 3–10× per batch of 10
-  edits, to σ_max ≈ 10⁸ after 100 (MEMIT and AlphaEdit alike).
+  edits, to σ_max 3 × 10⁶ (AlphaEdit) and 10⁸ (MEMIT) after 100; damped, it stays flat (docs/methods.md).
 * **No component along x.** A move along x only rescales x, which the norm divides out: it changes nothing the
   model says, but enlarges rms(x) for the next batch. To first order y moves the same without it:
   dy = (g / rms(x)) ⊙ (dx − x̂ (x̂ · dx)).

@@ -60,7 +60,7 @@ def test_gemma3_270m_edits_and_efficacy_rises(tmp_path, shared_data, gemma_insta
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     sets = ["model=gemma3-270m", "method=memit", f"data.path={shared_data / 'counterfact' / 'counterfact-edit.json'}",
-            "data.offset=5000", "data.limit=4", "edits.batch_size=4", "edits.checkpoints=[4]", "stats.num_tokens=5000",
+            "data.offset=5000", "data.limit=4", "edits.batch_size=2", "edits.checkpoints=[4]", "stats.num_tokens=5000",
             f"stats.corpus={shared_data / 'general'}"]
     assert main(["--no-ray", "--no-progress", "--tracking-uri", uri,
                  *[x for s in sets for x in ("--set", s)]]) == 0
@@ -74,7 +74,9 @@ def test_gemma3_270m_edits_and_efficacy_rises(tmp_path, shared_data, gemma_insta
     assert at("edit/efficacy", 4) > at("edit/efficacy", 0)
     assert at("edit/efficacy_prob_gap", 4) - at("edit/efficacy_prob_gap", 0) > 0.02  # the new targets gained
     # Rescaled through the post-MLP norm, the updates stay the size of the weights (unscaled ones reached norms in
-    # the thousands and left a model whose probabilities were all ~0: every prob gap 0.000).
+    # the thousands and left a model whose probabilities were all ~0: every prob gap 0.000), and the second batch's
+    # is no larger than the first's (undamped small gains made layer 4's grow 3-10x per batch).
     for layer in (1, 2, 3, 4, 5):
-        assert at(f"editing/L{layer}/update_norm", 4) < 200, layer
+        first, second = at(f"editing/L{layer}/update_norm", 2), at(f"editing/L{layer}/update_norm", 4)
+        assert first < 20 and second < 20 and second < 2 * first, (layer, first, second)
     assert at("edit/specificity", 4) >= 0.5
