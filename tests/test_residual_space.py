@@ -21,6 +21,14 @@ def test_gain_is_read_from_the_module_whatever_its_parameterisation():
     assert torch.allclose(norm_gain(norm, 8, "cpu"), (1 + norm.weight).double(), rtol=1e-5)  # Gemma stores g − 1
 
 
+def _layer(d=16, m=32, n=3, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    norm = gemma_norm(d)
+    weight = torch.randn(d, m, generator=gen, dtype=torch.float64) * 0.05  # small MLP outputs, as in Gemma
+    keys = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    return norm, weight, keys, gen
+
+
 def float64_twin(norm):
     """Gemma's RMSNorm computes in float32 (~1e-6 of y's scale of rounding, as large as a small residual's move);
     the same function in float64, with the gain read from the module."""
@@ -30,12 +38,9 @@ def float64_twin(norm):
 
 
 def test_the_rescaled_residual_moves_the_normalised_output_by_r():
-    d, m, n = 16, 32, 3
-    gen = torch.Generator().manual_seed(1)
-    module = gemma_norm(d)
+    module, weight, keys, gen = _layer()
     norm = float64_twin(module)
-    weight = torch.randn(d, m, generator=gen, dtype=torch.float64) * 0.05  # small MLP outputs, as in Gemma
-    keys = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    d, n = weight.shape[0], keys.shape[1]
     x = weight @ keys
     y = norm(x.T).T
     assert torch.allclose(y, module(x.T).T, rtol=1e-5)
@@ -65,14 +70,6 @@ def test_small_gains_are_damped_and_zero_gains_not_moved():
     assert torch.isclose(out[1], rms / (1 + mu))  # ≈ R / g: a normal gain
     assert torch.isclose(out[2], rms * 0.01 / (0.01 ** 2 + mu))
     assert out[2] < 0.05 * rms / 0.01  # undamped it would move 100 × R for the same small effect on y
-
-
-def _layer(d=16, m=32, n=3, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    norm = gemma_norm(d)
-    weight = torch.randn(d, m, generator=gen, dtype=torch.float64) * 0.05
-    keys = torch.randn(m, n, generator=gen, dtype=torch.float64)
-    return norm, weight, keys, gen
 
 
 def test_the_move_does_not_rescale_the_mlp_output():
