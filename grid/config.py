@@ -100,9 +100,11 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "cache_dir": None,
     # Trial checkpoints (grid/trial_checkpoint.py): a retried or resubmitted trial continues from its last
-    # evaluation checkpoint. dir null = <cache dir>/trial_checkpoints; keep_final keeps a finished trial's last one
-    # (its edited weights) instead of deleting it. Not part of the trial's identity.
-    "checkpoints": {"enabled": True, "dir": None, "keep_final": False},
+    # checkpoint, written at every evaluation checkpoint and, between them, after the first batch that ends
+    # every_minutes after the last save (null: only at evaluations; 0: after every batch). dir null =
+    # <cache dir>/trial_checkpoints; keep_final keeps a finished trial's last one (its edited weights) instead of
+    # deleting it. Not part of the trial's identity.
+    "checkpoints": {"enabled": True, "dir": None, "keep_final": False, "every_minutes": 30},
     # Stop a trial early once it has collapsed (grid/collapse.py): at an evaluation checkpoint, when ``metric``
     # falls below ``below``. Off (metric null) by default: a complete table is the point of a grid.
     "stop_on_collapse": {"metric": None, "below": None, "above": None},
@@ -581,6 +583,10 @@ def _checkpoint_problems(section: dict) -> list[str]:
     folder = section.get("dir")
     if folder is not None and (not isinstance(folder, str) or not folder):
         problems.append(f"checkpoints.dir: {folder!r} must be a folder path or null (= <cache dir>/trial_checkpoints)")
+    every = section.get("every_minutes")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, (int, float)) or not every >= 0):
+        problems.append(f"checkpoints.every_minutes: {every!r} must be a number of minutes >= 0 (0: after every "
+                        "batch) or null (only at evaluation checkpoints)")
     return problems
 
 

@@ -410,12 +410,22 @@ class TrialRun:
             cursor = resume.cursor
         bar = tqdm(total=len(self.requests), initial=cursor, desc=f"editing ({self.trial.name})", unit="edit",
                    disable=not self.progress)
+        # Between evaluation checkpoints that lie hours apart, the state is also saved every ``every_minutes``
+        # (without evaluating), so a stopped trial loses at most that much editing.
+        every_minutes = (cfg.get("checkpoints") or {}).get("every_minutes")
+        last_saved = time.monotonic()
         for start, end in batches(len(self.requests), cfg["edits"]["batch_size"]):
             if end <= cursor:  # applied before the checkpoint this attempt resumed from
                 continue
             postfix = self.edit(start, end)
             bar.set_postfix(s_per_edit=f"{self.clock.edit_seconds / end:.2f}", **postfix, refresh=False)
             bar.update(end - start)
+            if (end not in checkpoints and self.store is not None and every_minutes is not None
+                    and time.monotonic() - last_saved >= 60 * every_minutes):
+                self.save_checkpoint(end)
+                logger.info("trial %s: state saved after %d edits (between evaluations, every %s min)",
+                            self.trial.name, end, every_minutes)
+                last_saved = time.monotonic()
             if end in checkpoints:
                 bar.clear()
                 metrics = self.evaluate(end, newest_start=start)
@@ -427,6 +437,7 @@ class TrialRun:
                 if self.store is not None and (end < checkpoints[-1]
                                                or (cfg.get("checkpoints") or {}).get("keep_final")):
                     self.save_checkpoint(end)
+                    last_saved = time.monotonic()
                 bar.refresh()
         bar.close()
         self.finish()

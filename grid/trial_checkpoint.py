@@ -2,7 +2,8 @@
 
 One folder per trial, ``<checkpoints.dir>/<trial id>/`` (default ``<cache dir>/trial_checkpoints``; on several
 nodes it must be shared storage). At every evaluation checkpoint, *after* that checkpoint's metrics and artifacts
-were logged, the trial writes ``step_<n>/``:
+were logged, and between evaluations after the first batch that ends ``checkpoints.every_minutes`` after the last
+save, the trial writes ``step_<n>/``:
 
   state.pt     the edit cursor n, the edited layers' weights (only those: nothing else changes), the editor's
                state (the solver's memory — AlphaEdit's K_pK_pᵀ, LyapLock's queue, threshold and S_vk/S_kk — and

@@ -73,27 +73,44 @@ def _interrupt_after(monkeypatch, batches_done: int) -> None:
 @pytest.mark.parametrize("method", ["lyaplock", "alphaedit", "memit+dr", "scr", "ultraedit", "grace", "wise"])
 def test_interrupted_trial_resumes_from_its_checkpoint_with_the_uninterrupted_history(
         method, tmp_path, tiny_llama_dir, small_corpus, monkeypatch):
+    # every_minutes null: only the evaluation checkpoints save the state, so the attempt dies with step 2 saved.
+    _check_resume(method, tmp_path, tiny_llama_dir, small_corpus, monkeypatch, ["checkpoints.every_minutes=null"],
+                  saved_step=2)
+
+
+@pytest.mark.parametrize("method", ["alphaedit", "scr", "wise"])
+def test_a_trial_resumes_from_a_state_saved_between_evaluations(method, tmp_path, tiny_llama_dir, small_corpus,
+                                                                  monkeypatch):
+    # every_minutes 0: the state is saved after every batch, so the attempt dies with step 3 saved, which is no
+    # evaluation checkpoint; WISE then holds a shard half-trained (saved every 2, merged every 4).
+    _check_resume(method, tmp_path, tiny_llama_dir, small_corpus, monkeypatch, ["checkpoints.every_minutes=0"],
+                  saved_step=3)
+
+
+def _check_resume(method, tmp_path, tiny_llama_dir, small_corpus, monkeypatch, extra, saved_step):
+    """Run the trial straight; then again, killed when it asks for batch 4, and once more to resume: the resumed
+    child run must hold exactly the straight run's history."""
     straight_uri = f"sqlite:///{tmp_path}/straight.db"
-    assert main(_args(straight_uri, tmp_path, tiny_llama_dir, small_corpus, method)) == 0
+    assert main(_args(straight_uri, tmp_path, tiny_llama_dir, small_corpus, method, extra)) == 0
     client, (straight,) = _children(straight_uri)
     expected = _history(client, straight)
     if method == "alphaedit":  # the trial shares its null-space projectors through the cache (one per layer)
         assert len(list((tmp_path / "cache" / "projectors").glob("*.pt"))) == 2
 
     uri = f"sqlite:///{tmp_path}/resumed.db"
-    _interrupt_after(monkeypatch, batches_done=3)  # checkpoint at 2 written; batch 3 applied and logged; then dies
-    assert main(_args(uri, tmp_path, tiny_llama_dir, small_corpus, method)) == 1
+    _interrupt_after(monkeypatch, batches_done=3)  # batch 3 applied and logged; then dies
+    assert main(_args(uri, tmp_path, tiny_llama_dir, small_corpus, method, extra)) == 1
     client, (failed,) = _children(uri)
     assert failed.info.status == "FAILED" and "injected failure" in failed.data.tags["failure_reason"]
     (folder,) = (tmp_path / "trial_checkpoints").iterdir()
-    assert (folder / "LATEST").read_text() == "step_0000002"
+    assert (folder / "LATEST").read_text() == f"step_{saved_step:07d}"
     assert (folder / "RUN").read_text() == failed.info.run_id
 
     monkeypatch.undo()
-    assert main(_args(uri, tmp_path, tiny_llama_dir, small_corpus, method)) == 0
+    assert main(_args(uri, tmp_path, tiny_llama_dir, small_corpus, method, extra)) == 0
     client, (resumed,) = _children(uri)  # the failed attempt was superseded: one child for the cell
     assert resumed.info.status == "FINISHED" and resumed.info.run_id != failed.info.run_id
-    assert resumed.data.tags["editgrid.resumed_from_step"] == "2"
+    assert resumed.data.tags["editgrid.resumed_from_step"] == str(saved_step)
     assert resumed.data.tags["editgrid.resumed_from_run"] == failed.info.run_id
     got = _history(client, resumed)
     assert sorted(got) == sorted(expected)
@@ -129,12 +146,13 @@ def test_collapse_stopper_ends_the_trial_at_the_first_collapsed_checkpoint(tmp_p
 
 def test_checkpoint_and_collapse_sections_are_validated():
     cfg, _ = load_config(None, ["checkpoints.enabled=maybe", "checkpoints.dir=3", "checkpoints.bogus=1",
-                                "stop_on_collapse={metric: efficacy, below: low}"])
+                                "checkpoints.every_minutes=-5", "stop_on_collapse={metric: efficacy, below: low}"])
     with pytest.raises(ConfigError) as err:
         expand_trials(cfg)
     text = str(err.value)
     for needle in ("checkpoints.enabled: 'maybe' must be true or false", "checkpoints.dir: 3 must be a folder path",
-                   "checkpoints.bogus: unknown key", "stop_on_collapse.metric: 'efficacy' must be a metric",
+                   "checkpoints.bogus: unknown key", "checkpoints.every_minutes: -5 must be a number of minutes",
+                   "stop_on_collapse.metric: 'efficacy' must be a metric",
                    "stop_on_collapse.below: 'low' must be a number"):
         assert needle in text
     cfg, _ = load_config(None, ["stop_on_collapse={below: 0.1}"])
@@ -144,5 +162,6 @@ def test_checkpoint_and_collapse_sections_are_validated():
 
 def test_checkpoint_settings_do_not_change_the_trial_id(tmp_path):
     one, _ = load_config(None, [])
-    two, _ = load_config(None, [f"checkpoints.dir={tmp_path}", "checkpoints.keep_final=true"])
+    two, _ = load_config(None, [f"checkpoints.dir={tmp_path}", "checkpoints.keep_final=true",
+                                "checkpoints.every_minutes=5"])
     assert [t.trial_id for t in expand_trials(one)] == [t.trial_id for t in expand_trials(two)]
