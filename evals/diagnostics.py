@@ -61,17 +61,19 @@ def weight_diagnostics(weight: Tensor, original: Tensor) -> dict[str, float]:
     }
 
 
-def layer_diagnostics(weights: dict[int, Tensor], originals: dict[int, Tensor],
+def layer_diagnostics(weights: dict[int | str, Tensor], originals: dict[int | str, Tensor],
                       second_moments: dict[int, Tensor] | None = None) -> dict[str, float]:
-    """``weight_diagnostics`` for every edited layer, as flat MLflow names ``diag/L<i>/<name>``; with the layers'
-    second moments C also ``diag/L<i>/drift`` = D(W) = tr((W−W₀)C(W−W₀)ᵀ) (methods/drift.py), for every method."""
+    """``weight_diagnostics`` for every edited matrix, as flat MLflow names ``diag/L<i>/<name>`` for a layer's MLP
+    output projection (int keys) and ``diag/<label>/<name>`` for other matrices (str labels, e.g. L11.gate_proj);
+    with the layers' second moments C also ``diag/L<i>/drift`` = D(W) = tr((W−W₀)C(W−W₀)ᵀ) (methods/drift.py), for
+    every method (C is that of the MLP output projection's input, so other matrices get no drift)."""
     if set(weights) != set(originals):
-        raise ValueError(f"layers differ: weights has {sorted(weights)}, originals has {sorted(originals)}")
+        raise ValueError(f"matrices differ: weights has {sorted(weights, key=str)}, originals has "
+                         f"{sorted(originals, key=str)}")
     metrics: dict[str, float] = {}
-    for layer in sorted(weights):
-        for name, value in weight_diagnostics(weights[layer], originals[layer]).items():
-            metrics[diag_metric(layer, name)] = value
-        if second_moments is not None:
-            metrics[diag_metric(layer, "drift")] = preservation_drift(weights[layer], originals[layer],
-                                                                  second_moments[layer])
+    for key in sorted(weights, key=lambda k: (isinstance(k, str), str(k) if isinstance(k, str) else k)):
+        for name, value in weight_diagnostics(weights[key], originals[key]).items():
+            metrics[diag_metric(key, name)] = value
+        if second_moments is not None and isinstance(key, int):
+            metrics[diag_metric(key, "drift")] = preservation_drift(weights[key], originals[key], second_moments[key])
     return metrics

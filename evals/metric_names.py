@@ -141,8 +141,10 @@ def diag_metric(layer: int | str, name: str) -> str:
     return f"{DIAG_PREFIX}{'L' if isinstance(layer, int) else ''}{layer}/{name}"
 
 
-def editing_metric(layer: int, name: str) -> str:
-    return f"{EDITING_PREFIX}L{layer}/{name}"
+def editing_metric(layer: int | str, name: str) -> str:
+    """``editing/L<layer>/<name>`` for a layer's MLP output projection; ``editing/<label>/<name>`` for another
+    matrix an editor writes (label ``L<layer>.<path>``)."""
+    return f"{EDITING_PREFIX}{'L' if isinstance(layer, int) else ''}{layer}/{name}"
 
 
 VSTAR_TARGET_PROB = f"{VSTAR_PREFIX}target_prob"

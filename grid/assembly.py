@@ -19,6 +19,7 @@ import torch
 
 from methods.infra.arch import EditableModel
 from methods.context import generate_context_templates
+from methods.editor import other_matrices, written_layers
 from methods.stages import FINE_TUNING, NO_SOLVER, MethodSpec, build_editor, build_restraint
 
 
@@ -33,7 +34,9 @@ class MethodAssembly:
     editor: object | None  # None: the method edits nothing (SCR alone)
     restraint: object | None
     moments: dict[int, torch.Tensor]  # C per weight-writing layer given, on the model's device
-    originals: dict[int, torch.Tensor]  # W₀ of the matrices the editor writes in place (none for memory editors)
+    originals: dict[int, torch.Tensor]  # W₀ of the MLP output projections the editor writes in place, by layer
+    # W₀ of the other matrices it writes (UltraEdit's ultra_targets), by label L<layer>.<path>; usually none
+    other_originals: dict[str, torch.Tensor]
     context_groups: list[list[str]]  # v*'s context templates (locate-then-edit only)
 
     @property
@@ -42,6 +45,10 @@ class MethodAssembly:
 
     def live_weights(self, editable: EditableModel) -> dict[int, torch.Tensor]:
         return {layer: editable.weight(layer) for layer in self.weight_layers}
+
+    def other_live_weights(self) -> dict[str, torch.Tensor]:
+        """Live views of the other written matrices (``other_originals``' labels)."""
+        return other_matrices(self.editor) if self.other_originals else {}
 
 
 def resolve_layers(editable: EditableModel, spec: MethodSpec, who: str) -> list[int]:
@@ -76,9 +83,13 @@ def assemble_method(spec: MethodSpec, editable: EditableModel, tokenizer, layers
             groups = (context_groups if context_groups is not None
                       else generate_context_templates(editable.model, tokenizer, seed=seed))
         editor = build_editor(spec, editable, tokenizer, layers, kept, groups, seed=seed, cache_dir=cache_dir)
-    originals = {layer: editable.weight(layer).detach().clone() for layer in (layers if writes else [])}
+    originals = {layer: editable.weight(layer).detach().clone() for layer in written_layers(editor, layers)}
+    others = {label: weight.detach().clone() for label, weight in other_matrices(editor).items()}
     restraint = build_restraint(spec)
     if restraint is not None:
+        if others:
+            raise AssemblyError(f"the {spec.restraint} restraint acts on MLP output projections; this method also "
+                                f"writes {', '.join(others)}")
         restraint.prepare(originals)
     return MethodAssembly(spec=spec, layers=layers, editor=editor, restraint=restraint, moments=kept,
-                          originals=originals, context_groups=groups)
+                          originals=originals, other_originals=others, context_groups=groups)

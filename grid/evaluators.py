@@ -68,7 +68,8 @@ class TrialContext:
     model_key: str  # names the unedited weights in every cache key
     cache_dir: Path
     method: MethodAssembly
-    live_weights: dict[int, torch.Tensor]  # the matrices the editor writes in place (empty for memory editors)
+    live_weights: dict[int, torch.Tensor]  # the MLP output projections the editor writes in place, by layer
+    other_weights: dict[str, torch.Tensor]  # the other matrices it writes (by label; usually none)
     scr: ScrStage | None
     clock: TrialClock
     progress: bool
@@ -182,14 +183,16 @@ class WeightDiagnostics(CheckpointEvaluator):
     curves = ((curves_file(DIAG_PREFIX), (DIAG_PREFIX,)),)
 
     def __init__(self, context: TrialContext):
-        self.weights, self.method = context.live_weights, context.method
+        self.weights = {**context.live_weights, **context.other_weights}
+        self.originals = {**context.method.originals, **context.method.other_originals}
+        self.moments = context.method.moments
 
     @classmethod
     def build(cls, context: TrialContext) -> WeightDiagnostics | None:
-        return cls(context) if context.live_weights else None
+        return cls(context) if context.live_weights or context.other_weights else None
 
     def evaluate(self, point: Checkpoint) -> dict[str, float]:
-        return layer_diagnostics(self.weights, self.method.originals, self.method.moments)
+        return layer_diagnostics(self.weights, self.originals, self.moments)
 
 
 class GenerationJudge(CheckpointEvaluator):

@@ -213,6 +213,7 @@ class TrialRun:
         self.stats = self._second_moments(layers)
         self.method = self._assemble(layers)
         self.live_weights = self.method.live_weights(self.editable)
+        self.other_weights = self.method.other_live_weights()
         self.scr = (ScrStage(spec, self.model, self.tokenizer, cfg["eval"]["batch_size"],
                              embedder_device=self.device.type, progress=self.progress)
                     if spec.retrieval else None)
@@ -222,7 +223,8 @@ class TrialRun:
         started = time.perf_counter()
         self.context = TrialContext(cfg=cfg, tracker=tracker, model=self.model, tokenizer=self.tokenizer,
                                     records=self.records, model_key=self.model_key, cache_dir=self.cache_dir,
-                                    method=self.method, live_weights=self.live_weights, scr=self.scr,
+                                    method=self.method, live_weights=self.live_weights,
+                                    other_weights=self.other_weights, scr=self.scr,
                                     clock=self.clock, progress=self.progress)
         self.evaluators = build_evaluators(self.context)
         # Building the evaluators computes the unedited model's outputs (or reads them from the cache): step 0's cost.
@@ -358,7 +360,8 @@ class TrialRun:
             added = self.scr.add(self.records[start:end])
             self.clock.scr_add_seconds += added
             self.clock.edit_seconds += added
-        if any(not math.isfinite(float(weight.abs().max())) for weight in self.live_weights.values()):
+        if any(not math.isfinite(float(weight.abs().max()))
+               for weight in (*self.live_weights.values(), *self.other_weights.values())):
             raise TrialError(f"trial {self.trial.name}: edited weights became NaN/Inf after {end} edits")
         return postfix
 
@@ -368,6 +371,7 @@ class TrialRun:
         editor = self.method.editor
         state = TrialState(trial_id=self.trial.trial_id, cursor=step,
                            weights={layer: self.editable.weight(layer) for layer in self.method.weight_layers},
+                           other_weights=dict(self.other_weights),
                            editor_state=editor.state_dict() if editor is not None else {},
                            edit_seconds=self.clock.edit_seconds, scr_add_seconds=self.clock.scr_add_seconds,
                            vstar_probs=self.vstar_probs, eval_seconds=self.clock.eval_seconds,
@@ -382,9 +386,14 @@ class TrialRun:
         if sorted(state.weights) != sorted(layers):
             raise TrialError(f"checkpoint after {state.cursor} edits holds layers {sorted(state.weights)}, the trial "
                              f"edits {layers}")
+        if sorted(state.other_weights) != sorted(self.other_weights):
+            raise TrialError(f"checkpoint after {state.cursor} edits holds matrices {sorted(state.other_weights)}, "
+                             f"the trial edits {sorted(self.other_weights)}")
         with torch.no_grad():
             for layer in layers:
                 self.editable.weight(layer).copy_(state.weights[layer])
+            for label, weight in self.other_weights.items():
+                weight.copy_(state.other_weights[label])
         if self.method.editor is not None:
             self.method.editor.load_state_dict(state.editor_state)
         if self.scr is not None:

@@ -5,7 +5,7 @@ nodes it must be shared storage). At every evaluation checkpoint, *after* that c
 were logged, and between evaluations after the first batch that ends ``checkpoints.every_minutes`` after the last
 save, the trial writes ``step_<n>/``:
 
-  state.pt     the edit cursor n, the edited layers' weights (only those: nothing else changes), the editor's
+  state.pt     the edit cursor n, the edited matrices (only those: nothing else changes), the editor's
                state (the solver's memory — AlphaEdit's K_pK_pᵀ, LyapLock's queue, threshold and S_vk/S_kk — and
                the update transforms' RNGs), the cost counters, the v* probabilities so far, the per-record rows
                of the pre-edit and latest evaluation, and the torch RNG state
@@ -56,6 +56,8 @@ class TrialState:
     result_rows: list[dict]  # TrialResult.checkpoints so far
     rng_state: torch.Tensor
     eval_seconds: float = 0.0  # every evaluation so far (cost/eval_share); absent from older checkpoints
+    # the other matrices the editor writes (UltraEdit's ultra_targets), by label; absent from older checkpoints
+    other_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     scr_memory: Path | None = field(default=None)  # folder of the saved fact memory, when the method has SCR
 
 
@@ -110,6 +112,7 @@ class TrialCheckpoints:
         payload = {key: value for key, value in state.__dict__.items() if key != "scr_memory"}
         payload["format_version"] = FORMAT_VERSION
         payload["weights"] = {layer: w.detach().cpu().clone() for layer, w in state.weights.items()}
+        payload["other_weights"] = {label: w.detach().cpu().clone() for label, w in state.other_weights.items()}
         torch.save(payload, tmp / STATE_FILE)
         if scr_saver is not None:
             scr_saver(tmp / SCR_MEMORY_DIR)

@@ -98,6 +98,24 @@ class Editor(Protocol):
         """Undo how the editor wraps the model (a memory editor's hook); editors that write weights have nothing to
         undo (restoring weights is the caller's business)."""
 
+    # Optional, for editors that write matrices other than the MLP output projections of ``layers`` (UltraEdit's
+    # ``ultra_targets``): ``written_layers`` (list[int]) the layers whose MLP output they do write, and
+    # ``other_written_matrices()`` → {label: live out×in view} the rest. See ``written_layers``/``other_matrices``.
+
+
+def written_layers(editor, layers: list[int]) -> list[int]:
+    """The layers whose MLP output projection ``editor`` (built on ``layers``) writes in place: all of ``layers``
+    unless it says otherwise; none for memory editors."""
+    if editor is None or not editor.writes_weights:
+        return []
+    return list(getattr(editor, "written_layers", layers))
+
+
+def other_matrices(editor) -> dict[str, torch.Tensor]:
+    """The other matrices ``editor`` writes in place, by label (``L<layer>.<path>``), as live views."""
+    method = getattr(editor, "other_written_matrices", None)
+    return dict(method()) if method is not None else {}
+
 
 class MemoryEditor(Editor, Protocol):
     """An editor that serves some inputs from its own memory instead of the layer's weights (GRACE, WISE). The

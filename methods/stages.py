@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from methods.editors.grace import GraceEditor, GraceHParams
-from methods.editors.ultraedit import UltraEditEditor, UltraEditHParams
+from methods.editors.ultraedit import UltraEditEditor, UltraEditHParams, target_layers
 from methods.editor import LocateThenEditEditor
 from methods.editors.wise import WiseEditor, WiseHParams
 from methods.finetune import FineTuneHParams
@@ -190,6 +190,9 @@ class EditorKind:
     default_depths: tuple[float, ...]
     # Problems that involve several hyper-parameters at once (merged preset + config values) -> messages.
     check: Callable[[dict], list[str]] | None = None
+    # The layers the editor acts on when its own hyper-parameters name them (hparams -> layers, or None: use
+    # ``layers`` / the default depths), e.g. UltraEdit's ultra_targets.
+    layers_from: Callable[[dict], list[int] | None] | None = None
 
     @property
     def writes_weights(self) -> bool:
@@ -202,6 +205,23 @@ class EditorKind:
 
 def _one_of(*choices: str) -> Param:
     return Param(str, lambda v: v in choices, "one of " + ", ".join(choices))
+
+
+def _valid_targets(value) -> bool:
+    """``ultra_targets``: null, or {path inside the MLP: non-empty list of distinct layer indices >= 0}."""
+    if value is None:
+        return True
+    return (isinstance(value, dict) and len(value) > 0
+            and all(isinstance(path, str) and path.strip() and isinstance(layers, list) and layers
+                    and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers)
+                    and len(set(layers)) == len(layers) for path, layers in value.items()))
+
+
+def _ultraedit_problems(hparams: dict) -> list[str]:
+    if hparams.get("ultra_targets") is not None and hparams.get("layers"):
+        return [f"hparams.layers: {hparams['layers']!r} and hparams.ultra_targets: {hparams['ultra_targets']!r} are "
+                "both set; ultra_targets names its layers (set layers to null)"]
+    return []
 
 
 def _wise_problems(hparams: dict) -> list[str]:
@@ -218,8 +238,12 @@ EDITOR_KINDS: dict[str, EditorKind] = {
         params={"ultra_lr": Param(NUMBER, _positive, "> 0 (η)"),
                 "ultra_micro_batch": Param(int, lambda v: v >= 1, "an integer >= 1"),
                 "ultra_ridge": Param(NUMBER, _positive, "> 0"),
-                "ultra_norm_scope": _one_of("shape", "module")},
-        max_layers=None, default_depths=(0.9, 0.93, 0.97)),
+                "ultra_norm_scope": _one_of("shape", "module"),
+                "ultra_targets": Param((dict, type(None)), _valid_targets,
+                                       "null (the MLP output projection of `layers`) or {a linear map inside the "
+                                       "MLP, e.g. gate_proj: [distinct layer indices >= 0], ...}")},
+        max_layers=None, default_depths=(0.9, 0.93, 0.97), check=_ultraedit_problems,
+        layers_from=lambda hparams: target_layers(hparams.get("ultra_targets"))),
     "grace": EditorKind(
         editor=GraceEditor, settings=GraceHParams,
         params={"grace_eps_init": Param(NUMBER, _positive, "> 0 (a distance in the layer's input space)"),
@@ -331,6 +355,9 @@ class MethodSpec:
         configured = self.hparams.get("layers")
         if configured:
             return sorted(configured)
+        own = self.kind.layers_from(self.hparams) if self.kind is not None and self.kind.layers_from else None
+        if own:
+            return own
         if self.kind is not None and num_layers is not None:
             return sorted({round(depth * (num_layers - 1)) for depth in self.kind.default_depths})
         window = list(default_window)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from grid.config import ConfigError, expand_trials, load_config, method_settings
-from methods.infra.arch import EditableModel
+from methods.infra.arch import ArchitectureError, EditableModel
 from methods.editors.grace import Codebook, GraceEditor, GraceHParams
 from methods.editors.ultraedit import (NORMALIZER_EPS, RunningMeanStd, UltraEditEditor, UltraEditHParams,
                                        ultraedit_delta)
@@ -50,19 +50,20 @@ def test_ultraedit_delta_is_the_ridge_solution():
     torch.testing.assert_close(delta, v @ k.t() @ torch.linalg.inv(k @ k.t() + 0.5 * torch.eye(4).double()))
 
 
-def _reference_rows(model, editable, tokenizer, requests, layers):
-    """Keys and output gradients at the answer-predicting positions, read with retain_grad on an input that
-    requires grad (a mechanism independent of the editor's zero probes)."""
+def _reference_rows(model, modules, tokenizer, requests):
+    """Keys and output gradients of each of ``modules`` ({key: linear module}) at the answer-predicting
+    positions, read with retain_grad on an input that requires grad (a mechanism independent of the editor's zero
+    probes)."""
     batch, rows, cols, tokens = target_nll_batch(tokenizer, requests)
     captured = {}
 
-    def hook_for(layer):
+    def hook_for(key):
         def hook(module, args, output):
             output.retain_grad()
-            captured[layer] = (args[0].detach(), output)
+            captured[key] = (args[0].detach(), output)
         return hook
 
-    handles = [editable.mlp_out(layer).register_forward_hook(hook_for(layer)) for layer in layers]
+    handles = [module.register_forward_hook(hook_for(key)) for key, module in modules.items()]
     try:
         embeds = model.get_input_embeddings()(batch.input_ids).detach().requires_grad_(True)
         logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
@@ -71,8 +72,8 @@ def _reference_rows(model, editable, tokenizer, requests, layers):
     finally:
         for handle in handles:
             handle.remove()
-    return {layer: (captured[layer][0][rows, cols].double(), captured[layer][1].grad[rows, cols].double())
-            for layer in layers}
+    return {key: (captured[key][0][rows, cols].double(), captured[key][1].grad[rows, cols].double())
+            for key in modules}
 
 
 def test_ultraedit_update_equals_the_closed_form_from_independently_read_keys_and_gradients(
@@ -81,7 +82,8 @@ def test_ultraedit_update_equals_the_closed_form_from_independently_read_keys_an
     layers, lr, micro = [1, 2], 0.3, 2
     before = {layer: editable.weight(layer).clone() for layer in layers}
     try:
-        parts = [_reference_rows(tiny_llama, editable, smol_tokenizer, REQUESTS[i:i + micro], layers)
+        parts = [_reference_rows(tiny_llama, {layer: editable.mlp_out(layer) for layer in layers}, smol_tokenizer,
+                                 REQUESTS[i:i + micro])
                  for i in range(0, len(REQUESTS), micro)]
         editor = UltraEditEditor(editable, smol_tokenizer, layers, UltraEditHParams(ultra_lr=lr,
                                                                                     ultra_micro_batch=micro))
@@ -109,6 +111,57 @@ def test_ultraedit_update_equals_the_closed_form_from_independently_read_keys_an
         with torch.no_grad():
             for layer in layers:
                 editable.weight(layer).copy_(before[layer])
+
+
+def test_ultraedit_on_gate_and_up_projections_equals_the_closed_form_with_one_pooled_normaliser(
+        tiny_llama, smol_tokenizer):
+    """ultra_targets (the original's Llama setting): the keys are the MLP's input, the gradients are taken at each
+    projection's output; the gate and up matrices share a shape and so one normaliser; nothing else changes."""
+    editable = EditableModel.wrap(tiny_llama)
+    targets, lr = {"gate_proj": [1], "up_proj": [2]}, 0.3
+    modules = {"L1.gate_proj": tiny_llama.model.layers[1].mlp.gate_proj,
+               "L2.up_proj": tiny_llama.model.layers[2].mlp.up_proj}
+    before = {name: p.detach().clone() for name, p in tiny_llama.named_parameters()}
+    try:
+        reference = _reference_rows(tiny_llama, modules, smol_tokenizer, REQUESTS)
+        editor = UltraEditEditor(editable, smol_tokenizer, [], UltraEditHParams(ultra_lr=lr, ultra_micro_batch=4,
+                                                                                 ultra_targets=targets))
+        assert editor.layers == [1, 2] and editor.written_layers == []
+        assert sorted(editor.other_written_matrices()) == ["L1.gate_proj", "L2.up_proj"]
+        report = editor.apply(REQUESTS)
+        blocks = [torch.cat(reference[label], dim=1) for label in modules]  # model order: gate L1, then up L2
+        rows = torch.cat(blocks)
+        mean = rows.mean(0)
+        std = ((rows - mean).square().sum(0) + sum(b.var(0) for b in blocks)).div(len(rows) - 1).sqrt()
+        assert list(editor.normalizers) == ["96x64"] and editor.normalizers["96x64"].count == len(rows)
+        for label, module in modules.items():
+            keys, grads = reference[label]
+            normalized = (torch.cat([keys, grads], dim=1) - mean) / (std + NORMALIZER_EPS)
+            values = -lr * normalized[:, :64].square().sum(1, keepdim=True) * normalized[:, 64:]
+            k, v = keys.t(), values.t()
+            expected = v @ k.t() @ torch.linalg.inv(k @ k.t() + torch.eye(64).double())
+            name = next(n for n, p in tiny_llama.named_parameters() if p is module.weight)
+            written = module.weight.detach().double() - before[name].double()
+            torch.testing.assert_close(written, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
+            assert report.update_norm[label] == pytest.approx(float(expected.norm()), rel=1e-4)
+        changed = {name for name, p in tiny_llama.named_parameters() if not torch.equal(p.detach(), before[name])}
+        assert changed == {"model.layers.1.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"}
+        # a target that is the MLP output projection itself counts as one (W₀, drift, restraints)
+        down = UltraEditEditor(editable, smol_tokenizer, [], UltraEditHParams(ultra_targets={"down_proj": [3]}))
+        assert down.written_layers == [3] and down.other_written_matrices() == {}
+    finally:
+        with torch.no_grad():
+            for name, p in tiny_llama.named_parameters():
+                p.copy_(before[name])
+
+
+def test_ultraedit_targets_that_are_not_linear_maps_of_the_mlp_are_refused(tiny_llama, smol_tokenizer):
+    editable = EditableModel.wrap(tiny_llama)
+    with pytest.raises(ArchitectureError, match=r"model.layers.1.mlp.gate does not exist .* gate_proj, up_proj, "
+                                                r"down_proj"):
+        UltraEditEditor(editable, smol_tokenizer, [], UltraEditHParams(ultra_targets={"gate": [1]}))
+    with pytest.raises(ArchitectureError, match=r"model.layers.1.mlp.act_fn is a SiLU"):
+        UltraEditEditor(editable, smol_tokenizer, [], UltraEditHParams(ultra_targets={"act_fn": [1]}))
 
 
 def test_ultraedit_state_carries_the_lifelong_statistics(tiny_llama, smol_tokenizer):
@@ -223,6 +276,18 @@ def test_lifelong_presets_expand_and_bad_values_are_refused_together():
     with pytest.raises(ConfigError) as err:
         expand_trials(cfg, source)
     assert "hparams.ultra_lr: 0" in str(err.value) and "hparams.ultra_micro_batch: 0" in str(err.value)
+    cfg, source = load_config(None, ["method=ultraedit", "hparams.layers=[3]",
+                                     "hparams.ultra_targets={gate_proj: [1, 1], up_proj: []}"])
+    with pytest.raises(ConfigError) as err:
+        expand_trials(cfg, source)
+    assert "hparams.ultra_targets: {'gate_proj': [1, 1], 'up_proj': []} is invalid (must be null" in str(err.value)
+    cfg, source = load_config(None, ["method=ultraedit", "hparams.layers=[3]",
+                                     "hparams.ultra_targets={gate_proj: [1, 2]}"])
+    with pytest.raises(ConfigError, match="hparams.layers: \\[3\\] and hparams.ultra_targets: .* are both set"):
+        expand_trials(cfg, source)
+    cfg, source = load_config(None, ["method=ultraedit", "hparams.ultra_targets={gate_proj: [1, 2], up_proj: [4]}"])
+    (trial,) = expand_trials(cfg, source)
+    assert method_settings("ultraedit", trial.config["hparams"]).layers((0,), 30) == [1, 2, 4]
     cfg, source = load_config(None, ["method=grace", "hparams.grace_eps_init=-1", "hparams.layers=[3, 4]",
                                      "hparams.v_lr=0.5"])
     with pytest.raises(ConfigError) as err:
@@ -251,6 +316,10 @@ UNRELATED = "The chemical symbol for gold is"
 
 
 @pytest.mark.parametrize("method,hparams", [("ultraedit", {"ultra_lr": 3e-3}),
+                                            # the original's Llama-3 setting mirrored on 30 layers (gate + up)
+                                            ("ultraedit", {"ultra_lr": 6e-4, "ultra_targets": {
+                                                "gate_proj": [10, 11, 12, 13, 14],
+                                                "up_proj": [17, 18, 19, 20, 21, 22, 23]}}),
                                             ("grace", {"grace_eps_init": 3.0, "grace_n_iter": 30}),
                                             ("wise-retrieve", {"wise_n_iter": 30})])
 def test_an_edit_changes_what_smollm2_says_and_leaves_an_unrelated_prompt(method, hparams, smollm2):
@@ -258,7 +327,7 @@ def test_an_edit_changes_what_smollm2_says_and_leaves_an_unrelated_prompt(method
     editable = EditableModel.wrap(model)
     spec = method_settings(method, hparams)
     layers = spec.layers(editable.default_layers(), editable.num_layers)
-    before = {layer: editable.weight(layer).clone() for layer in layers}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
     unrelated_before = _next_token_logits(model, tok, UNRELATED)
     for request in SMOL_EDITS:
         assert not _greedy(model, tok, request.filled_prompt).strip().startswith(request.target)
@@ -276,8 +345,8 @@ def test_an_edit_changes_what_smollm2_says_and_leaves_an_unrelated_prompt(method
         if hasattr(editor, "remove"):
             editor.remove()
         with torch.no_grad():
-            for layer, weight in before.items():
-                editable.weight(layer).copy_(weight)
+            for name, p in model.named_parameters():
+                p.copy_(before[name])
 
 
 # ---------------------------------------------------------------------------------------------- WISE

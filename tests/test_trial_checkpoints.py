@@ -78,13 +78,23 @@ def test_interrupted_trial_resumes_from_its_checkpoint_with_the_uninterrupted_hi
                   saved_step=2)
 
 
-@pytest.mark.parametrize("method", ["alphaedit", "scr", "wise"])
-def test_a_trial_resumes_from_a_state_saved_between_evaluations(method, tmp_path, tiny_llama_dir, small_corpus,
-                                                                  monkeypatch):
+GATE_UP = ["hparams.layers=null", "hparams.ultra_targets={gate_proj: [1], up_proj: [2]}"]
+
+
+@pytest.mark.parametrize("method,settings", [("alphaedit", []), ("scr", []), ("wise", []), ("ultraedit", GATE_UP)],
+                         ids=["alphaedit", "scr", "wise", "ultraedit-gate-up"])
+def test_a_trial_resumes_from_a_state_saved_between_evaluations(method, settings, tmp_path, tiny_llama_dir,
+                                                                  small_corpus, monkeypatch):
     # every_minutes 0: the state is saved after every batch, so the attempt dies with step 3 saved, which is no
-    # evaluation checkpoint; WISE then holds a shard half-trained (saved every 2, merged every 4).
-    _check_resume(method, tmp_path, tiny_llama_dir, small_corpus, monkeypatch, ["checkpoints.every_minutes=0"],
-                  saved_step=3)
+    # evaluation checkpoint; WISE then holds a shard half-trained (saved every 2, merged every 4). UltraEdit on
+    # gate/up projections: matrices other than the MLP output are checkpointed and diagnosed too.
+    history = _check_resume(method, tmp_path, tiny_llama_dir, small_corpus, monkeypatch,
+                            ["checkpoints.every_minutes=0", *settings], saved_step=3)
+    if settings:
+        for name in ("diag/L1.gate_proj/sigma_max_delta", "diag/L2.up_proj/cond", "editing/L1.gate_proj/update_norm",
+                     "ultraedit/L2.up_proj/mean_abs_value"):
+            assert name in history, sorted(history)
+        assert not any(name.startswith(("diag/L1/", "diag/L2/")) for name in history)  # down_proj untouched
 
 
 def _check_resume(method, tmp_path, tiny_llama_dir, small_corpus, monkeypatch, extra, saved_step):
@@ -121,6 +131,7 @@ def _check_resume(method, tmp_path, tiny_llama_dir, small_corpus, monkeypatch, e
     artifacts = {a.path for a in client.list_artifacts(resumed.info.run_id, "tables")}
     assert "tables/per_edit_results.json" in artifacts
     assert not folder.exists()  # a finished trial's checkpoint is removed (checkpoints.keep_final is false)
+    return got
 
 
 def test_collapse_stopper_ends_the_trial_at_the_first_collapsed_checkpoint(tmp_path, tiny_llama_dir, small_corpus):

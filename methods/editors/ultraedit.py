@@ -19,10 +19,13 @@ normalisers persist between turns (besides the weights). The statistics and solv
 original uses float32; the difference is rounding).
 
 Deviation, documented: with one row in a micro-batch the original's unbiased batch variance is NaN (and the whole
-edit with it); here a one-row batch contributes no variance term. The matrices edited are the MLP output
-projections of ``layers`` (the original's Mistral setting, down_proj of the last layers); the original's Llama
-setting (gate_proj + up_proj) needs edited matrices other than the MLP output, which EditGrid's trial does not
-track yet.
+edit with it); here a one-row batch contributes no variance term.
+
+Which matrices: by default the MLP output projections of ``layers`` (the original's Mistral setting, down_proj of
+the last layers). ``ultra_targets`` names linear maps inside the MLP and their layers instead, e.g. the original's
+Llama-3 setting ``{gate_proj: [11, ..., 15], up_proj: [18, ..., 24]}``: their key is the MLP's input (the post-norm
+hidden state) and their gradient is taken at their own output; gate and up projections share a shape and so one
+normaliser, as in the original.
 """
 
 from __future__ import annotations
@@ -49,6 +52,46 @@ class UltraEditHParams:
     ultra_micro_batch: int = 10  # requests per forward/backward pass
     ultra_ridge: float = 1.0  # λ of (K Kᵀ + λI)
     ultra_norm_scope: str = "shape"  # "shape": one normaliser per weight shape (original); "module": per matrix
+    # MLP linear map (path inside the MLP) -> its layers; None: the MLP output projection of ``layers``
+    ultra_targets: dict | None = None
+
+
+@dataclass(frozen=True)
+class EditedMatrix:
+    """One matrix UltraEdit writes: ``key`` names it in reports (the layer index for an MLP output projection, as
+    every editor does; ``L<layer>.<path>`` for the MLP's other maps), ``label`` in its own metric names."""
+
+    key: int | str
+    label: str
+    layer: int
+    name: str  # the module's path in the model, e.g. model.layers.11.mlp.gate_proj
+    module: torch.nn.Module
+    weight: torch.Tensor  # out×in view of the parameter
+    is_mlp_out: bool
+
+
+def edited_matrices(editable: EditableModel, layers: list[int], targets: dict | None) -> list[EditedMatrix]:
+    """The matrices of ``targets`` (or the MLP output projections of ``layers``), in model order. A target that is
+    the MLP output projection itself (``down_proj`` on Llama) counts as one, so the trial treats it like any
+    editor's (W₀, drift D, restraints)."""
+    pairs = ([(layer, None) for layer in layers] if targets is None
+             else sorted((layer, child) for child, child_layers in targets.items() for layer in child_layers))
+    out = []
+    for layer, child in pairs:
+        module = editable.mlp_out(layer) if child is None else editable.mlp_child(layer, child)
+        if module is editable.mlp_out(layer):
+            out.append(EditedMatrix(layer, f"L{layer}", layer, editable.mlp_out_name(layer), module,
+                                    editable.weight(layer), True))
+        else:
+            label = f"L{layer}.{child}"
+            out.append(EditedMatrix(label, label, layer, editable.mlp_child_name(layer, child), module,
+                                    editable.mlp_child_weight(layer, child), False))
+    return out
+
+
+def target_layers(targets: dict | None) -> list[int] | None:
+    """The layers ``ultra_targets`` touches (None when unset: the method's ``layers`` apply)."""
+    return None if targets is None else sorted({layer for layers in targets.values() for layer in layers})
 
 
 class RunningMeanStd:
@@ -125,64 +168,75 @@ class UltraEditEditor:
                  seed: int = 0):  # seed: every editor kind takes one; UltraEdit draws nothing at random
         self.editable = editable
         self.tokenizer = tokenizer
-        self.layers = sorted(layers)
         self.hparams = hparams
+        self.matrices = edited_matrices(editable, sorted(layers), hparams.ultra_targets)
+        self.layers = sorted({m.layer for m in self.matrices})
         self.normalizers: dict[str, RunningMeanStd] = {}
         self.turns = 0
         self._last: dict[str, float] = {}
 
-    def _normalizer_key(self, layer: int) -> str:
-        if self.hparams.ultra_norm_scope == "module":
-            return self.editable.mlp_out_name(layer)
-        return "x".join(str(n) for n in self.editable.weight(layer).shape)  # d_out x d_in
+    # -- what the trial checkpoints and diagnoses (methods/editor.py) ---------------------------------------------
+    @property
+    def written_layers(self) -> list[int]:
+        """The layers whose MLP output projection this editor writes."""
+        return [m.key for m in self.matrices if m.is_mlp_out]
 
-    def _normalizer(self, layer: int) -> RunningMeanStd:
-        key = self._normalizer_key(layer)
+    def other_written_matrices(self) -> dict[str, torch.Tensor]:
+        """The other matrices it writes, by label (e.g. ``L11.gate_proj``): live views of the parameters."""
+        return {m.key: m.weight for m in self.matrices if not m.is_mlp_out}
+
+    def _normalizer_key(self, matrix: EditedMatrix) -> str:
+        if self.hparams.ultra_norm_scope == "module":
+            return matrix.name
+        return "x".join(str(n) for n in matrix.weight.shape)  # d_out x d_in
+
+    def _normalizer(self, matrix: EditedMatrix) -> RunningMeanStd:
+        key = self._normalizer_key(matrix)
         if key not in self.normalizers:
-            self.normalizers[key] = RunningMeanStd(sum(self.editable.weight(layer).shape))
+            self.normalizers[key] = RunningMeanStd(sum(matrix.weight.shape))
         return self.normalizers[key]
 
-    def keys_and_gradients(self, requests: list[EditRequest]) -> tuple[dict[int, torch.Tensor],
-                                                                         dict[int, torch.Tensor]]:
-        """Per edited layer: keys [N, d_in] and output gradients [N, d_out] at every answer-predicting position
+    def keys_and_gradients(self, requests: list[EditRequest]) -> tuple[dict[int | str, torch.Tensor],
+                                                                         dict[int | str, torch.Tensor]]:
+        """Per edited matrix: keys [N, d_in] and output gradients [N, d_out] at every answer-predicting position
         of the turn (N = answer tokens), micro-batch by micro-batch on the unchanged model; each micro-batch's rows
-        enter the normalisers as they are read."""
+        enter the normalisers as they are read (matrices in model order, as the original's module loop)."""
         device = self.editable.parameter_device()
-        keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
-        grads: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
+        keys: dict[int | str, list[torch.Tensor]] = {m.key: [] for m in self.matrices}
+        grads: dict[int | str, list[torch.Tensor]] = {m.key: [] for m in self.matrices}
         step = self.hparams.ultra_micro_batch
         for first in range(0, len(requests), step):
             batch, rows, cols, tokens = target_nll_batch(self.tokenizer, requests[first:first + step])
             batch, rows, cols, tokens = batch.to(device), rows.to(device), cols.to(device), tokens.to(device)
-            inputs: dict[int, torch.Tensor] = {}
-            probes: dict[int, torch.Tensor] = {}
+            inputs: dict[int | str, torch.Tensor] = {}
+            probes: dict[int | str, torch.Tensor] = {}
 
-            def hook_for(layer: int):
+            def hook_for(key: int | str):
                 def hook(module, args, output):
-                    inputs[layer] = args[0][rows, cols].detach()
+                    inputs[key] = args[0][rows, cols].detach()
                     hidden = hidden_of(output)
                     # A zero added to the output: its gradient is ∂L/∂output, and gradients still flow through
                     # the output to the layers below (no weight gradient is needed or computed).
-                    probes[layer] = torch.zeros_like(hidden, requires_grad=True)
-                    return replace_hidden(output, hidden + probes[layer])
+                    probes[key] = torch.zeros_like(hidden, requires_grad=True)
+                    return replace_hidden(output, hidden + probes[key])
                 return hook
 
-            handles = [self.editable.mlp_out(layer).register_forward_hook(hook_for(layer)) for layer in self.layers]
+            handles = [m.module.register_forward_hook(hook_for(m.key)) for m in self.matrices]
             try:
                 with torch.enable_grad():
                     logits = logits_at(self.editable.model, batch.model_inputs(), rows, cols)
                     loss = F.cross_entropy(logits.float(), tokens)  # one mean over all answer tokens
-                    gradients = torch.autograd.grad(loss, [probes[layer] for layer in self.layers])
+                    gradients = torch.autograd.grad(loss, [probes[m.key] for m in self.matrices])
             finally:
                 for handle in handles:
                     handle.remove()
-            for layer, gradient in zip(self.layers, gradients):
-                k, g = inputs[layer].to(torch.float64), gradient[rows, cols].to(torch.float64)
-                self._normalizer(layer).update(torch.cat([k, g], dim=1))
-                keys[layer].append(k)
-                grads[layer].append(g)
-        return ({layer: torch.cat(keys[layer]) for layer in self.layers},
-                {layer: torch.cat(grads[layer]) for layer in self.layers})
+            for matrix, gradient in zip(self.matrices, gradients):
+                k, g = inputs[matrix.key].to(torch.float64), gradient[rows, cols].to(torch.float64)
+                self._normalizer(matrix).update(torch.cat([k, g], dim=1))
+                keys[matrix.key].append(k)
+                grads[matrix.key].append(g)
+        return ({key: torch.cat(rows_) for key, rows_ in keys.items()},
+                {key: torch.cat(rows_) for key, rows_ in grads.items()})
 
     def apply(self, requests: list[EditRequest]) -> BatchReport:
         start = time.perf_counter()
@@ -191,27 +245,27 @@ class UltraEditEditor:
         solve_start = time.perf_counter()
         hp = self.hparams
         deltas, stats = {}, {}
-        for layer in self.layers:  # every Δ from the same pass, then all written together
-            key_dim = keys[layer].shape[1]
-            normalized = self._normalizer(layer).normalize(torch.cat([keys[layer], grads[layer]], dim=1))
-            values = pseudo_values(normalized, key_dim, hp.ultra_lr)
-            deltas[layer] = ultraedit_delta(keys[layer], values, hp.ultra_ridge)
+        for matrix in self.matrices:  # every Δ from the same pass, then all written together
+            k = keys[matrix.key]
+            normalized = self._normalizer(matrix).normalize(torch.cat([k, grads[matrix.key]], dim=1))
+            values = pseudo_values(normalized, k.shape[1], hp.ultra_lr)
+            deltas[matrix.key] = ultraedit_delta(k, values, hp.ultra_ridge)
             # How the ridge term compares with the keys: eigenvalues of KᵀK (N×N, the non-zero ones of K Kᵀ).
-            eig = torch.linalg.eigvalsh(keys[layer] @ keys[layer].t())
-            stats[layer] = (float(values.abs().mean()), float(eig.max()), float((eig > hp.ultra_ridge).sum()))
+            eig = torch.linalg.eigvalsh(k @ k.t())
+            stats[matrix.label] = (float(values.abs().mean()), float(eig.max()), float((eig > hp.ultra_ridge).sum()))
         update_norm = {}
         with torch.no_grad():
-            for layer, delta in deltas.items():
-                weight = self.editable.weight(layer)
-                weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
-                update_norm[layer] = float(delta.norm())
+            for matrix in self.matrices:
+                delta = deltas[matrix.key]
+                matrix.weight.add_(delta.to(device=matrix.weight.device, dtype=matrix.weight.dtype))
+                update_norm[matrix.key] = float(delta.norm())
         self.turns += 1
         self._last = {"ultraedit/answer_tokens": float(next(iter(keys.values())).shape[0]),
                       "ultraedit/turns": float(self.turns)}
-        for layer, (mean_abs_value, gram_max, above_ridge) in stats.items():
-            self._last[f"ultraedit/L{layer}/mean_abs_value"] = mean_abs_value
-            self._last[f"ultraedit/L{layer}/key_gram_max_eig"] = gram_max
-            self._last[f"ultraedit/L{layer}/key_gram_eigs_above_ridge"] = above_ridge
+        for label, (mean_abs_value, gram_max, above_ridge) in stats.items():
+            self._last[f"ultraedit/{label}/mean_abs_value"] = mean_abs_value
+            self._last[f"ultraedit/{label}/key_gram_max_eig"] = gram_max
+            self._last[f"ultraedit/{label}/key_gram_eigs_above_ridge"] = above_ridge
         return BatchReport(num_requests=len(requests), seconds=time.perf_counter() - start,
                            target_seconds=pass_seconds, solve_seconds=time.perf_counter() - solve_start,
                            target_prob=[], target_steps=1, update_norm=update_norm)

@@ -77,6 +77,20 @@ def default_layer_window(num_layers: int) -> tuple[int, ...]:
     return tuple(range(start, start + width))
 
 
+def _is_transposed(module: nn.Module, name: str) -> bool:
+    """Whether ``module`` stores its matrix as Wᵀ (GPT-2's Conv1D: [in, out]); an error for non-linear maps."""
+    if isinstance(module, nn.Linear):
+        return False
+    if type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D: weight [nx=in, nf=out]
+        return True
+    raise ArchitectureError(f"{name} is a {type(module).__name__}, expected nn.Linear or Conv1D")
+
+
+def _matrix_view(module: nn.Module, name: str) -> torch.Tensor:
+    param = module.weight.detach()
+    return param.t() if _is_transposed(module, name) else param
+
+
 @dataclass
 class EditableModel:
     """A causal LM plus the module paths the editing stages need.
@@ -142,19 +156,34 @@ class EditableModel:
 
     def is_transposed(self, layer: int) -> bool:
         """True when the stored weight is Wᵀ (GPT-2's Conv1D stores [in, out])."""
-        module = self.mlp_out(layer)
-        if isinstance(module, nn.Linear):
-            return False
-        if type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D: weight [nx=in, nf=out]
-            return True
-        raise ArchitectureError(f"{self.mlp_out_name(layer)} is a {type(module).__name__}, expected nn.Linear or Conv1D")
+        return _is_transposed(self.mlp_out(layer), self.mlp_out_name(layer))
 
     def weight(self, layer: int) -> torch.Tensor:
         """The edited matrix W (d×m) as a view of the parameter. A ``detach()`` view, not ``.data``: in-place edits
         through it advance the parameter's version counter, by which derived copies (methods/infra/cpu_linear.py's packed
         weights) notice that the weight changed."""
-        param = self.mlp_out(layer).weight.detach()
-        return param.t() if self.is_transposed(layer) else param
+        return _matrix_view(self.mlp_out(layer), self.mlp_out_name(layer))
+
+    # -- other matrices of the MLP (editors that write more than the output projection, e.g. UltraEdit's gate/up) --
+
+    def mlp_child_name(self, layer: int, child: str) -> str:
+        return f"{self.spec.blocks}.{layer}.{self.spec.mlp}.{child}"
+
+    def mlp_child(self, layer: int, child: str) -> nn.Module:
+        """The linear map at ``child`` (a path inside the MLP, e.g. ``gate_proj``) of block ``layer``."""
+        try:
+            module = _get_path(self.mlp(layer), child)
+        except (AttributeError, IndexError) as err:
+            children = ", ".join(name for name, m in self.mlp(layer).named_modules()
+                                 if name and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"))
+            raise ArchitectureError(f"{self.mlp_child_name(layer, child)} does not exist in "
+                                    f"{type(self.model).__name__}; the MLP's linear maps are: {children}") from err
+        _is_transposed(module, self.mlp_child_name(layer, child))  # refuse anything but a linear map
+        return module
+
+    def mlp_child_weight(self, layer: int, child: str) -> torch.Tensor:
+        """The matrix (out×in) of ``mlp_child(layer, child)``, a view of its parameter like ``weight``."""
+        return _matrix_view(self.mlp_child(layer, child), self.mlp_child_name(layer, child))
 
     def key_dim(self, layer: int) -> int:
         return self.weight(layer).shape[1]

@@ -337,9 +337,14 @@ def plan_memory(config, spec, *, batch_size: int, dtype: str = "float32", layers
 
     kind = spec.editor if spec.kind is not None else None
     if kind == "ultraedit":
-        shapes = 1 if hp.get("ultra_norm_scope", "shape") == "shape" else ell
-        add("editor state", shapes * 2 * 8 * (m + d) + ell * 8 * d * m + 8 * m * m,
-            f"UltraEdit: {shapes} normaliser(s) × 2 × (m+d) × 8 B + {ell} × d·m × 8 B Δ + m² × 8 B ridge system")
+        # every edited matrix is d×m or m×d (the output projection, or gate/up with ultra_targets)
+        targets = hp.get("ultra_targets")
+        matrices = sum(len(v) for v in targets.values()) if isinstance(targets, dict) else ell
+        shapes = (1 if not isinstance(targets, dict) else 2) if hp.get("ultra_norm_scope", "shape") == "shape" \
+            else matrices
+        add("editor state", shapes * 2 * 8 * (m + d) + matrices * 8 * d * m + 8 * m * m,
+            f"UltraEdit: {shapes} normaliser(s) × 2 × (m+d) × 8 B + {matrices} × d·m × 8 B Δ + m² × 8 B ridge "
+            "system")
     elif kind == "grace":
         edits = num_edits or n
         add("editor state", edits * (m + d) * 4, f"GRACE: {edits} edits × (m + d) × 4 B codebook")
