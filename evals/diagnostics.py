@@ -68,7 +68,7 @@ def layer_diagnostics(weights: dict[int | str, Tensor], originals: dict[int | st
     with the layers' second moments C also ``diag/L<i>/drift`` = D(W) = tr((W−W₀)C(W−W₀)ᵀ) (methods/drift.py), for
     every method (C is that of the MLP output projection's input, so other matrices get no drift)."""
     if set(weights) != set(originals):
-        raise ValueError(f"matrices differ: weights has {sorted(weights, key=str)}, originals has "
+        raise ValueError(f"layers differ: weights has {sorted(weights, key=str)}, originals has "
                          f"{sorted(originals, key=str)}")
     metrics: dict[str, float] = {}
     for key in sorted(weights, key=lambda k: (isinstance(k, str), str(k) if isinstance(k, str) else k)):

@@ -73,3 +73,12 @@ def test_layer_diagnostics_names():
     assert result["diag/L4/weight_change"] == 0.0
     assert result["diag/L5/cond"] == pytest.approx(2.0)
     assert result["diag/L5/sigma_max_delta"] == pytest.approx(1.0)
+
+
+def test_other_matrices_are_named_by_their_label_after_the_output_projections_and_get_no_drift():
+    weights = {"L2.gate_proj": _diagonal([3.0, 1.0], 2, 3), 4: torch.eye(2)}
+    originals = {"L2.gate_proj": _diagonal([1.0, 1.0], 2, 3), 4: torch.eye(2)}
+    result = layer_diagnostics(weights, originals, {4: torch.eye(2)})
+    assert list(result) == ([f"diag/L4/{name}" for name in DIAGNOSTIC_NAMES] + ["diag/L4/drift"]
+                            + [f"diag/L2.gate_proj/{name}" for name in DIAGNOSTIC_NAMES])
+    assert result["diag/L2.gate_proj/sigma_max_delta"] == pytest.approx(2.0)
