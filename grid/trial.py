@@ -210,8 +210,16 @@ class TrialRun:
                           "editgrid.linear_backend": loaded.linear_backend, "editgrid.linear_plan": loaded.linear_plan})
         self.records = self._load_records()
         self.requests = [to_request(r) for r in self.records]
-        self.stats = self._second_moments(layers)
-        self.method = self._assemble(layers)
+        if spec.kind is None:  # the closed-form solvers read C when they are built
+            self.stats = self._second_moments(layers)
+            self.method = self._assemble(layers, self.stats.moments if self.stats is not None else {})
+        else:
+            # An editor kind needs no C to be built; C serves only the drift D of the output projections it writes,
+            # which may be none of its layers (UltraEdit on gate/up): compute C for those only.
+            self.method = self._assemble(layers, {})
+            self.stats = self._second_moments(self.method.weight_layers) if self.method.weight_layers else None
+            if self.stats is not None:
+                self.method.moments = {layer: c.to(self.device) for layer, c in self.stats.moments.items()}
         self.live_weights = self.method.live_weights(self.editable)
         self.other_weights = self.method.other_live_weights()
         self.scr = (ScrStage(spec, self.model, self.tokenizer, cfg["eval"]["batch_size"],
@@ -256,14 +264,13 @@ class TrialRun:
                               "stats/second_moments.json")
         return stats
 
-    def _assemble(self, layers: list[int]) -> MethodAssembly:
+    def _assemble(self, layers: list[int], moments: dict) -> MethodAssembly:
         groups = None
         if self.spec.edits_model and self.spec.kind is None:  # v*'s context templates (locate-then-edit only)
             groups = generate_context_templates(self.model, self.tokenizer, seed=self.cfg["seed"])
             self.tracker.log_dict({"context_templates": groups}, "editing/context_templates.json")
         try:
-            return assemble_method(self.spec, self.editable, self.tokenizer, layers,
-                                   self.stats.moments if self.stats is not None else {}, seed=self.cfg["seed"],
+            return assemble_method(self.spec, self.editable, self.tokenizer, layers, moments, seed=self.cfg["seed"],
                                    cache_dir=self.cache_dir, context_groups=groups)
         except AssemblyError as err:
             raise TrialError(f"trial {self.trial.name}: {err}") from err

@@ -41,6 +41,21 @@ def test_a_tiny_config_gives_the_hand_computed_bytes():
     assert alpha.component("solver").bytes == 2 * 3 * 12 * 12 * 8 + 2 * 12 * 12 * 8 + 8 * 12 * 8
 
 
+def test_ultraedit_on_gate_and_up_plans_no_statistics_and_one_unedited_copy_per_matrix():
+    """The original's Llama-3-8B setting (gate 11–15 + up 18–24): its 12 matrices need no C (1.6 GB each at
+    m = 14,336), only their W₀ copies and Δs."""
+    config = read_config_file(CONFIGS / "meta-llama-3-8b.json")
+    targets = {"gate_proj": [11, 12, 13, 14, 15], "up_proj": [18, 19, 20, 21, 22, 23, 24]}
+    spec = method_settings("ultraedit", {"ultra_targets": targets})
+    plan = plan_memory(config, spec, batch_size=100, dtype="bfloat16")
+    names = {c.name for c in plan.components}
+    assert "statistics" not in names and "stats buffer" not in names
+    assert plan.layers == [11, 12, 13, 14, 15, 18, 19, 20, 21, 22, 23, 24]
+    assert plan.component("W0 copies").bytes == 12 * 4096 * 14336 * 2
+    down = plan_memory(config, method_settings("ultraedit", {}), batch_size=100, dtype="bfloat16")
+    assert down.component("statistics").bytes == len(down.layers) * 14336 ** 2 * 8
+
+
 def test_llama3_8b_from_its_config_file_alone():
     config = read_config_file(CONFIGS / "meta-llama-3-8b.json")
     plan = plan_memory(config, method_spec("memit"), batch_size=100, dtype="bfloat16",

@@ -74,8 +74,10 @@ def _interrupt_after(monkeypatch, batches_done: int) -> None:
 def test_interrupted_trial_resumes_from_its_checkpoint_with_the_uninterrupted_history(
         method, tmp_path, tiny_llama_dir, small_corpus, monkeypatch):
     # every_minutes null: only the evaluation checkpoints save the state, so the attempt dies with step 2 saved.
-    _check_resume(method, tmp_path, tiny_llama_dir, small_corpus, monkeypatch, ["checkpoints.every_minutes=null"],
-                  saved_step=2)
+    history = _check_resume(method, tmp_path, tiny_llama_dir, small_corpus, monkeypatch,
+                            ["checkpoints.every_minutes=null"], saved_step=2)
+    if method in ("ultraedit", "alphaedit"):  # C computed for the output projections written: drift D reported
+        assert "diag/L1/drift" in history and "diag/L2/drift" in history
 
 
 GATE_UP = ["hparams.layers=null", "hparams.ultra_targets={gate_proj: [1], up_proj: [2]}"]

@@ -314,11 +314,18 @@ def plan_memory(config, spec, *, batch_size: int, dtype: str = "float32", layers
 
     # P · b_w
     add("weights", shape.parameters * b_w, f"{shape.parameters:,} parameters × {b_w} B")
-    if spec.edits_weights and ell:
+    # UltraEdit on the MLP's other maps (ultra_targets) writes no output projection (unless one is named, which
+    # this config-only plan cannot tell): no C, and one W₀ per target matrix
+    targets = hp.get("ultra_targets") if spec.editor == "ultraedit" else None
+    stat_layers = 0 if isinstance(targets, dict) else ell
+    copies = sum(len(v) for v in targets.values()) if isinstance(targets, dict) else ell
+    if spec.edits_weights and stat_layers:
         # float64 C per layer + float32 row buffer (GramAccumulator)
-        add("statistics", ell * 8 * m * m, f"{ell} layers × m² × 8 B (float64 C), m = {m}")
-        add("stats buffer", ell * 4 * GRAM_BUFFER_ROWS * m, f"{ell} layers × {GRAM_BUFFER_ROWS}·m × 4 B (float32 rows)")
-        add("W0 copies", ell * d * m * b_w, f"{ell} layers × d·m × {b_w} B (unedited weights)")
+        add("statistics", stat_layers * 8 * m * m, f"{stat_layers} layers × m² × 8 B (float64 C), m = {m}")
+        add("stats buffer", stat_layers * 4 * GRAM_BUFFER_ROWS * m,
+            f"{stat_layers} layers × {GRAM_BUFFER_ROWS}·m × 4 B (float32 rows)")
+    if spec.edits_weights and copies:
+        add("W0 copies", copies * d * m * b_w, f"{copies} matrices × d·m × {b_w} B (unedited weights)")
 
     solver = spec.solver if spec.kind is None else None
     if solver == "memit":
@@ -338,8 +345,7 @@ def plan_memory(config, spec, *, batch_size: int, dtype: str = "float32", layers
     kind = spec.editor if spec.kind is not None else None
     if kind == "ultraedit":
         # every edited matrix is d×m or m×d (the output projection, or gate/up with ultra_targets)
-        targets = hp.get("ultra_targets")
-        matrices = sum(len(v) for v in targets.values()) if isinstance(targets, dict) else ell
+        matrices = copies
         shapes = (1 if not isinstance(targets, dict) else 2) if hp.get("ultra_norm_scope", "shape") == "shape" \
             else matrices
         add("editor state", shapes * 2 * 8 * (m + d) + matrices * 8 * d * m + 8 * m * m,
