@@ -1,8 +1,8 @@
 """The grid's comparison report, built from MLflow alone (so ``--report <grid id>`` regenerates it any time).
 
 One row per (trial, checkpoint): the trial's method, its grid-axis values, its status, ``edits`` (the step) and
-every evaluation metric logged at that step (``edit/*``, ``scr/*``, ``cost/*``; per-layer ``diag/L<i>/<name>``
-averaged over the edited layers as ``diag/mean/<name>``). Logged to the parent run as ``report/comparison.csv``
+every evaluation metric logged at that step (``edit/*``, ``scr/*``, ``cost/*``; per-matrix ``diag/L<i>/<name>`` and
+``diag/L<i>.<path>/<name>`` averaged over the edited matrices as ``diag/mean/<name>``). Logged to the parent run as ``report/comparison.csv``
 and the MLflow table ``report/comparison.json``, with ``report/metrics_vs_edits.png`` (each edit metric against
 edits, one line per trial, its 95 % interval as a band), ``report/diagnostics_vs_edits.png`` (the layer-averaged
 diagnostics), ``report/retention_vs_edits.png`` (the oldest quarter of the edits beside the newest batch) and
@@ -39,7 +39,8 @@ PLOTTED_RETENTION = tuple(retention_metric(stratum, rate) for rate in ("efficacy
 PLOTTED_ABILITIES = (*(metric_name(task, "acc_norm") for task in ("arc_easy", "arc_challenge", "piqa", "hellaswag",
                                                                   "openbookqa")),
                      metric_name("lambada", "acc"), metric_name("wikitext2", "token_perplexity"))
-_LAYER_METRIC = re.compile(rf"^{DIAG_PREFIX}L\d+/(?P<name>.+)$")
+# diag/L<i>/<name> of an output projection, diag/L<i>.<path>/<name> of another matrix (UltraEdit's ultra_targets)
+_LAYER_METRIC = re.compile(rf"^{DIAG_PREFIX}L\d+(?:\.[^/]+)?/(?P<name>.+)$")
 
 
 class ReportError(LookupError):

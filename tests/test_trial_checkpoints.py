@@ -97,6 +97,16 @@ def test_a_trial_resumes_from_a_state_saved_between_evaluations(method, settings
                      "ultraedit/L2.up_proj/mean_abs_value"):
             assert name in history, sorted(history)
         assert not any(name.startswith(("diag/L1/", "diag/L2/")) for name in history)  # down_proj untouched
+        # the grid's comparison report averages them as for any editor
+        import csv
+
+        from mlflow import MlflowClient
+        client = MlflowClient(f"sqlite:///{tmp_path}/resumed.db")
+        (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("editgrid-default").experiment_id])
+                     if r.data.tags.get("editgrid.role") == "grid"]
+        path = client.download_artifacts(parent.info.run_id, "report/comparison.csv", str(tmp_path))
+        rows = {row["edits"]: row for row in csv.DictReader(open(path))}
+        assert float(rows["6"]["diag/mean/sigma_max_delta"]) > 0
 
 
 def _check_resume(method, tmp_path, tiny_llama_dir, small_corpus, monkeypatch, extra, saved_step):
