@@ -777,7 +777,8 @@ def trial_resources(trial: Trial, ray_cfg: dict) -> dict[str, float]:
 
 
 def layer_problems(trials: list[Trial]) -> list[str]:
-    """``hparams.layers`` outside a model's depth, read from each model's config (no weights are loaded).
+    """``hparams.layers`` (or the layers an editor kind's own settings name) outside a model's depth, read from each
+    model's config (no weights are loaded).
 
     Models whose config cannot be read here (a hub id while offline) are left to fail, with their own message,
     when the trial loads them.
@@ -791,8 +792,12 @@ def layer_problems(trials: list[Trial]) -> list[str]:
     for trial in trials:
         cfg = trial.config
         try:
-            layers = method_settings(cfg["method"], cfg.get("hparams") or {}).hparams.get("layers")
-        except (ConfigError, TypeError, AttributeError):  # an unknown method or bad hparams: reported already
+            spec = method_settings(cfg["method"], cfg.get("hparams") or {})
+            layers, setting = spec.hparams.get("layers"), "hparams.layers"
+            if not layers and spec.kind is not None and spec.kind.layers_from is not None:
+                layers = spec.kind.layers_from(spec.hparams)  # the layers the editor's own settings name
+                setting = f"the layers of {spec.kind.layers_from_setting}"
+        except (ConfigError, TypeError, AttributeError, ValueError):  # unknown method, bad hparams: reported already
             continue
         if not layers or not isinstance(layers, list) or not all(_is_int(layer) for layer in layers):
             continue
@@ -804,6 +809,6 @@ def layer_problems(trials: list[Trial]) -> list[str]:
             except Exception:  # noqa: BLE001 - unreadable here; the trial reports it when loading the model
                 depth[model] = None
         if depth[model] is not None and max(layers) >= depth[model]:
-            problems.append(f"trial {trial.index} ({trial.name}): hparams.layers {layers} reach beyond the "
+            problems.append(f"trial {trial.index} ({trial.name}): {setting} {layers} reach beyond the "
                             f"{depth[model]} layers of {model} (valid: 0–{depth[model] - 1})")
     return problems

@@ -193,6 +193,7 @@ class EditorKind:
     # The layers the editor acts on when its own hyper-parameters name them (hparams -> layers, or None: use
     # ``layers`` / the default depths), e.g. UltraEdit's ultra_targets.
     layers_from: Callable[[dict], list[int] | None] | None = None
+    layers_from_setting: str = ""  # the hyper-parameter ``layers_from`` reads, to name it in messages
 
     @property
     def writes_weights(self) -> bool:
@@ -243,7 +244,8 @@ EDITOR_KINDS: dict[str, EditorKind] = {
                                        "null (the MLP output projection of `layers`) or {a linear map inside the "
                                        "MLP, e.g. gate_proj: [distinct layer indices >= 0], ...}")},
         max_layers=None, default_depths=(0.9, 0.93, 0.97), check=_ultraedit_problems,
-        layers_from=lambda hparams: target_layers(hparams.get("ultra_targets"))),
+        layers_from=lambda hparams: target_layers(hparams.get("ultra_targets")),
+        layers_from_setting="hparams.ultra_targets"),
     "grace": EditorKind(
         editor=GraceEditor, settings=GraceHParams,
         params={"grace_eps_init": Param(NUMBER, _positive, "> 0 (a distance in the layer's input space)"),

@@ -285,6 +285,9 @@ def test_lifelong_presets_expand_and_bad_values_are_refused_together():
                                      "hparams.ultra_targets={gate_proj: [1, 2]}"])
     with pytest.raises(ConfigError, match="hparams.layers: \\[3\\] and hparams.ultra_targets: .* are both set"):
         expand_trials(cfg, source)
+    cfg, source = load_config(None, ["method=ultraedit", "hparams.ultra_targets={gate_proj: [40], up_proj: [2]}"])
+    with pytest.raises(ConfigError, match=r"the layers of hparams.ultra_targets \[2, 40\] reach beyond the 30 "):
+        expand_trials(cfg, source, check_depth=True)  # against the model's config, before it loads
     cfg, source = load_config(None, ["method=ultraedit", "hparams.ultra_targets={gate_proj: [1, 2], up_proj: [4]}"])
     (trial,) = expand_trials(cfg, source)
     assert method_settings("ultraedit", trial.config["hparams"]).layers((0,), 30) == [1, 2, 4]
