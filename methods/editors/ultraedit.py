@@ -62,12 +62,15 @@ class EditedMatrix:
     every editor does; ``L<layer>.<path>`` for the MLP's other maps), ``label`` in its own metric names."""
 
     key: int | str
-    label: str
     layer: int
     name: str  # the module's path in the model, e.g. model.layers.11.mlp.gate_proj
     module: torch.nn.Module
     weight: torch.Tensor  # out×in view of the parameter
     is_mlp_out: bool
+
+    @property
+    def label(self) -> str:
+        return f"L{self.key}" if self.is_mlp_out else self.key
 
 
 def edited_matrices(editable: EditableModel, layers: list[int], targets: dict | None) -> list[EditedMatrix]:
@@ -80,11 +83,11 @@ def edited_matrices(editable: EditableModel, layers: list[int], targets: dict | 
     for layer, child in pairs:
         module = editable.mlp_out(layer) if child is None else editable.mlp_child(layer, child)
         if module is editable.mlp_out(layer):
-            out.append(EditedMatrix(layer, f"L{layer}", layer, editable.mlp_out_name(layer), module,
+            out.append(EditedMatrix(layer, layer, editable.mlp_out_name(layer), module,
                                     editable.weight(layer), True))
         else:
             label = f"L{layer}.{child}"
-            out.append(EditedMatrix(label, label, layer, editable.mlp_child_name(layer, child), module,
+            out.append(EditedMatrix(label, layer, editable.mlp_child_name(layer, child), module,
                                     editable.mlp_child_weight(layer, child), False))
     return out
 
