@@ -58,6 +58,11 @@ class AuditItem:
     source: str  # the record it was built from (source:case_id)
 
 
+def record_label(record: EditRecord) -> str:
+    """``<source>:<case_id>``: how an audit item names the record it was built from (``AuditItem.source``)."""
+    return f"{record.source}:{record.case_id}"
+
+
 def _template(record: EditRecord) -> str:
     """The record's question with its subject taken out: records sharing it ask for the same kind of entity."""
     return record.prompt.replace(record.subject, "{}", 1)
@@ -83,7 +88,7 @@ def audit_items(records: Sequence[EditRecord], seed: int = 0,
     items: list[AuditItem] = []
     for record in records:
         if not record.target_true:
-            raise ValueError(f"record {record.source}:{record.case_id} has no old answer (target_true) to audit with")
+            raise ValueError(f"record {record_label(record)} has no old answer (target_true) to audit with")
         question, gold, old = record.prompt, record.target_new, record.target_true
         stated = f"The answer is {gold}." if _is_question(question) else f"{question} {gold}."
         predictions = {
@@ -109,7 +114,7 @@ def audit_items(records: Sequence[EditRecord], seed: int = 0,
         for category in WRITTEN_CATEGORIES:
             if category in predictions:
                 items.append(AuditItem(category, JudgeItem(question, gold, predictions[category]),
-                                       CATEGORIES[category], f"{record.source}:{record.case_id}"))
+                                       CATEGORIES[category], record_label(record)))
     return items
 
 
@@ -124,7 +129,7 @@ def generated_items(records: Sequence[EditRecord], continuations: Callable[[list
     after_gold = continuations([f"{r.prompt} {r.target_new}" for r in records])
     items: list[AuditItem] = []
     for record, text, rest in zip(records, plain, after_gold):
-        source = f"{record.source}:{record.case_id}"
+        source = record_label(record)
         text = text.strip()
         if text and not contains_answer(text, (record.target_new,)):
             items.append(AuditItem("continuation", JudgeItem(record.prompt, record.target_new, text),
@@ -211,7 +216,7 @@ def build_audit(counterfact: str | None, zsre: str | None, n_counterfact: int = 
         records = [r for r in load_records(path, limit=scan) if r.target_true]
         shared = Counter(_template(r) for r in records)
         pool = [r for r in records if shared[_template(r)] > 1] or records
-        pool = [r for r in pool if f"{r.source}:{r.case_id}" not in exclude]
+        pool = [r for r in pool if record_label(r) not in exclude]
         picked = rng.sample(pool, min(count, len(pool)))
         items.extend(audit_items(picked, seed=seed, others=records))
         if continuations is not None:
