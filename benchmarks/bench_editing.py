@@ -342,6 +342,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 editable.weight(layer).copy_(weight)
 
     num_pairs = count_scored_pairs(records)
+    # a target-scaling method (NAS) measures its anchor on the unedited model from the benchmark's own records
+    reference = {"reference_requests": requests, "model_key": f"{loaded.model_id}@{loaded.fingerprint}",
+                 "cache_dir": cache_dir}
     cells = []
     for method in args.methods:
         layers = layers_of[method]
@@ -353,7 +356,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             for batch_size in args.batch_sizes:
                 cells.append(_run_cell(args, method, spec, autocast, batch_size, layers, moments, editable, tokenizer,
                                        loaded.model, context_groups, requests, records, num_pairs, restore, device,
-                                       progress))
+                                       progress, reference))
     for cell in cells:  # how much cheaper per edit than batch 1 of the same method and precision
         first = next((other for other in cells if other["method"] == cell["method"] and other["batch_size"] == 1
                       and other["vstar_autocast"] == cell["vstar_autocast"]), None)
@@ -385,7 +388,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
 def _run_cell(args, method: str, spec, autocast: str, batch_size: int, layers: list[int], moments: dict, editable,
               tokenizer, model, context_groups, requests, records, num_pairs: int, restore, device,
-              progress: bool) -> dict:
+              progress: bool, reference: dict) -> dict:
     """One method × v* precision × batch size cell, ``args.repeats`` times from the unedited weights."""
     runs = []
     for repeat in range(args.repeats):
@@ -393,7 +396,7 @@ def _run_cell(args, method: str, spec, autocast: str, batch_size: int, layers: l
         torch.manual_seed(args.seed)
         reset_peak_memory(device)
         editor = assemble_method(spec, editable, tokenizer, layers, moments, seed=args.seed,
-                                 context_groups=context_groups).editor
+                                 context_groups=context_groups, **(reference if spec.target_scaling else {})).editor
         total = target = solve = 0.0
         probs: list[float] = []
         request_steps: list[int] = []

@@ -99,9 +99,10 @@ def method_families() -> tuple[MetricFamily, ...]:
     ``alphaedit/L<i>/null_dims``, ``lyaplock/L<i>/queue``, ``rect/L<i>/energy_kept``, ``prune/L<i>/*``,
     ``grace/codebook_size``, ``wise/threshold`` …): read from the stage registry, so a new stage or editor kind is
     listed without touching this file. Logged after every batch (restraints: at every restraint)."""
-    from methods.stages import EDITOR_KINDS, RESTRAINTS, SOLVERS, TRANSFORMS
+    from methods.stages import EDITOR_KINDS, RESTRAINTS, SOLVERS, TARGET_SCALINGS, TRANSFORMS
 
-    registries = (("solver", SOLVERS), ("update transform", TRANSFORMS), ("restraint", RESTRAINTS),
+    registries = (("solver", SOLVERS), ("target scaling", TARGET_SCALINGS), ("update transform", TRANSFORMS),
+                  ("restraint", RESTRAINTS),
                   ("editor kind", {name: kind.editor for name, kind in EDITOR_KINDS.items()}))
     families = []
     for role, registry in registries:

@@ -7,6 +7,8 @@ benchmark (benchmarks/bench_editing.py) share.
               its corpus and cache
   editor      built by the stage registry (methods/stages.py): a locate-then-edit composition, FT, or a registered
               editor kind (UltraEdit, GRACE, WISE)
+  r           NAS's anchor norm (a ``target_scaling: nas`` method): solved on the unedited model from reference
+              requests the caller picks, cached by content key (methods/target_scaling/nas.py)
   restraint   PRUNE-style restraints act on the cumulative W − W₀, so they keep the unedited weights W₀
 """
 
@@ -20,6 +22,9 @@ import torch
 from methods.infra.arch import EditableModel
 from methods.context import generate_context_templates
 from methods.editor import other_matrices, written_layers
+from methods.infra.cache import default_cache_dir
+from methods.requests import EditRequest
+from methods.target_scaling.nas import reference_norm
 from methods.stages import FINE_TUNING, NO_SOLVER, MethodSpec, build_editor, build_restraint
 
 
@@ -62,12 +67,29 @@ def resolve_layers(editable: EditableModel, spec: MethodSpec, who: str) -> list[
     return layers
 
 
+def _prepare_target_scaling(spec: MethodSpec, editor, reference_requests, model_key: str,
+                            cache_dir: Path | None) -> None:
+    """Set NAS's anchor norm r from the reference requests (solved once per model and v* settings, then cached)."""
+    if not reference_requests:
+        raise AssemblyError(f"target_scaling {spec.target_scaling!r} needs reference requests to measure its anchor "
+                            "norm on the unedited model; none were given")
+    if not model_key:
+        raise AssemblyError(f"target_scaling {spec.target_scaling!r} caches its anchor norm by the weights' key; "
+                            "no model_key was given")
+    scaling = editor.target_scaling
+    entry = reference_norm(editor, reference_requests, scaling.trim, model_key,
+                           cache_dir if cache_dir is not None else default_cache_dir())
+    scaling.prepare(entry["reference_norm"])
+
+
 def assemble_method(spec: MethodSpec, editable: EditableModel, tokenizer, layers: list[int],
                     moments: dict[int, torch.Tensor], *, seed: int, cache_dir: Path | None = None,
-                    context_groups: list[list[str]] | None = None) -> MethodAssembly:
+                    context_groups: list[list[str]] | None = None,
+                    reference_requests: list[EditRequest] | None = None, model_key: str = "") -> MethodAssembly:
     """The editor, restraint and unedited weights of ``spec`` on ``editable``. ``moments`` holds C for (at least)
     ``layers`` when the method writes weights; ``context_groups`` are generated (seeded) when a locate-then-edit
-    method needs them and none are given."""
+    method needs them and none are given. A method with target scaling (NAS) needs ``reference_requests`` and the
+    unedited weights' ``model_key`` (its cache key); ``editable`` must then be unedited."""
     device = editable.parameter_device()
     editor, groups = None, []
     writes = spec.edits_weights
@@ -83,6 +105,8 @@ def assemble_method(spec: MethodSpec, editable: EditableModel, tokenizer, layers
             groups = (context_groups if context_groups is not None
                       else generate_context_templates(editable.model, tokenizer, seed=seed))
         editor = build_editor(spec, editable, tokenizer, layers, kept, groups, seed=seed, cache_dir=cache_dir)
+        if spec.target_scaling is not None:
+            _prepare_target_scaling(spec, editor, reference_requests, model_key, cache_dir)
     originals = {layer: editable.weight(layer).detach().clone() for layer in written_layers(editor, layers)}
     others = {label: weight.detach().clone() for label, weight in other_matrices(editor).items()}
     restraint = build_restraint(spec)

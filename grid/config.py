@@ -254,7 +254,7 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-PRESET_KEYS = ("editor", "solver", "transforms", "restraint", "retrieval", "tags", "hparams")
+PRESET_KEYS = ("editor", "solver", "target_scaling", "transforms", "restraint", "retrieval", "tags", "hparams")
 
 
 def method_settings(method: str, hparam_overrides: dict) -> MethodSpec:
@@ -271,7 +271,8 @@ def method_settings(method: str, hparam_overrides: dict) -> MethodSpec:
             raise ConfigError(str(preset_path(method)), [f"{method!r}: the base preset already has retrieval "
                                                          f"{base.retrieval!r}"])
         return MethodSpec(solver=base.solver, transforms=base.transforms, editor=base.editor, restraint=base.restraint,
-                          retrieval=scr.retrieval, hparams={**base.hparams, **scr.hparams, **(hparam_overrides or {})},
+                          target_scaling=base.target_scaling, retrieval=scr.retrieval,
+                          hparams={**base.hparams, **scr.hparams, **(hparam_overrides or {})},
                           tags={**base.tags, **scr.tags})
     path = preset_path(method)
     preset = load_yaml(path)
@@ -282,7 +283,7 @@ def method_settings(method: str, hparam_overrides: dict) -> MethodSpec:
                                       f"hparams a mapping (unknown keys: {unknown or 'none'})"])
     editor = preset.get("editor", LOCATE_THEN_EDIT)
     spec = MethodSpec(solver=preset.get("solver", method if editor == LOCATE_THEN_EDIT else NO_SOLVER),
-                      editor=editor, transforms=tuple(transforms),
+                      editor=editor, transforms=tuple(transforms), target_scaling=preset.get("target_scaling"),
                       restraint=preset.get("restraint"), retrieval=preset.get("retrieval"),
                       tags=dict(preset.get("tags") or {}))
     # A preset lists only what differs from the stage registry's defaults (methods/stages.py); the resolved hparams

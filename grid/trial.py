@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -143,13 +144,14 @@ def run_trial(trial: Trial, tracking_uri: str, parent_run_id: str | None = None,
     tags = {"editgrid.role": "trial", "editgrid.trial_index": trial.index,
             "editgrid.axes": json.dumps(trial.axes, sort_keys=True, default=str),
             "editgrid.trial_id": trial.trial_id, "editgrid.method": cfg["method"], "editgrid.editor": spec.editor,
-            "editgrid.solver": spec.solver,
+            "editgrid.solver": spec.solver, "editgrid.target_scaling": spec.target_scaling or "none",
             "editgrid.transforms": ",".join(spec.transforms) or "none", "editgrid.restraint": spec.restraint or "none",
             "editgrid.retrieval": spec.retrieval or "none",
             "editgrid.model": str(cfg["model"]), "editgrid.data": str(cfg["data"]["path"]),
             "editgrid.protocol": "teacher_forced", **spec.tags}
     params = {**cfg, "method_hparams": spec.hparams, "editor": spec.editor, "solver": spec.solver,
-              "transforms": list(spec.transforms), "restraint": spec.restraint, "retrieval": spec.retrieval}
+              "target_scaling": spec.target_scaling, "transforms": list(spec.transforms), "restraint": spec.restraint,
+              "retrieval": spec.retrieval}
     # Only trials of a grid checkpoint: resuming needs the parent run to find the interrupted attempt.
     store = checkpoint_store(cfg, trial.trial_id) if parent_run_id else None
     with TrialTracker(tracking_uri, cfg["experiment"], trial.name, params=params, tags=tags,
@@ -269,11 +271,31 @@ class TrialRun:
         if self.spec.edits_model and self.spec.kind is None:  # v*'s context templates (locate-then-edit only)
             groups = generate_context_templates(self.model, self.tokenizer, seed=self.cfg["seed"])
             self.tracker.log_dict({"context_templates": groups}, "editing/context_templates.json")
+        reference = self._reference_requests() if self.spec.target_scaling else None
         try:
-            return assemble_method(self.spec, self.editable, self.tokenizer, layers, moments, seed=self.cfg["seed"],
-                                   cache_dir=self.cache_dir, context_groups=groups)
+            method = assemble_method(self.spec, self.editable, self.tokenizer, layers, moments, seed=self.cfg["seed"],
+                                     cache_dir=self.cache_dir, context_groups=groups, reference_requests=reference,
+                                     model_key=self.model_key)
         except AssemblyError as err:
             raise TrialError(f"trial {self.trial.name}: {err}") from err
+        if reference:
+            scaling = method.editor.target_scaling
+            self.tracker.log_dict({"reference_norm": scaling.reference_norm, "reference_requests": len(reference),
+                                   "trim": scaling.trim, "skip_factor": scaling.skip_factor},
+                                  f"editing/{scaling.name}_reference.json")
+        return method
+
+    def _reference_requests(self) -> list[EditRequest]:
+        """NAS's reference requests: a seeded sample of ``nas_samples`` records of the whole data file (edited ones
+        included, as in the reference code, which samples CounterFact), or all of them when it holds fewer."""
+        data = self.cfg["data"]
+        pool = load_records(data["path"], format=data["format"])
+        wanted = self.spec.hparam("nas_samples")
+        if len(pool) < wanted:
+            logger.warning("trial %s: %s has %d records, fewer than nas_samples=%d: NAS's anchor norm uses all of "
+                           "them", self.trial.name, data["path"], len(pool), wanted)
+        chosen = sorted(random.Random(self.cfg["seed"]).sample(range(len(pool)), min(wanted, len(pool))))
+        return [to_request(pool[i]) for i in chosen]
 
     # -- evaluation ---------------------------------------------------------------------------------------------
 

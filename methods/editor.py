@@ -12,6 +12,7 @@ Sequential locate-then-edit: one batch of requests → v* at the last edited lay
 The stages are pluggable (DEVELOPERS.md "a method is a composition of small stages"):
   target site   where v* lives: "block" (MEMIT/AlphaEdit: block output) or "mlp" (AdaEdit's FFN-only target)
   solver        how Δ is solved from keys and residuals (methods/solvers)
+  target scaling  what is done to v* before the solve (NAS's norm anchor, methods/target_scaling) — optional
   transforms    what is done to Δ before it is added (e.g. RECT, SRFusion) — callables Δ, W → Δ'
   (restraints such as PRUNE act on the cumulative W − W₀ and are applied by the trial runner, grid/trial.py)
 
@@ -29,12 +30,26 @@ from typing import Literal, Protocol
 import torch
 
 from methods.infra.arch import EditableModel
-from methods.keys import compute_keys, compute_keys_and_site_outputs
+from methods.keys import compute_keys, compute_keys_and_site_outputs, compute_site_outputs
 from methods.requests import EditRequest
 from methods.residual_space import norm_gain, residuals_before_post_norm
 from methods.solvers.base import Solver
 from methods.targets import TargetHParams, compute_target_values
 
+
+
+class TargetScaling(Protocol):
+    """Rescaling of a batch's v* before the solve (methods/target_scaling): (h, v*, the MLP's output v₀) → v*'."""
+
+    name: str
+
+    def __call__(self, initial: torch.Tensor, values: torch.Tensor, mlp_outputs: torch.Tensor) -> torch.Tensor: ...
+
+    def metrics(self) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 class UpdateTransform(Protocol):
@@ -134,7 +149,7 @@ class LocateThenEditEditor:
     def __init__(self, editable: EditableModel, tokenizer, layers: list[int], solver: Solver,
                  second_moments: dict[int, torch.Tensor], context_groups: list[list[str]],
                  target_hparams: TargetHParams, target_site: Literal["block", "mlp"] = "block",
-                 transforms: list[UpdateTransform] | None = None):
+                 transforms: list[UpdateTransform] | None = None, target_scaling: TargetScaling | None = None):
         self.editable = editable
         self.tokenizer = tokenizer
         self.layers = sorted(layers)
@@ -143,6 +158,7 @@ class LocateThenEditEditor:
         self.target_hparams = target_hparams
         self.target_site = target_site
         self.transforms = transforms or []
+        self.target_scaling = target_scaling
         if solver.max_layers is not None and len(self.layers) > solver.max_layers:
             raise ValueError(f"solver {solver.name!r} edits at most {solver.max_layers} layer(s), got {self.layers}")
         solver.prepare(self.layers, second_moments, {layer: editable.weight(layer) for layer in self.layers})
@@ -151,19 +167,44 @@ class LocateThenEditEditor:
         out = dict(self.solver.metrics())
         for transform in self.transforms:
             out.update(transform.metrics())
+        if self.target_scaling is not None:
+            out.update(self.target_scaling.metrics())
         return out
 
     def state_dict(self) -> dict:
         """What a sequential run needs besides the weights to continue after this batch (trial checkpoints)."""
-        return {"solver": self.solver.state_dict(), "transforms": transform_states(self.transforms)}
+        state = {"solver": self.solver.state_dict(), "transforms": transform_states(self.transforms)}
+        if self.target_scaling is not None:
+            state["target_scaling"] = self.target_scaling.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.solver.load_state_dict(state["solver"])
         load_transform_states(self.transforms, state["transforms"])
+        if self.target_scaling is not None:
+            self.target_scaling.load_state_dict(state["target_scaling"])
 
     def _site(self) -> torch.nn.Module:
         last = self.layers[-1]
         return self.editable.block(last) if self.target_site == "block" else self.editable.mlp(last)
+
+    def _mlp_contribution(self) -> torch.nn.Module:
+        """The module whose output is what the MLP of the site layer adds to the residual stream: the post-MLP norm
+        where the architecture has one (Gemma), else the MLP; the MLP itself when it is the site."""
+        last = self.layers[-1]
+        post_norm = self.editable.mlp_post_norm(last) if self.target_site == "block" else None
+        return post_norm if post_norm is not None else self.editable.mlp(last)
+
+    def _targets(self, requests: list[EditRequest], context_groups: list[list[str]]):
+        return compute_target_values(self.editable.model, self.tokenizer, self._site(), requests, context_groups,
+                                     self.target_hparams, blocks=self.editable.blocks, site_layer=self.layers[-1])
+
+    def value_norms(self, requests: list[EditRequest], context_groups: list[list[str]]) -> list[float]:
+        """‖v₀ + δ‖ per request: the norm of the MLP output each edit asks for at the site, with v* solved on the
+        model as it is now (NAS's reference statistic, methods/target_scaling/nas.py)."""
+        target = self._targets(requests, context_groups)
+        v0 = compute_site_outputs(self.editable, self.tokenizer, requests, self._mlp_contribution()).t()
+        return [float(x) for x in (v0.to(target.values.device) + target.values - target.initial).norm(dim=1)]
 
     def _post_norm(self, layer: int):
         """The post-MLP norm to rescale block-space residuals through (only where v* aims at the block output)."""
@@ -172,11 +213,15 @@ class LocateThenEditEditor:
     def apply(self, requests: list[EditRequest]) -> BatchReport:
         start = time.perf_counter()
         site = self._site()
-        target = compute_target_values(self.editable.model, self.tokenizer, site, requests, self.context_groups,
-                                       self.target_hparams, blocks=self.editable.blocks, site_layer=self.layers[-1])
+        target = self._targets(requests, self.context_groups)
+        values = target.values
+        if self.target_scaling is not None:
+            mlp_outputs = (target.initial if self.target_site == "mlp" else
+                           compute_site_outputs(self.editable, self.tokenizer, requests, self._mlp_contribution()).t())
+            values = self.target_scaling(target.initial, values, mlp_outputs.to(values.device))
         target_seconds = time.perf_counter() - start
         solve_start = time.perf_counter()
-        values = target.values.t().double()  # [d, n]
+        values = values.t().double()  # [d, n]
         residual_norm, update_norm = {}, {}
         for i, layer in enumerate(self.layers):
             # Keys of this layer and h_L, both read with the earlier layers of this batch already updated.

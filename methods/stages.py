@@ -5,6 +5,7 @@ A method (a preset in configs/presets/*.yaml, DEVELOPERS.md) is a composition:
   target site   where v* lives — ``target_site: block`` (MEMIT) or ``mlp`` (AdaEdit's FFN-only targets, ROME)
   solver        how Δ is solved per layer: memit, alphaedit, lyaplock, rome (methods/solvers) — or ft, which
                 fine-tunes instead of solving (methods/finetune.py)
+  target scaling  v* → v*' before the solve: nas (NAS's norm anchor, methods/target_scaling); optional
   transforms    Δ → Δ' before it is added, in order: rect, srfusion, random_drop, magnitude_topk (methods/transforms)
   restraint     on the cumulative W − W₀: prune, once or every step (methods/restraints)
   retrieval     a fact memory in front of the model: scr (retrieval/, run by the trial runner). With
@@ -43,6 +44,7 @@ from methods.solvers.alphaedit import AlphaEditSolver
 from methods.solvers.lyaplock import LyapLockSolver
 from methods.solvers.memit import MemitSolver
 from methods.solvers.rome import RomeSolver
+from methods.target_scaling.nas import NormAnchor
 from methods.targets import ATTENTION_CHOICES, AUTOCAST_DTYPES, TargetHParams
 from methods.transforms.rect import Rect
 from methods.transforms.sparsify import MagnitudeTopK, RandomDrop
@@ -148,6 +150,17 @@ TRANSFORM_PARAMS: dict[str, dict[str, Param]] = {
     "magnitude_topk": {"topk_k": Param(NUMBER, _fraction, "in (0, 1]", arg="keep")},
 }
 TRANSFORMS = {"rect": Rect, "srfusion": SRFusion, "random_drop": RandomDrop, "magnitude_topk": MagnitudeTopK}
+
+TARGET_SCALING_PARAMS: dict[str, dict[str, Param]] = {
+    "nas": {
+        "nas_samples": Param(int, lambda v: v >= 1, "an integer >= 1", arg="samples"),
+        "nas_trim": Param(NUMBER, lambda v: 0 <= v < 1, "in [0, 1)", arg="trim"),
+        "nas_skip_factor": Param(NUMBER, _positive, "> 0", arg="skip_factor"),
+    },
+}
+TARGET_SCALINGS = {"nas": NormAnchor}
+# The solvers that spread a v* over their layers, so that rescaling v* means something (not ft, not none)
+SCALABLE_SOLVERS = ("memit", "alphaedit", "lyaplock", "rome")
 
 RESTRAINT_PARAMS: dict[str, dict[str, Param]] = {
     "prune": {
@@ -278,6 +291,7 @@ class MethodSpec:
     solver: str
     transforms: tuple[str, ...] = ()
     editor: str = LOCATE_THEN_EDIT
+    target_scaling: str | None = None
     restraint: str | None = None
     retrieval: str | None = None
     hparams: dict = field(default_factory=dict)
@@ -311,6 +325,8 @@ class MethodSpec:
         if self.solver in SOLVER_PARAMS:
             owner = FineTuneHParams if self.solver == FINE_TUNING else SOLVERS.get(self.solver)
             groups.append(((owner,) if owner else (), SOLVER_PARAMS[self.solver]))
+        if self.target_scaling in TARGET_SCALINGS:
+            groups.append(((TARGET_SCALINGS[self.target_scaling],), TARGET_SCALING_PARAMS[self.target_scaling]))
         for name in self.transforms:
             if name in TRANSFORMS:
                 groups.append(((TRANSFORMS[name],), TRANSFORM_PARAMS[name]))
@@ -415,6 +431,14 @@ def method_problems(spec: MethodSpec, where: str = "hparams") -> list[str]:
     for name in spec.transforms:
         if name not in TRANSFORMS:
             problems.append(f"transform {name!r} is unknown (known: {', '.join(sorted(TRANSFORMS))})")
+    if spec.target_scaling is not None:
+        if spec.target_scaling not in TARGET_SCALINGS:
+            problems.append(f"target_scaling {spec.target_scaling!r} is unknown (known: "
+                            f"{', '.join(sorted(TARGET_SCALINGS))})")
+        elif spec.kind is not None or spec.solver not in SCALABLE_SOLVERS:
+            what = f"editor {spec.editor!r}" if spec.kind is not None else f"solver {spec.solver!r}"
+            problems.append(f"target_scaling {spec.target_scaling!r} rescales the v* a closed-form solver spreads "
+                            f"over its layers ({', '.join(SCALABLE_SOLVERS)}); {what} has none")
     if spec.restraint is not None and spec.restraint not in RESTRAINTS:
         problems.append(f"restraint {spec.restraint!r} is unknown (known: {', '.join(sorted(RESTRAINTS))})")
     if spec.retrieval is not None and spec.retrieval not in RETRIEVAL_PARAMS:
@@ -425,7 +449,8 @@ def method_problems(spec: MethodSpec, where: str = "hparams") -> list[str]:
         return problems
     allowed = spec.allowed_params()
     first = spec.solver if spec.kind is None else spec.editor
-    stages = "+".join([first, *spec.transforms, *(s for s in (spec.restraint, spec.retrieval) if s)])
+    stages = "+".join([first, *(s for s in (spec.target_scaling,) if s), *spec.transforms,
+                       *(s for s in (spec.restraint, spec.retrieval) if s)])
     for key, value in spec.hparams.items():
         param = allowed.get(key)
         if param is None:
@@ -483,6 +508,13 @@ def build_transforms(spec: MethodSpec, seed: int = 0) -> list:
     return out
 
 
+def build_target_scaling(spec: MethodSpec):
+    if spec.target_scaling is None:
+        return None
+    return TARGET_SCALINGS[spec.target_scaling](**_constructor_args(TARGET_SCALING_PARAMS[spec.target_scaling],
+                                                                     spec.hparams))
+
+
 def build_restraint(spec: MethodSpec):
     if spec.restraint is None:
         return None
@@ -504,4 +536,5 @@ def build_editor(spec: MethodSpec, editable, tokenizer, layers: list[int], secon
     return LocateThenEditEditor(editable, tokenizer, layers, build_solver(spec.solver, spec.hparams, cache_dir),
                                 second_moments,
                                 context_groups, build_target_hparams(spec.hparams),
-                                target_site=spec.hparam("target_site"), transforms=transforms)
+                                target_site=spec.hparam("target_site"), transforms=transforms,
+                                target_scaling=build_target_scaling(spec))

@@ -152,3 +152,17 @@ def test_bench_stats_paired_smoke(tmp_path, tiny_llama_dir, small_corpus, capsys
     assert "current / against per round" in capsys.readouterr().out
     assert module.main(["--against", str(tmp_path / "missing.py"), "--corpus", str(small_corpus)]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_bench_runs_a_target_scaling_method_with_its_anchor_from_the_benchmarks_records(tmp_path, tiny_llama_dir,
+                                                                                       small_corpus):
+    out = tmp_path / "bench.json"
+    code = _load_bench().main(["--model", str(tiny_llama_dir), "--num-edits", "2", "--data", "builtin",
+                               "--methods", "memit+nas", "--stats-corpus", str(small_corpus),
+                               "--stats-tokens", "2000", "--cache-dir", str(tmp_path / "cache"), "--layers", "1,2",
+                               "--json-out", str(out), "--quiet", "--set", "v_num_grad_steps=3",
+                               "--eval-generations", "0", "--batch-sizes", "1"])
+    assert code == 0
+    (cell,) = json.loads(out.read_text())["cells"]
+    assert cell["method"] == "memit+nas" and cell["edits"] == 2
+    assert len(list((tmp_path / "cache" / "nas").glob("*.json"))) == 1  # r from the 2 edited records, cached

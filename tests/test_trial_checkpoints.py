@@ -83,8 +83,9 @@ def test_interrupted_trial_resumes_from_its_checkpoint_with_the_uninterrupted_hi
 GATE_UP = ["hparams.layers=null", "hparams.ultra_targets={gate_proj: [1], up_proj: [2]}"]
 
 
-@pytest.mark.parametrize("method,settings", [("alphaedit", []), ("scr", []), ("wise", []), ("ultraedit", GATE_UP)],
-                         ids=["alphaedit", "scr", "wise", "ultraedit-gate-up"])
+@pytest.mark.parametrize("method,settings", [("alphaedit", []), ("scr", []), ("wise", []), ("ultraedit", GATE_UP),
+                                             ("alphaedit+nas", ["hparams.nas_samples=5"])],
+                         ids=["alphaedit", "scr", "wise", "ultraedit-gate-up", "alphaedit-nas"])
 def test_a_trial_resumes_from_a_state_saved_between_evaluations(method, settings, tmp_path, tiny_llama_dir,
                                                                   small_corpus, monkeypatch):
     # every_minutes 0: the state is saved after every batch, so the attempt dies with step 3 saved, which is no
@@ -92,7 +93,11 @@ def test_a_trial_resumes_from_a_state_saved_between_evaluations(method, settings
     # gate/up projections: matrices other than the MLP output are checkpointed and diagnosed too.
     history = _check_resume(method, tmp_path, tiny_llama_dir, small_corpus, monkeypatch,
                             ["checkpoints.every_minutes=0", *settings], saved_step=3)
-    if settings:
+    if method == "alphaedit+nas":  # r solved once on the unedited model, from 5 records, then read from the cache
+        assert len(list((tmp_path / "cache" / "nas").glob("*.json"))) == 1
+        (r,) = {value for _, value in history["nas/reference_norm"]}
+        assert r > 0 and history["nas/anchored_edits"][-1] == (6, 6 - history["nas/skipped_edits"][-1][1])
+    elif settings:
         for name in ("diag/L1.gate_proj/sigma_max_delta", "diag/L2.up_proj/cond", "editing/L1.gate_proj/update_norm",
                      "ultraedit/L2.up_proj/mean_abs_value"):
             assert name in history, sorted(history)
