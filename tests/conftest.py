@@ -44,6 +44,16 @@ def smollm2():
     return load_model("smollm2-135m")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run much faster on one thread than on a contended pool; the setting is restored afterwards.
+    A test module asks for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _freeze(model):
     model.eval()
     for p in model.parameters():

@@ -61,13 +61,7 @@ V_REQUESTS = REQUESTS + END_REQUESTS[:1]
 # helpers: unpadded, hook-based references
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run much faster on one thread than on a contended pool; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ids(tokenizer, text: str) -> list[int]:

@@ -24,12 +24,7 @@ HP = TargetHParams(v_num_grad_steps=4)
 LAYERS = [1, 2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _moments(editable, seed=3):

@@ -21,12 +21,7 @@ from methods.targets import TargetHParams, compute_target_values
 D, M = 8, 20
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _spd(m: int, g: torch.Generator) -> torch.Tensor:
