@@ -66,7 +66,12 @@ def anchor_values(initial: torch.Tensor, values: torch.Tensor, mlp_outputs: torc
 @dataclass
 class NormAnchor:
     """The NAS target-scaling stage. ``prepare(r)`` sets the anchor norm before the first batch (grid/assembly.py
-    computes it with ``reference_norm``); ``__call__`` rescales a batch's targets."""
+    computes it with ``reference_norm``); ``__call__`` rescales a batch's targets.
+
+    Metrics after every batch: ``nas/reference_norm`` r; ``nas/norm_ratio_mean`` and ``nas/norm_ratio_max`` ‖u‖/r
+    of the batch's edits before scaling (above 1: the edit asked for a larger MLP output than the anchor);
+    ``nas/batch_skipped`` the batch's skipped edits; ``nas/anchored_edits`` and ``nas/skipped_edits`` the trial's
+    rescaled and skipped edits so far."""
 
     samples: int = 1000  # reference requests for r (the whole pool when it is smaller)
     trim: float = 0.05  # share of the largest reference norms dropped from r's mean
@@ -104,7 +109,6 @@ class NormAnchor:
         return anchored
 
     def metrics(self) -> dict[str, float]:
-        """r; the edits skipped and rescaled so far; the latest batch's ‖u‖/r (mean, max) and skips."""
         out = dict(self._latest)
         if self.reference_norm is not None:
             out["nas/reference_norm"] = self.reference_norm
