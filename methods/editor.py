@@ -188,12 +188,16 @@ class LocateThenEditEditor:
         last = self.layers[-1]
         return self.editable.block(last) if self.target_site == "block" else self.editable.mlp(last)
 
-    def _mlp_contribution(self) -> torch.nn.Module:
-        """The module whose output is what the MLP of the site layer adds to the residual stream: the post-MLP norm
-        where the architecture has one (Gemma), else the MLP; the MLP itself when it is the site."""
+    def _mlp_outputs(self, requests: list[EditRequest], target) -> torch.Tensor:
+        """v₀ [n, d]: what the site layer's MLP adds to the residual stream at the subject's last token of each plain
+        prompt — h itself when the MLP output is the site; else read at the post-MLP norm where the architecture
+        has one (Gemma), or at the MLP."""
+        if self.target_site == "mlp":
+            return target.initial
         last = self.layers[-1]
-        post_norm = self.editable.mlp_post_norm(last) if self.target_site == "block" else None
-        return post_norm if post_norm is not None else self.editable.mlp(last)
+        post_norm = self.editable.mlp_post_norm(last)
+        module = post_norm if post_norm is not None else self.editable.mlp(last)
+        return compute_site_outputs(self.editable, self.tokenizer, requests, module).t().to(target.values.device)
 
     def _targets(self, requests: list[EditRequest], context_groups: list[list[str]]):
         return compute_target_values(self.editable.model, self.tokenizer, self._site(), requests, context_groups,
@@ -203,8 +207,8 @@ class LocateThenEditEditor:
         """‖v₀ + δ‖ per request: the norm of the MLP output each edit asks for at the site, with v* solved on the
         model as it is now (NAS's reference statistic, methods/target_scaling/nas.py)."""
         target = self._targets(requests, context_groups)
-        v0 = compute_site_outputs(self.editable, self.tokenizer, requests, self._mlp_contribution()).t()
-        return [float(x) for x in (v0.to(target.values.device) + target.values - target.initial).norm(dim=1)]
+        v0 = self._mlp_outputs(requests, target)
+        return [float(x) for x in (v0 + target.values - target.initial).norm(dim=1)]
 
     def _post_norm(self, layer: int):
         """The post-MLP norm to rescale block-space residuals through (only where v* aims at the block output)."""
@@ -216,9 +220,7 @@ class LocateThenEditEditor:
         target = self._targets(requests, self.context_groups)
         values = target.values
         if self.target_scaling is not None:
-            mlp_outputs = (target.initial if self.target_site == "mlp" else
-                           compute_site_outputs(self.editable, self.tokenizer, requests, self._mlp_contribution()).t())
-            values = self.target_scaling(target.initial, values, mlp_outputs.to(values.device))
+            values = self.target_scaling(target.initial, values, self._mlp_outputs(requests, target))
         target_seconds = time.perf_counter() - start
         solve_start = time.perf_counter()
         values = values.t().double()  # [d, n]
