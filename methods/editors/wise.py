@@ -48,13 +48,12 @@ import torch.nn.functional as F
 
 from methods.infra.arch import EditableModel
 from methods.editor import BatchReport
+from methods.editors.templates import context_templates, greedy_continuations
 from methods.finetune import answer_positions
 from methods.requests import EditRequest
 from methods.targets import logits_at, replaying_below
 from methods.infra.tokens import TextSpan, encode_spans, positions_from_mask
 
-TEMPLATE_STARTERS = ("I", "You", "Because", "Yes", "Q: ")
-TEMPLATE_LENGTHS = (5, 10)
 IRRELEVANT_STARTERS = ("The weather", "In 1998,", "My favourite", "A recipe for", "The river", "Scientists say",
                        "The football match", "Once upon a time", "The museum", "Her new song", "The train to",
                        "Mathematics is", "The old castle", "A good night's sleep", "The election", "Coffee is",
@@ -127,20 +126,6 @@ def ties_merge(base: torch.Tensor, shards: list[torch.Tensor], weights: list[flo
     return (base.to(torch.float64) + tau).to(base.dtype)
 
 
-def _greedy_continuations(model, tokenizer, starters, length: int) -> list[str]:
-    device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        batch = tokenizer(list(starters), return_tensors="pt", padding=True).to(device)
-    finally:
-        tokenizer.padding_side = side
-    with torch.no_grad():
-        out = model.generate(**batch, do_sample=False, max_new_tokens=length, pad_token_id=tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(out, skip_special_tokens=True)
-    return [" ".join(t.replace("{", " ").replace("}", " ").split()) for t in texts]
-
-
 class WiseEditor:
     writes_weights = False  # the main matrix W₀ never changes in place; W_L, W′ and the shards are the state
 
@@ -166,10 +151,8 @@ class WiseEditor:
         self._training = False
         self._mask_of_batch: torch.Tensor | None = None
         self._served: list[torch.Tensor] | None = None  # while served_rows runs: each forward's routing per row
-        self.templates = ["{}"] + [f"{c} {{}}" for length in TEMPLATE_LENGTHS
-                                   for c in _greedy_continuations(editable.model, tokenizer, TEMPLATE_STARTERS,
-                                                                  length)]
-        self.irrelevant = _greedy_continuations(editable.model, tokenizer, IRRELEVANT_STARTERS, 12)
+        self.templates = context_templates(editable.model, tokenizer)
+        self.irrelevant = greedy_continuations(editable.model, tokenizer, IRRELEVANT_STARTERS, 12)
         self._hooks = [editable.model.register_forward_pre_hook(self._remember_mask, with_kwargs=True),
                        self.module.register_forward_hook(self._route)]
 
