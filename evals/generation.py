@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from evals.batching import left_padded, model_device
-from methods.infra.kv_cache import cache_argument, fork_cache, with_cache
+from methods.infra.kv_cache import cache_argument, fork_cache, needs_whole_sequences, with_cache
 
 # A shared prefix shorter than this is run with every row: one extra forward pass and a cache copy per batch cost
 # more than the few tokens they save.
@@ -78,6 +78,7 @@ def generate_greedy(model: torch.nn.Module, tokenizer, prompts: list[str], max_n
     results: list[Generation | None] = [None] * len(prompts)
     stop_strings = [s for s in stop if s]
     cache_name = cache_argument(model)
+    share_prefix = share_prefix and not needs_whole_sequences(model)  # an editor routes by the whole prompt
     prefix_len = shared_prefix_length(encoded) if share_prefix and len(prompts) > 1 and cache_name else 0
     prefix_len = prefix_len if prefix_len >= MIN_SHARED_PREFIX_TOKENS else 0
     prefix_ids, prefix_cache = None, None

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from evals.batching import left_padded, model_device, positions_from_mask
 from evals.records import EditRecord, PromptCase
 from evals.metric_names import EDIT_RATES as METRIC_ORDER, EDIT_SCORE, EVAL_NUM_RECORDS, SCORE_PARTS, edit_metric
-from methods.infra.kv_cache import cache_argument, with_cache
+from methods.infra.kv_cache import cache_argument, needs_whole_sequences, with_cache
 
 GAP_METRICS = ("efficacy_prob_gap", "generalization_prob_gap", "specificity_prob_gap")
 PROTOCOLS = ("probability", "token_accuracy")
@@ -146,7 +146,8 @@ def score_continuations(model: torch.nn.Module, tokenizer, prompts: list[str], c
         return []
     pairs = [_tokenise_pair(tokenizer, p, c) for p, c in zip(prompts, continuations)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out; any id works
-    if cache_argument(model) is not None and hasattr(model, "base_model"):
+    # An editor that routes by the whole sequence (WISE, MEMOIR) must see each pair in one forward.
+    if cache_argument(model) is not None and hasattr(model, "base_model") and not needs_whole_sequences(model):
         scored = _score_shared_prompts(model, pairs, pad_id, batch_size, progress)
     else:
         scored = _score_whole_pairs(model, pairs, pad_id, batch_size, progress)

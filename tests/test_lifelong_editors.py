@@ -14,6 +14,7 @@ from methods.editors.grace import Codebook, GraceEditor, GraceHParams
 from methods.editors.ultraedit import (NORMALIZER_EPS, RunningMeanStd, UltraEditEditor, UltraEditHParams,
                                        ultraedit_delta)
 from methods.finetune import target_nll_batch
+from methods.infra.kv_cache import needs_whole_sequences
 from methods.requests import EditRequest
 from methods.stages import build_editor
 
@@ -451,6 +452,7 @@ def test_memory_editors_report_which_rows_their_memory_serves(tiny_llama, smol_t
 
     wise = WiseEditor(editable, smol_tokenizer, [2], WiseHParams())
     try:
+        assert needs_whole_sequences(tiny_llama)  # routed by all of a sequence's tokens: no cached prompts
         assert wise.served_rows(ids, mask).tolist() == [False, False]  # nothing edited
         wise.edits, wise.side = 1, wise.base + 0.5 * torch.randn(64, 96)
         wise.recorded = [1e-9]  # ε below every score: the side memory serves every row
@@ -460,3 +462,4 @@ def test_memory_editors_report_which_rows_their_memory_serves(tiny_llama, smol_t
         assert sum(wise.routed.values()) == 0  # the counters of metrics() are untouched
     finally:
         wise.remove()
+    assert not needs_whole_sequences(tiny_llama)

@@ -35,7 +35,9 @@ EditGrid's choices, documented: scores average over a sequence's real tokens (th
 original's batch-1 inference has no pads, its training batch averaged over pads too); the irrelevant text x_i of
 each edit comes from a fixed pool of the model's own greedy continuations of generic starters (the original draws
 a zsRE training question; an editor here sees only edit requests); merges happen only in ``apply`` — evaluating
-never changes the editor (the original merges pending shards on the first forward after save_freq edits).
+never changes the editor (the original merges pending shards on the first forward after save_freq edits); while
+WISE is attached, evaluators run each sequence in one forward (methods/infra/kv_cache.py ``mark_whole_sequences``),
+as the original's batch-1 inference does — a forward over a cached prompt would let a suffix be routed alone.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.infra.arch import EditableModel
+from methods.infra.kv_cache import mark_whole_sequences
 from methods.editor import BatchReport
 from methods.editors.templates import context_templates, greedy_continuations
 from methods.finetune import answer_positions
@@ -155,11 +158,16 @@ class WiseEditor:
         self.irrelevant = greedy_continuations(editable.model, tokenizer, IRRELEVANT_STARTERS, 12)
         self._hooks = [editable.model.register_forward_pre_hook(self._remember_mask, with_kwargs=True),
                        self.module.register_forward_hook(self._route)]
+        mark_whole_sequences(editable.model, True)  # a sequence is routed by all its tokens, not a cached suffix
 
     # -- inference ---------------------------------------------------------------------------------------------
     def remove(self) -> None:
+        if not self._hooks:
+            return
         for hook in self._hooks:
             hook.remove()
+        self._hooks = []
+        mark_whole_sequences(self.editable.model, False)
 
     @torch.no_grad()
     def served_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

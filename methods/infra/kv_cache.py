@@ -60,3 +60,21 @@ def fork_cache(cache, rows: torch.Tensor | None = None):
     if rows is not None:
         fork.reorder_cache(rows)
     return fork
+
+
+# Some memory editors route a position by what came before it in the same sequence (MEMOIR's prompt feature is a
+# mean over the prefix), which a forward over a cached prefix cannot show them. Such an editor marks the model while
+# it is attached; evaluators then run every sequence whole (generation still decodes token by token, and the editor
+# carries its per-row state across those steps).
+WHOLE_SEQUENCES_MARK = "_editgrid_whole_sequences"
+
+
+def mark_whole_sequences(model: torch.nn.Module, on: bool) -> None:
+    """Count one more (``on``) or one fewer editor on ``model`` that needs whole sequences."""
+    count = getattr(model, WHOLE_SEQUENCES_MARK, 0) + (1 if on else -1)
+    setattr(model, WHOLE_SEQUENCES_MARK, max(count, 0))
+
+
+def needs_whole_sequences(model: torch.nn.Module) -> bool:
+    """True while an attached editor needs each forward to hold whole sequences (no shared cached prefixes)."""
+    return getattr(model, WHOLE_SEQUENCES_MARK, 0) > 0
