@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from methods.editors.grace import GraceEditor, GraceHParams
+from methods.editors.memoir import MAX_BACKGROUND_SAMPLES, MemoirEditor, MemoirHParams
 from methods.editors.ultraedit import UltraEditEditor, UltraEditHParams, target_layers
 from methods.editor import LocateThenEditEditor
 from methods.editors.wise import WiseEditor, WiseHParams
@@ -281,6 +282,18 @@ EDITOR_KINDS: dict[str, EditorKind] = {
                 "wise_merge_freq": Param(int, lambda v: v >= 1, "an integer >= 1"),
                 "wise_density": FRACTION},
         max_layers=1, default_depths=(0.87,), check=_wise_problems),
+    "memoir": EditorKind(
+        editor=MemoirEditor, settings=MemoirHParams,
+        params={"memoir_lr": Param(NUMBER, _positive, "> 0"),
+                "memoir_n_iter": Param(int, lambda v: v >= 1, "an integer >= 1"),
+                "memoir_active_share": FRACTION,
+                "memoir_threshold": Param(NUMBER, lambda v: 0 <= v <= 1,
+                                          "in [0, 1] (a mask overlap |M_q ∩ M_i| / k)"),
+                "memoir_max_grad_norm": Param(NUMBER, _positive, "> 0"),
+                "memoir_background_samples": Param(int, lambda v: 1 <= v <= MAX_BACKGROUND_SAMPLES,
+                                                   f"an integer in [1, {MAX_BACKGROUND_SAMPLES}] (the background "
+                                                   "texts there are)")},
+        max_layers=1, default_depths=(0.87,)),
 }
 
 

@@ -267,7 +267,8 @@ def test_grace_state_round_trips(tiny_llama, smol_tokenizer):
 # ---------------------------------------------------------------------------------------------- registry
 
 def test_lifelong_presets_expand_and_bad_values_are_refused_together():
-    for method in ("ultraedit", "grace", "wise", "wise-retrieve", "ultraedit+scr", "grace+scr", "wise+scr"):
+    for method in ("ultraedit", "grace", "wise", "wise-retrieve", "memoir", "ultraedit+scr", "grace+scr", "wise+scr",
+                   "memoir+scr"):
         cfg, source = load_config(None, [f"method={method}"])
         (trial,) = expand_trials(cfg, source)
         assert trial.config["method"] == method
@@ -298,6 +299,13 @@ def test_lifelong_presets_expand_and_bad_values_are_refused_together():
         expand_trials(cfg, source)
     message = str(err.value)
     assert "grace_eps_init: -1" in message and "at most 1 layer" in message and "hparams.v_lr: unknown" in message
+    cfg, source = load_config(None, ["method=memoir", "hparams.memoir_threshold=1.5",
+                                     "hparams.memoir_active_share=0", "hparams.memoir_background_samples=500"])
+    with pytest.raises(ConfigError) as err:
+        expand_trials(cfg, source)
+    message = str(err.value)
+    assert ("memoir_threshold: 1.5" in message and "memoir_active_share: 0" in message
+            and "memoir_background_samples: 500" in message)
 
 
 # ---------------------------------------------------------------------------------------------- SmolLM2
@@ -325,7 +333,8 @@ UNRELATED = "The chemical symbol for gold is"
                                                 "gate_proj": [10, 11, 12, 13, 14],
                                                 "up_proj": [17, 18, 19, 20, 21, 22, 23]}}),
                                             ("grace", {"grace_eps_init": 3.0, "grace_n_iter": 30}),
-                                            ("wise-retrieve", {"wise_n_iter": 30})])
+                                            ("wise-retrieve", {"wise_n_iter": 30}),
+                                            ("memoir", {})])
 def test_an_edit_changes_what_smollm2_says_and_leaves_an_unrelated_prompt(method, hparams, smollm2):
     model, tok = smollm2.model, smollm2.tokenizer
     editable = EditableModel.wrap(model)

@@ -138,7 +138,7 @@ def test_the_command_line_prints_the_plan_and_refuses_a_small_device(capsys):
 
 
 def test_method_spec_matches_grid_method_settings():
-    for method in ("memit", "alphaedit", "lyaplock", "ultraedit", "wise", "grace", "ft"):
+    for method in ("memit", "alphaedit", "lyaplock", "ultraedit", "wise", "grace", "memoir", "ft"):
         assert method_spec(method) == method_settings(method, {}), method
 
 

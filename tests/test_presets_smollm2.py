@@ -61,7 +61,8 @@ def test_preset_edits_smollm2_and_logs_its_stages(method, trial_env):
     layers = [int(x) for x in tags["editgrid.layers"].split(",") if x]  # none for scr (no weight edit)
     if spec_solver == "rome":
         assert len(layers) == 1
-    memory_metric = {"grace": "grace/codebook_size", "wise": "wise/threshold"}.get(tags["editgrid.editor"])
+    memory_metric = {"grace": "grace/codebook_size", "wise": "wise/threshold",
+                     "memoir": "memoir/masks"}.get(tags["editgrid.editor"])
     if memory_metric:  # a memory editor: its own diagnostics after every batch, and no weight moved
         assert len(layers) == 1
         assert [m.step for m in client.get_metric_history(result.run_id, memory_metric)] == [2, 4]

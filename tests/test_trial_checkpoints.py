@@ -28,7 +28,8 @@ EDITING = {"scr": [], "ultraedit": ["hparams.layers=[1, 2]", "hparams.ultra_lr=0
            "grace": ["hparams.layers=[2]", "hparams.grace_n_iter=3"],
            # shards every 2 edits, merged every 4: the resumed run must carry a pending shard across the checkpoint
            "wise": ["hparams.layers=[2]", "hparams.wise_n_iter=2", "hparams.wise_save_freq=2",
-                    "hparams.wise_merge_freq=4"]}
+                    "hparams.wise_merge_freq=4"],
+           "memoir": ["hparams.layers=[2]", "hparams.memoir_n_iter=2", "hparams.memoir_background_samples=10"]}
 
 
 def _args(uri, tmp_path, model_dir, corpus, method, extra=()):
@@ -70,7 +71,8 @@ def _interrupt_after(monkeypatch, batches_done: int) -> None:
     monkeypatch.setattr(grid.trial, "batches", failing)
 
 
-@pytest.mark.parametrize("method", ["lyaplock", "alphaedit", "memit+dr", "scr", "ultraedit", "grace", "wise"])
+@pytest.mark.parametrize("method", ["lyaplock", "alphaedit", "memit+dr", "scr", "ultraedit", "grace", "wise",
+                                    "memoir"])
 def test_interrupted_trial_resumes_from_its_checkpoint_with_the_uninterrupted_history(
         method, tmp_path, tiny_llama_dir, small_corpus, monkeypatch):
     # every_minutes null: only the evaluation checkpoints save the state, so the attempt dies with step 2 saved.

@@ -358,6 +358,10 @@ def plan_memory(config, spec, *, batch_size: int, dtype: str = "float32", layers
         copies = 3 + max(1, int(hp.get("wise_merge_freq", 1000)) // max(1, int(hp.get("wise_save_freq", 500))))
         add("editor state", copies * d * m * b_w + d * m,
             f"WISE: {copies} copies × d·m × {b_w} B (W_L, W′, W₀, shards) + d·m mask")
+    elif kind == "memoir":
+        edits = num_edits or n
+        add("editor state", 2 * d * m * 4 + edits * m,
+            f"MEMOIR: W_r and its training copy, d·m × 4 B each, + {edits} masks × m × 1 B")
 
     # activations of a forward/backward, per token per block: ~(8d + 4m) values (norms, q/k/v/attention output,
     # the residual stream, the MLP's gate/up/activation/product)
