@@ -52,7 +52,7 @@ from methods.editor import BatchReport
 from methods.editors.templates import context_templates, greedy_continuations_at
 from methods.finetune import answer_positions
 from methods.infra.arch import EditableModel
-from methods.infra.kv_cache import mark_whole_sequences
+from methods.infra.kv_cache import WholeSequenceHooks
 from methods.infra.tokens import TextSpan, encode_spans, positions_from_mask
 from methods.requests import EditRequest
 from methods.targets import logits_at, replaying_below
@@ -128,17 +128,13 @@ class MemoirEditor:
         self._bypass = False
         self.templates = context_templates(editable.model, tokenizer)
         self.background = self._background_mean(editable.model, tokenizer)
-        self._hooks = [editable.model.register_forward_pre_hook(self._remember_mask, with_kwargs=True),
-                       self.module.register_forward_hook(self._forward)]
-        mark_whole_sequences(editable.model, True)
+        # routed by all of a sequence's tokens: evaluators must not split it at a cached prompt
+        self._hooks = WholeSequenceHooks(editable.model, [
+            editable.model.register_forward_pre_hook(self._remember_mask, with_kwargs=True),
+            self.module.register_forward_hook(self._forward)])
 
     def remove(self) -> None:
-        if not self._hooks:
-            return
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-        mark_whole_sequences(self.editable.model, False)
+        self._hooks.remove()
 
     # -- features --------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.infra.arch import EditableModel
-from methods.infra.kv_cache import mark_whole_sequences
+from methods.infra.kv_cache import WholeSequenceHooks
 from methods.editor import BatchReport
 from methods.editors.templates import context_templates, greedy_continuations
 from methods.finetune import answer_positions
@@ -156,18 +156,14 @@ class WiseEditor:
         self._served: list[torch.Tensor] | None = None  # while served_rows runs: each forward's routing per row
         self.templates = context_templates(editable.model, tokenizer)
         self.irrelevant = greedy_continuations(editable.model, tokenizer, IRRELEVANT_STARTERS, 12)
-        self._hooks = [editable.model.register_forward_pre_hook(self._remember_mask, with_kwargs=True),
-                       self.module.register_forward_hook(self._route)]
-        mark_whole_sequences(editable.model, True)  # a sequence is routed by all its tokens, not a cached suffix
+        # routed by all of a sequence's tokens: evaluators must not split it at a cached prompt
+        self._hooks = WholeSequenceHooks(editable.model, [
+            editable.model.register_forward_pre_hook(self._remember_mask, with_kwargs=True),
+            self.module.register_forward_hook(self._route)])
 
     # -- inference ---------------------------------------------------------------------------------------------
     def remove(self) -> None:
-        if not self._hooks:
-            return
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-        mark_whole_sequences(self.editable.model, False)
+        self._hooks.remove()
 
     @torch.no_grad()
     def served_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

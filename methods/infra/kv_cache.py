@@ -78,3 +78,20 @@ def mark_whole_sequences(model: torch.nn.Module, on: bool) -> None:
 def needs_whole_sequences(model: torch.nn.Module) -> bool:
     """True while an attached editor needs each forward to hold whole sequences (no shared cached prefixes)."""
     return getattr(model, WHOLE_SEQUENCES_MARK, 0) > 0
+
+
+class WholeSequenceHooks:
+    """The hooks of a memory editor that routes by whole sequences, with the model marked while they are on
+    (``mark_whole_sequences``); ``remove`` takes both away, once."""
+
+    def __init__(self, model: torch.nn.Module, handles: list):
+        self.model, self.handles = model, list(handles)
+        mark_whole_sequences(model, True)
+
+    def remove(self) -> None:
+        if not self.handles:
+            return
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        mark_whole_sequences(self.model, False)
