@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from evals.metric_names import family_of
-from grid.config import expand_trials, known_methods, load_config
+from grid.config import expand_trials, known_methods, load_config, method_settings
 from grid.trial import run_trial
 from methods.infra.cpu_linear import packing_available
 
@@ -35,10 +35,13 @@ def _metric_names(client, run_id):
 def test_preset_edits_smollm2_and_logs_its_stages(method, trial_env):
     from mlflow import MlflowClient
 
+    # NAS's anchor r from 8 reference requests instead of all 88 built-in records (v* for each): the preset is
+    # exercised end to end; r itself is tested in tests/test_nas.py.
+    nas = ["hparams.nas_samples=8"] if method_settings(method, {}).target_scaling else []
     cfg, source = load_config(None, [f"method={method}", "experiment=presets", "data.limit=4",
                                      "edits.batch_size=2", "edits.checkpoints=[4]",
                                      f"stats.corpus={trial_env['corpus']}", "stats.num_tokens=5000",
-                                     f"cache_dir={trial_env['cache']}"])
+                                     f"cache_dir={trial_env['cache']}", *nas])
     (trial,) = expand_trials(cfg, source)
     result = run_trial(trial, trial_env["uri"], progress=False)
     before, after = result.checkpoints[0], result.checkpoints[-1]
